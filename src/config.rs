@@ -1,0 +1,349 @@
+//! Engine configuration: every number of the behaviour table, validated in one place.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::clock::{Clock, SystemClock};
+use crate::error::BuildError;
+use crate::fetch::{Fetcher, GitFetcher};
+
+/// Validated settings, shared read-only by the scheduler and the handle.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub tick: Duration,
+    pub user_delay: Duration,
+    pub sync_delay: Duration,
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+    pub event_lifetime: Duration,
+    pub expired_memory: Duration,
+    pub workers: usize,
+    pub fetch_deadline: Duration,
+    pub connect_timeout: Duration,
+    pub io_timeout: Duration,
+    pub max_events: usize,
+    pub max_oids_per_event: usize,
+    pub max_urls_per_event: usize,
+    pub shutdown_timeout: Duration,
+    pub thread_name: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            tick: Duration::from_secs(1),
+            user_delay: Duration::from_secs(180),
+            sync_delay: Duration::from_millis(500),
+            backoff_base: Duration::from_secs(20),
+            backoff_cap: Duration::from_secs(120),
+            event_lifetime: Duration::from_secs(30 * 60),
+            expired_memory: Duration::from_secs(24 * 60 * 60),
+            workers: 8,
+            fetch_deadline: Duration::from_secs(120),
+            connect_timeout: Duration::from_secs(10),
+            io_timeout: Duration::from_secs(30),
+            max_events: 1_000_000,
+            max_oids_per_event: 1024,
+            max_urls_per_event: 64,
+            shutdown_timeout: Duration::from_secs(10),
+            thread_name: "psync".to_owned(),
+        }
+    }
+}
+
+impl Config {
+    /// Delay before the first attempt for an event of this origin.
+    pub fn first_delay(&self, origin: crate::Origin) -> Duration {
+        match origin {
+            crate::Origin::User => self.user_delay,
+            crate::Origin::Sync => self.sync_delay,
+        }
+    }
+
+    /// Wait after the `n`-th incomplete attempt in a row (`n >= 1`): base, 2×base, 4×base, …
+    /// up to the cap.
+    pub fn backoff(&self, n: u32) -> Duration {
+        let shift = n.saturating_sub(1).min(31);
+        self.backoff_base
+            .checked_mul(1u32 << shift)
+            .unwrap_or(self.backoff_cap)
+            .min(self.backoff_cap)
+    }
+}
+
+/// Configures and starts an [`Engine`](crate::Engine). Every setting has the default of the
+/// design's behaviour table; [`build`](EngineBuilder::build) checks them all.
+///
+/// ```no_run
+/// use purgatory_sync::Engine;
+/// use std::time::Duration;
+///
+/// let engine = Engine::builder()
+///     .workers(8)
+///     .fetch_deadline(Duration::from_secs(60))
+///     .build()?;
+/// # Ok::<(), purgatory_sync::BuildError>(())
+/// ```
+#[must_use = "a builder does nothing until `build` is called"]
+pub struct EngineBuilder {
+    cfg: Config,
+    clock: Arc<dyn Clock>,
+    fetcher: Option<Arc<dyn Fetcher>>,
+}
+
+impl Default for EngineBuilder {
+    fn default() -> Self {
+        EngineBuilder {
+            cfg: Config::default(),
+            clock: Arc::new(SystemClock),
+            fetcher: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for EngineBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineBuilder")
+            .field("config", &self.cfg)
+            .field("clock", &self.clock)
+            .field("custom_fetcher", &self.fetcher.is_some())
+            .finish()
+    }
+}
+
+macro_rules! duration_knob {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        pub fn $name(mut self, value: Duration) -> Self {
+            self.cfg.$name = value;
+            self
+        }
+    };
+}
+
+impl EngineBuilder {
+    /// A builder with every default.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    duration_knob!(
+        /// How often the scheduler wakes without a command (default 1 s; 1 ms to 1 h).
+        tick
+    );
+    duration_knob!(
+        /// First-attempt delay for [`Origin::User`](crate::Origin::User) events
+        /// (default 180 s, giving the user's `git push` time to arrive).
+        user_delay
+    );
+    duration_knob!(
+        /// First-attempt delay for [`Origin::Sync`](crate::Origin::Sync) events (default 500 ms).
+        sync_delay
+    );
+    duration_knob!(
+        /// Wait after the first incomplete attempt; it doubles after each further one up to
+        /// [`backoff_cap`](Self::backoff_cap) (default 20 s; at least 1 ms).
+        backoff_base
+    );
+    duration_knob!(
+        /// Longest wait between attempts (default 120 s; at least `backoff_base`).
+        backoff_cap
+    );
+    duration_knob!(
+        /// How long an event may wait before it is [`Expired`](crate::Outcome::Expired)
+        /// (default 30 min; at least 1 ms).
+        event_lifetime
+    );
+    duration_knob!(
+        /// How long an expired event's id is refused on re-submission (default 24 h; may be 0).
+        expired_memory
+    );
+    duration_knob!(
+        /// Hard wall-clock limit on one fetch from one URL (default 120 s; 1 ms to 1 h).
+        fetch_deadline
+    );
+    duration_knob!(
+        /// Socket connect timeout for fetches (default 10 s). libgit2 keeps this setting
+        /// process-wide: the first engine built in a process sets it.
+        connect_timeout
+    );
+    duration_knob!(
+        /// Socket read/write timeout for fetches (default 30 s), so that a stalled server
+        /// cannot hold a worker past its deadline. Process-wide, like `connect_timeout`.
+        io_timeout
+    );
+    duration_knob!(
+        /// How long [`shutdown`](crate::Engine::shutdown) waits for fetches in flight to
+        /// cancel (default 10 s).
+        shutdown_timeout
+    );
+
+    /// Number of worker threads, and so the most fetches in flight (default 8; 1 to 1024).
+    pub fn workers(mut self, n: usize) -> Self {
+        self.cfg.workers = n;
+        self
+    }
+
+    /// Prefix of the engine's thread names (default `psync`: threads `psync-sched`,
+    /// `psync-w0`, …); 1 to 8 ASCII letters, digits or `-`, so that names fit the 15 bytes
+    /// Linux shows.
+    pub fn thread_name(mut self, prefix: impl Into<String>) -> Self {
+        self.cfg.thread_name = prefix.into();
+        self
+    }
+
+    /// Most events waiting at once; further submits get
+    /// [`SubmitError::QueueFull`](crate::SubmitError::QueueFull) (default 1 000 000).
+    pub fn max_events(mut self, n: usize) -> Self {
+        self.cfg.max_events = n;
+        self
+    }
+
+    /// Most object ids one event may wait for (default 1024).
+    pub fn max_oids_per_event(mut self, n: usize) -> Self {
+        self.cfg.max_oids_per_event = n;
+        self
+    }
+
+    /// Most clone URLs one event may list (default 64).
+    pub fn max_urls_per_event(mut self, n: usize) -> Self {
+        self.cfg.max_urls_per_event = n;
+        self
+    }
+
+    /// The clock every scheduling decision reads (default: the system clock). Tests pass a
+    /// [`FakeClock`](crate::FakeClock).
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Replaces the libgit2 fetcher, for tests that inject failures and panics.
+    pub fn fetcher(mut self, fetcher: impl Fetcher) -> Self {
+        self.fetcher = Some(Arc::new(fetcher));
+        self
+    }
+
+    /// Checks every setting, starts the scheduler thread and the worker pool.
+    ///
+    /// # Errors
+    /// [`BuildError::InvalidSetting`] names the first setting out of range;
+    /// [`BuildError::Spawn`] if a thread could not be started (threads already started are
+    /// stopped again).
+    pub fn build(self) -> Result<crate::Engine, BuildError> {
+        self.validate()?;
+        let fetcher = match self.fetcher {
+            Some(f) => f,
+            None => {
+                crate::fetch::init(self.cfg.connect_timeout, self.cfg.io_timeout);
+                Arc::new(GitFetcher::new())
+            }
+        };
+        crate::engine::Engine::start(self.cfg, self.clock, fetcher)
+    }
+
+    fn validate(&self) -> Result<(), BuildError> {
+        let c = &self.cfg;
+        let ms = Duration::from_millis(1);
+        let hour = Duration::from_secs(3600);
+        let bad = |setting: &'static str, reason: String| {
+            Err(BuildError::InvalidSetting { setting, reason })
+        };
+        let range = |setting, v: Duration, lo: Duration, hi: Duration| {
+            if v < lo || v > hi {
+                bad(setting, format!("{v:?} is outside {lo:?} ..= {hi:?}"))
+            } else {
+                Ok(())
+            }
+        };
+        let year = Duration::from_secs(365 * 24 * 3600);
+        range("tick", c.tick, ms, hour)?;
+        range("user_delay", c.user_delay, Duration::ZERO, year)?;
+        range("sync_delay", c.sync_delay, Duration::ZERO, year)?;
+        range("backoff_base", c.backoff_base, ms, year)?;
+        range("backoff_cap", c.backoff_cap, c.backoff_base, year)?;
+        range("event_lifetime", c.event_lifetime, ms, year)?;
+        range("expired_memory", c.expired_memory, Duration::ZERO, year)?;
+        range("fetch_deadline", c.fetch_deadline, ms, hour)?;
+        range("connect_timeout", c.connect_timeout, ms, hour)?;
+        range("io_timeout", c.io_timeout, ms, hour)?;
+        range("shutdown_timeout", c.shutdown_timeout, Duration::ZERO, hour)?;
+        let count = |setting, v: usize, hi: usize| {
+            if v == 0 || v > hi {
+                bad(setting, format!("{v} is outside 1 ..= {hi}"))
+            } else {
+                Ok(())
+            }
+        };
+        count("workers", c.workers, 1024)?;
+        count("max_events", c.max_events, usize::MAX / 2)?;
+        count("max_oids_per_event", c.max_oids_per_event, 1 << 20)?;
+        count("max_urls_per_event", c.max_urls_per_event, 4096)?;
+        let name = &c.thread_name;
+        if name.is_empty()
+            || name.len() > 8
+            || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return bad(
+                "thread_name",
+                format!("{name:?} is not 1 to 8 ASCII letters, digits or `-`"),
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_base_to_cap() {
+        let c = Config::default();
+        let secs: Vec<u64> = (1..=6).map(|n| c.backoff(n).as_secs()).collect();
+        assert_eq!(secs, [20, 40, 80, 120, 120, 120]);
+        assert_eq!(c.backoff(u32::MAX), c.backoff_cap);
+    }
+
+    #[test]
+    fn validation_names_the_setting() {
+        let cases: Vec<(EngineBuilder, &str)> = vec![
+            (EngineBuilder::new().tick(Duration::ZERO), "tick"),
+            (EngineBuilder::new().workers(0), "workers"),
+            (EngineBuilder::new().workers(5000), "workers"),
+            (
+                EngineBuilder::new()
+                    .backoff_base(Duration::from_secs(30))
+                    .backoff_cap(Duration::from_secs(10)),
+                "backoff_cap",
+            ),
+            (
+                EngineBuilder::new().event_lifetime(Duration::ZERO),
+                "event_lifetime",
+            ),
+            (
+                EngineBuilder::new().fetch_deadline(Duration::ZERO),
+                "fetch_deadline",
+            ),
+            (EngineBuilder::new().max_events(0), "max_events"),
+            (
+                EngineBuilder::new().max_oids_per_event(0),
+                "max_oids_per_event",
+            ),
+            (
+                EngineBuilder::new().thread_name("much-too-long"),
+                "thread_name",
+            ),
+            (EngineBuilder::new().thread_name("a b"), "thread_name"),
+        ];
+        for (b, name) in cases {
+            match b.validate() {
+                Err(BuildError::InvalidSetting { setting, reason }) => {
+                    assert_eq!(setting, name, "{reason}")
+                }
+                other => panic!("{name}: expected InvalidSetting, got {other:?}"),
+            }
+        }
+        assert!(EngineBuilder::new().validate().is_ok());
+    }
+}

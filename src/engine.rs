@@ -1,0 +1,289 @@
+//! The engine handle: what the host holds.
+//!
+//! Every method validates on the caller's thread, sends a command to the scheduler and
+//! returns; nothing here waits for a fetch. The handle owns the threads and joins them on
+//! [`Engine::shutdown`] or drop.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender};
+use parking_lot::Mutex;
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::error::{BuildError, ShutdownError, SubmitError};
+use crate::event::{Admission, Outcome, PendingEvent};
+use crate::fetch::Fetcher;
+use crate::scheduler::core::{Command, Core, ValidEvent};
+use crate::scheduler::{join_all, start_workers, Scheduler};
+use crate::stats::Stats;
+use crate::{validate, EngineBuilder};
+
+/// Counters kept on the host's side of the channel.
+#[derive(Default)]
+struct HandleCounters {
+    already_satisfied: AtomicU64,
+    refused: AtomicU64,
+}
+
+/// The purgatory sync engine: a scheduler thread and a pool of fetch workers.
+///
+/// `Engine` is `Send + Sync`; share it with `Arc` and call it from any thread. Dropping it shuts
+/// it down like [`shutdown`](Engine::shutdown), ignoring errors.
+///
+/// ```no_run
+/// use purgatory_sync::{Engine, Origin, Outcome, PendingEvent};
+///
+/// let engine = Engine::builder().build()?;
+/// let outcomes = engine.outcomes();
+/// engine.submit(PendingEvent {
+///     id: "event-1".into(),
+///     identifier: "alice/project".into(),
+///     repo: "/srv/git/alice/project.git".into(),
+///     oids: vec!["e92758a50bbf13ea1fe986bbe254a709b0bf741c".into()],
+///     clone_urls: vec!["https://git.example.com/alice/project.git".into()],
+///     origin: Origin::Sync,
+/// })?;
+/// match outcomes.recv()? {
+///     Outcome::Released { event_id, .. } => println!("{event_id} can be served"),
+///     Outcome::Expired { event_id, .. } => println!("{event_id} gave up"),
+///     _ => {}
+/// }
+/// engine.shutdown()?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct Engine {
+    cfg: Arc<Config>,
+    clock: Arc<dyn Clock>,
+    fetcher: Arc<dyn Fetcher>,
+    core: Arc<Mutex<Core>>,
+    admitted: Arc<AtomicUsize>,
+    counters: HandleCounters,
+    commands: Option<Sender<Command>>,
+    outcomes: Receiver<Outcome>,
+    scheduler: Option<JoinHandle<()>>,
+    workers: Vec<JoinHandle<()>>,
+    workers_exited: Receiver<()>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("workers", &self.cfg.workers)
+            .field("running", &self.scheduler.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// A builder with every default; see [`EngineBuilder`].
+    pub fn builder() -> EngineBuilder {
+        EngineBuilder::new()
+    }
+
+    pub(crate) fn start(
+        cfg: Config,
+        clock: Arc<dyn Clock>,
+        fetcher: Arc<dyn Fetcher>,
+    ) -> Result<Engine, BuildError> {
+        let cfg = Arc::new(cfg);
+        let admitted = Arc::new(AtomicUsize::new(0));
+        let core = Arc::new(Mutex::new(Core::new(cfg.clone(), admitted.clone())));
+        let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded();
+        let (out_tx, out_rx) = crossbeam_channel::unbounded();
+        let (results_tx, results_rx) = crossbeam_channel::unbounded();
+        let workers = start_workers(&cfg.thread_name, cfg.workers).map_err(BuildError::Spawn)?;
+        let scheduler = Scheduler {
+            cfg: cfg.clone(),
+            clock: clock.clone(),
+            fetcher: fetcher.clone(),
+            core: core.clone(),
+            commands: cmd_rx,
+            outcomes: out_tx,
+            pool: workers.pool,
+            cancel: Arc::new(AtomicBool::new(false)),
+            results_tx,
+            results_rx,
+        };
+        let spawned = std::thread::Builder::new()
+            .name(format!("{}-sched", cfg.thread_name))
+            .spawn(move || scheduler.run());
+        let scheduler = match spawned {
+            Ok(h) => h,
+            Err(e) => {
+                // The closure, and with it the pool, is dropped: the workers exit.
+                join_all(workers.handles, &workers.exited, cfg.shutdown_timeout);
+                return Err(BuildError::Spawn(e));
+            }
+        };
+        Ok(Engine {
+            cfg,
+            clock,
+            fetcher,
+            core,
+            admitted,
+            counters: HandleCounters::default(),
+            commands: Some(cmd_tx),
+            outcomes: out_rx,
+            scheduler: Some(scheduler),
+            workers: workers.handles,
+            workers_exited: workers.exited,
+        })
+    }
+
+    /// Hands an event to purgatory.
+    ///
+    /// Validates the event on the calling thread (ids, identifier, URLs, that the repository is
+    /// a bare git repository) and checks which objects the repository already holds; if it holds
+    /// all of them the answer is [`Admission::AlreadySatisfied`] and nothing is queued.
+    /// Otherwise the event is queued and an [`Outcome`] follows on [`outcomes`](Engine::outcomes).
+    /// Object ids are normalised to lower case and de-duplicated.
+    ///
+    /// # Errors
+    /// A [`SubmitError`] naming the field at fault; a refused event changes nothing.
+    pub fn submit(&self, event: PendingEvent) -> Result<Admission, SubmitError> {
+        let result = self.try_submit(event);
+        if result.is_err() {
+            self.counters.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn try_submit(&self, event: PendingEvent) -> Result<Admission, SubmitError> {
+        let checked = validate::event(&event, &self.cfg)?;
+        {
+            let core = self.core.lock();
+            if let Some(left) = core.refused_for(&event.id, self.clock.now()) {
+                return Err(SubmitError::PreviouslyExpired {
+                    event_id: event.id,
+                    refused_for: left,
+                });
+            }
+            if core.is_waiting(&event.id) {
+                return Ok(Admission::Pending);
+            }
+        }
+        let repo = validate::repository(&event.repo)?;
+        let present = self.fetcher.present(&repo, &checked.oids).map_err(|e| {
+            SubmitError::InvalidRepository {
+                path: event.repo.clone(),
+                reason: e.message,
+            }
+        })?;
+        let missing: Vec<_> = checked
+            .oids
+            .iter()
+            .copied()
+            .filter(|o| !present.contains(o))
+            .collect();
+        if missing.is_empty() {
+            self.counters
+                .already_satisfied
+                .fetch_add(1, Ordering::Relaxed);
+            return Ok(Admission::AlreadySatisfied);
+        }
+        let max = self.cfg.max_events;
+        if self.admitted.fetch_add(1, Ordering::SeqCst) >= max {
+            self.admitted.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::QueueFull { max_events: max });
+        }
+        let valid = ValidEvent {
+            id: event.id.into(),
+            identifier: event.identifier.into(),
+            repo: Arc::from(repo.as_path()),
+            oids: checked.oids,
+            missing,
+            urls: checked.urls,
+            origin: event.origin,
+        };
+        self.send(Command::Submit(valid)).inspect_err(|_| {
+            self.admitted.fetch_sub(1, Ordering::SeqCst);
+        })?;
+        Ok(Admission::Pending)
+    }
+
+    /// Tells the engine that git data for `identifier` arrived by other means (a push to the
+    /// host): its waiting events are re-checked against their repository at once, without a
+    /// fetch, and those now satisfied are released within milliseconds.
+    pub fn git_data_arrived(&self, identifier: &str) {
+        let _ = self.send(Command::GitDataArrived(identifier.to_owned()));
+    }
+
+    /// Forgets a waiting event; no outcome will be sent for it. Unknown ids are ignored.
+    pub fn cancel(&self, event_id: &str) {
+        let _ = self.send(Command::Cancel(event_id.to_owned()));
+    }
+
+    /// The channel on which [`Outcome`]s arrive. Every call returns a handle to the same
+    /// channel (each outcome goes to one receiver); it stays readable after shutdown until
+    /// drained.
+    pub fn outcomes(&self) -> Receiver<Outcome> {
+        self.outcomes.clone()
+    }
+
+    /// A snapshot of the queue and the counters.
+    pub fn stats(&self) -> Stats {
+        let mut s = self.core.lock().stats();
+        s.already_satisfied = self.counters.already_satisfied.load(Ordering::Relaxed);
+        s.refused = self.counters.refused.load(Ordering::Relaxed);
+        s
+    }
+
+    /// Stops the engine: no new fetch starts, fetches in flight are cancelled and waited for up
+    /// to the shutdown timeout, and every thread is joined. Outcomes decided before the stop
+    /// stay readable on [`outcomes`](Engine::outcomes).
+    ///
+    /// # Errors
+    /// [`ShutdownError::WorkersStillRunning`] if a fetch did not stop in time (its thread is left
+    /// to finish on its own); [`ShutdownError::SchedulerPanicked`] if the scheduler died.
+    pub fn shutdown(mut self) -> Result<(), ShutdownError> {
+        self.stop()
+    }
+
+    fn send(&self, cmd: Command) -> Result<(), SubmitError> {
+        match &self.commands {
+            Some(tx) => tx.send(cmd).map_err(|_| SubmitError::ShuttingDown),
+            None => Err(SubmitError::ShuttingDown),
+        }
+    }
+
+    fn stop(&mut self) -> Result<(), ShutdownError> {
+        let Some(scheduler) = self.scheduler.take() else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        // Disconnection is the stop signal: the scheduler's loop ends when no sender is left.
+        drop(self.commands.take());
+        let scheduled = scheduler.join().map_err(|p| {
+            ShutdownError::SchedulerPanicked(crate::scheduler::panic_message(p.as_ref()))
+        });
+        let left = self.cfg.shutdown_timeout.saturating_sub(started.elapsed());
+        let stuck = join_all(
+            std::mem::take(&mut self.workers),
+            &self.workers_exited,
+            left + std::time::Duration::from_millis(500),
+        );
+        scheduled?;
+        if stuck > 0 {
+            return Err(ShutdownError::WorkersStillRunning { count: stuck });
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            log::warn!("engine shutdown: {e}");
+        }
+    }
+}
+
+#[allow(dead_code)]
+fn assert_send_sync() {
+    fn is<T: Send + Sync>() {}
+    is::<Engine>();
+}

@@ -1,0 +1,232 @@
+//! One error type per operation: building an engine, submitting an event, shutting down.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Longest value quoted back in an error message; longer values are cut with `…`.
+const QUOTE_LIMIT: usize = 80;
+
+fn quoted(value: &str) -> String {
+    if value.chars().count() <= QUOTE_LIMIT {
+        format!("{value:?}")
+    } else {
+        let cut: String = value.chars().take(QUOTE_LIMIT).collect();
+        format!("{cut:?}… ({} bytes)", value.len())
+    }
+}
+
+/// Why [`EngineBuilder::build`](crate::EngineBuilder::build) refused a configuration or could
+/// not start the engine.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// A setting is out of range. `setting` is the builder method's name.
+    InvalidSetting {
+        /// The builder method whose value is wrong.
+        setting: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A thread could not be spawned.
+    Spawn(std::io::Error),
+}
+
+impl fmt::Display for BuildError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BuildError::InvalidSetting { setting, reason } => {
+                write!(f, "invalid setting `{setting}`: {reason}")
+            }
+            BuildError::Spawn(e) => write!(f, "could not start engine threads: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for BuildError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            BuildError::Spawn(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// Why [`Engine::submit`](crate::Engine::submit) refused an event. A refused event changes
+/// nothing in the engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SubmitError {
+    /// The event id is empty, too long or contains control characters.
+    InvalidEventId {
+        /// The id as given.
+        value: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The identifier is empty, too long or contains control characters.
+    InvalidIdentifier {
+        /// The identifier as given.
+        value: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The event lists no object id.
+    NoObjectIds,
+    /// The event lists more object ids than the engine accepts per event.
+    TooManyObjectIds {
+        /// How many were given.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// An object id is not 40 hexadecimal digits.
+    InvalidObjectId {
+        /// Its position in [`PendingEvent::oids`](crate::PendingEvent::oids).
+        index: usize,
+        /// The id as given.
+        value: String,
+    },
+    /// The event lists more clone URLs than the engine accepts per event.
+    TooManyCloneUrls {
+        /// How many were given.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A clone URL is empty, too long or contains whitespace or control characters.
+    InvalidCloneUrl {
+        /// Its position in [`PendingEvent::clone_urls`](crate::PendingEvent::clone_urls).
+        index: usize,
+        /// The URL as given.
+        value: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The repository path is not an existing bare git repository.
+    InvalidRepository {
+        /// The path as given.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// An event with this id expired recently; it stays refused for the expired-id memory
+    /// (default 24 h) so that a re-broadcast event cannot linger forever.
+    PreviouslyExpired {
+        /// The event id.
+        event_id: String,
+        /// How much longer the id stays refused.
+        refused_for: Duration,
+    },
+    /// The engine already holds as many waiting events as it accepts.
+    QueueFull {
+        /// The limit ([`EngineBuilder::max_events`](crate::EngineBuilder::max_events)).
+        max_events: usize,
+    },
+    /// The engine is shutting down or its scheduler has stopped.
+    ShuttingDown,
+}
+
+impl fmt::Display for SubmitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SubmitError::InvalidEventId { value, reason } => {
+                write!(f, "invalid event id {}: {reason}", quoted(value))
+            }
+            SubmitError::InvalidIdentifier { value, reason } => {
+                write!(f, "invalid identifier {}: {reason}", quoted(value))
+            }
+            SubmitError::NoObjectIds => write!(f, "invalid oids: the event lists no object id"),
+            SubmitError::TooManyObjectIds { count, max } => {
+                write!(f, "invalid oids: {count} object ids, at most {max} allowed")
+            }
+            SubmitError::InvalidObjectId { index, value } => write!(
+                f,
+                "invalid oids[{index}] {}: not a full object id of 40 hex digits",
+                quoted(value)
+            ),
+            SubmitError::TooManyCloneUrls { count, max } => {
+                write!(f, "invalid clone_urls: {count} URLs, at most {max} allowed")
+            }
+            SubmitError::InvalidCloneUrl {
+                index,
+                value,
+                reason,
+            } => write!(f, "invalid clone_urls[{index}] {}: {reason}", quoted(value)),
+            SubmitError::InvalidRepository { path, reason } => {
+                write!(f, "invalid repo {}: {reason}", path.display())
+            }
+            SubmitError::PreviouslyExpired {
+                event_id,
+                refused_for,
+            } => write!(
+                f,
+                "event {} expired in purgatory and is refused for another {} s",
+                quoted(event_id),
+                refused_for.as_secs()
+            ),
+            SubmitError::QueueFull { max_events } => {
+                write!(f, "queue full: {max_events} events already wait")
+            }
+            SubmitError::ShuttingDown => write!(f, "the engine is shutting down"),
+        }
+    }
+}
+
+impl std::error::Error for SubmitError {}
+
+/// Why [`Engine::shutdown`](crate::Engine::shutdown) did not end cleanly. The engine is
+/// stopped either way; this says what could not be waited for.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ShutdownError {
+    /// Some worker threads were still inside a fetch when the shutdown timeout ran out. They
+    /// were told to cancel and are left to finish on their own.
+    WorkersStillRunning {
+        /// How many.
+        count: usize,
+    },
+    /// The scheduler thread panicked; the message is the panic's.
+    SchedulerPanicked(String),
+}
+
+impl fmt::Display for ShutdownError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ShutdownError::WorkersStillRunning { count } => write!(
+                f,
+                "{count} worker thread(s) were still fetching when the shutdown timeout ran out"
+            ),
+            ShutdownError::SchedulerPanicked(m) => write!(f, "the scheduler thread panicked: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for ShutdownError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_values_are_cut_in_messages() {
+        let e = SubmitError::InvalidObjectId {
+            index: 3,
+            value: "z".repeat(10_000),
+        };
+        let msg = e.to_string();
+        assert!(msg.starts_with("invalid oids[3] \"zzz"), "{msg}");
+        assert!(msg.len() < 300, "{}", msg.len());
+        assert!(msg.contains("10000 bytes"));
+    }
+
+    #[test]
+    fn messages_name_the_field() {
+        let e = SubmitError::InvalidCloneUrl {
+            index: 1,
+            value: "".into(),
+            reason: "empty",
+        };
+        assert_eq!(e.to_string(), "invalid clone_urls[1] \"\": empty");
+    }
+}

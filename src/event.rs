@@ -1,0 +1,159 @@
+//! What the host hands in and what it gets back: waiting events and their outcomes.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How an event reached the host, which decides how soon the first fetch is tried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Origin {
+    /// Published by a user to this relay: a `git push` of the data usually follows, so the
+    /// first fetch waits longer (default 180 s).
+    User,
+    /// Received from another relay by sync: nobody will push the data here, so the first fetch
+    /// comes soon (default 500 ms), which still coalesces a burst of related events.
+    #[default]
+    Sync,
+}
+
+/// An event waiting in purgatory for git objects, as the host submits it.
+///
+/// Build it with a struct literal and `..Default::default()`, or with [`PendingEvent::new`]
+/// and the chained setters.
+///
+/// ```
+/// use purgatory_sync::{Origin, PendingEvent};
+///
+/// let ev = PendingEvent::new("event-1", "alice/project", "/srv/git/alice/project.git")
+///     .oid("e92758a50bbf13ea1fe986bbe254a709b0bf741c")
+///     .clone_url("https://git.example.com/alice/project.git")
+///     .origin(Origin::User);
+/// assert_eq!(ev.oids.len(), 1);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PendingEvent {
+    /// The event's id (for Nostr, its 64-hex id). Non-empty, at most 256 bytes.
+    pub id: String,
+    /// The repository identifier the event belongs to. Events with the same identifier and
+    /// repository share one queue entry and their fetches. Non-empty, at most 256 bytes.
+    pub identifier: String,
+    /// Path of the local bare repository the objects must arrive in.
+    pub repo: PathBuf,
+    /// The object ids the event waits for: full 40-hex ids, upper or lower case.
+    pub oids: Vec<String>,
+    /// Git servers that may hold the objects, tried in order.
+    pub clone_urls: Vec<String>,
+    /// How the event reached the host.
+    pub origin: Origin,
+}
+
+impl PendingEvent {
+    /// An event with no object ids or URLs yet.
+    pub fn new(
+        id: impl Into<String>,
+        identifier: impl Into<String>,
+        repo: impl Into<PathBuf>,
+    ) -> Self {
+        PendingEvent {
+            id: id.into(),
+            identifier: identifier.into(),
+            repo: repo.into(),
+            ..Default::default()
+        }
+    }
+
+    /// Adds an object id the event waits for.
+    pub fn oid(mut self, oid: impl Into<String>) -> Self {
+        self.oids.push(oid.into());
+        self
+    }
+
+    /// Adds a clone URL to fetch from.
+    pub fn clone_url(mut self, url: impl Into<String>) -> Self {
+        self.clone_urls.push(url.into());
+        self
+    }
+
+    /// Sets the origin.
+    pub fn origin(mut self, origin: Origin) -> Self {
+        self.origin = origin;
+        self
+    }
+}
+
+/// What [`Engine::submit`](crate::Engine::submit) did with an accepted event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Admission {
+    /// The event waits in purgatory; an [`Outcome`] will follow unless it is cancelled.
+    /// Submitting an event id that is already waiting is accepted again as `Pending` and
+    /// changes nothing.
+    Pending,
+    /// Every object id is already in the repository: nothing was queued and no [`Outcome`]
+    /// will follow.
+    AlreadySatisfied,
+}
+
+/// Why an event left purgatory without its data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ExpiryReason {
+    /// The event's lifetime in purgatory (default 30 min) ran out.
+    LifetimeEnded,
+}
+
+/// What finally happened to a submitted event, delivered on
+/// [`Engine::outcomes`](crate::Engine::outcomes). Every pending event gets exactly one,
+/// unless it is cancelled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// Every object the event waited for is in its repository.
+    #[non_exhaustive]
+    Released {
+        /// The event's id.
+        event_id: String,
+        /// The event's repository identifier.
+        identifier: String,
+        /// The repository the objects are in.
+        repo: PathBuf,
+        /// How long the event waited, by the engine's clock.
+        waited: Duration,
+    },
+    /// The event left purgatory without all its objects.
+    #[non_exhaustive]
+    Expired {
+        /// The event's id.
+        event_id: String,
+        /// The event's repository identifier.
+        identifier: String,
+        /// The repository the objects were meant for.
+        repo: PathBuf,
+        /// The object ids still missing, as lower-case hex.
+        missing: Vec<String>,
+        /// Why it left.
+        reason: ExpiryReason,
+    },
+}
+
+impl Outcome {
+    /// The event id this outcome is about.
+    pub fn event_id(&self) -> &str {
+        match self {
+            Outcome::Released { event_id, .. } | Outcome::Expired { event_id, .. } => event_id,
+        }
+    }
+
+    /// The repository identifier this outcome is about.
+    pub fn identifier(&self) -> &str {
+        match self {
+            Outcome::Released { identifier, .. } | Outcome::Expired { identifier, .. } => {
+                identifier
+            }
+        }
+    }
+
+    /// Whether this is a [`Outcome::Released`].
+    pub fn is_released(&self) -> bool {
+        matches!(self, Outcome::Released { .. })
+    }
+}

@@ -1,0 +1,115 @@
+//! Fetches the missing git data of events waiting in a GRASP relay's purgatory.
+//!
+//! A GRASP relay (a Nostr relay that also hosts git repositories) holds events that point at
+//! git objects it does not have yet. This crate is a **synchronous thread-pool engine** that
+//! hunts those objects down on the git servers named in the events and tells the host when each
+//! event is [released](Outcome::Released) (all its objects are in its repository) or
+//! [expired](Outcome::Expired). There is no async runtime: one scheduler thread decides, a
+//! bounded pool of workers runs blocking libgit2 fetches, and results travel over
+//! `crossbeam-channel`.
+//!
+//! # Tutorial
+//!
+//! Build an [`Engine`] with [`Engine::builder`], [`submit`](Engine::submit) a
+//! [`PendingEvent`] for every event the host puts in purgatory, and read [`Outcome`]s from
+//! [`outcomes`](Engine::outcomes). When the host receives the data itself (a `git push`), it
+//! calls [`git_data_arrived`](Engine::git_data_arrived) and the engine re-checks at once.
+//!
+//! The example below runs without a network: a custom [`Fetcher`] stands in for a git server
+//! by writing the wanted object into the repository, and a [`FakeClock`] replaces waiting.
+//!
+//! ```
+//! use purgatory_sync::{
+//!     Admission, Engine, FakeClock, FetchControl, FetchReport, FetchRequest, Fetcher, Origin,
+//!     Outcome, PendingEvent,
+//! };
+//! use std::time::Duration;
+//!
+//! /// A "server" that always has the blob `hello`.
+//! struct Hello;
+//! impl Fetcher for Hello {
+//!     fn fetch(&self, req: &FetchRequest, _: &FetchControl) -> FetchReport {
+//!         let repo = git2::Repository::open_bare(&req.repo).unwrap();
+//!         repo.blob(b"hello").unwrap();
+//!         FetchReport::new(self.present(&req.repo, &req.wanted).unwrap(), None)
+//!     }
+//! }
+//!
+//! let dir = tempfile::tempdir()?;
+//! git2::Repository::init_bare(dir.path())?;
+//! let hello = git2::Oid::hash_object(git2::ObjectType::Blob, b"hello")?.to_string();
+//!
+//! let clock = FakeClock::new();
+//! let engine = Engine::builder().clock(clock.clone()).fetcher(Hello).build()?;
+//! let outcomes = engine.outcomes();
+//!
+//! let event = PendingEvent::new("ev1", "alice/hello", dir.path())
+//!     .oid(&hello)
+//!     .clone_url("https://git.example.com/alice/hello.git")
+//!     .origin(Origin::Sync);
+//! assert_eq!(engine.submit(event)?, Admission::Pending);
+//!
+//! // Sync-received events are first tried after 500 ms; advancing the fake clock wakes the
+//! // scheduler at once.
+//! clock.advance(Duration::from_millis(500));
+//! match outcomes.recv_timeout(Duration::from_secs(10))? {
+//!     Outcome::Released { event_id, .. } => assert_eq!(event_id, "ev1"),
+//!     other => panic!("unexpected {other:?}"),
+//! }
+//! assert_eq!(engine.stats().released, 1);
+//! engine.shutdown()?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! # Behaviour
+//!
+//! | what | default | knob |
+//! |---|---|---|
+//! | scheduler tick (and an immediate wake on every command) | 1 s | [`EngineBuilder::tick`] |
+//! | first attempt after a user-submitted event | 180 s | [`EngineBuilder::user_delay`] |
+//! | first attempt after a sync-received event | 500 ms | [`EngineBuilder::sync_delay`] |
+//! | backoff after an incomplete attempt | 20 s, 40 s, 80 s, then 120 s | [`EngineBuilder::backoff_base`], [`EngineBuilder::backoff_cap`] |
+//! | event lifetime in purgatory | 30 min | [`EngineBuilder::event_lifetime`] |
+//! | expired event id refused on re-submission | 24 h | [`EngineBuilder::expired_memory`] |
+//! | worker threads (fetches in flight) | 8 | [`EngineBuilder::workers`] |
+//! | hard limit on one fetch | 120 s | [`EngineBuilder::fetch_deadline`] |
+//!
+//! An attempt tries the identifier's clone URLs one after another, each fetch asking for the
+//! objects still missing, until every waiting event is satisfied or every URL was tried; objects
+//! may come from different URLs. A new event for a queued identifier resets the backoff and
+//! moves the next attempt earlier, never later. At most one fetch runs per identifier and per
+//! repository. Fetched objects are kept reachable under [`TEMP_REF_PREFIX`] until their event
+//! leaves purgatory.
+//!
+//! # Threads and libgit2
+//!
+//! [`EngineBuilder::build`] makes the process's first libgit2 call (which sets environment
+//! variables for OpenSSL) and sets libgit2's process-wide socket timeouts. Build the first
+//! engine early, before the host starts other threads that use libgit2 or the environment.
+
+#![deny(missing_docs)]
+#![deny(unsafe_code)]
+#![warn(rust_2018_idioms)]
+
+mod clock;
+mod config;
+mod engine;
+mod error;
+mod event;
+mod fetch;
+mod oid;
+mod scheduler;
+mod stats;
+mod validate;
+
+pub use clock::{Clock, FakeClock, SystemClock};
+pub use config::EngineBuilder;
+pub use engine::Engine;
+pub use error::{BuildError, ShutdownError, SubmitError};
+pub use event::{Admission, ExpiryReason, Origin, Outcome, PendingEvent};
+pub use fetch::{
+    FailureKind, FetchControl, FetchError, FetchReport, FetchRequest, Fetcher, GitFetcher,
+    StopReason, TEMP_REF_PREFIX,
+};
+pub use oid::{ObjectId, ParseObjectIdError};
+pub use stats::Stats;

@@ -1,0 +1,623 @@
+//! The scheduler's decisions, as a plain state machine.
+//!
+//! [`Core`] owns the purgatory queue and decides everything: which entry is ready, which URL to
+//! try next, when to back off, when an event is released or expired. It performs no I/O and
+//! reads no clock: callers pass `now` and carry out the [`Action`]s it returns. The scheduler
+//! thread is a thin loop around it, and unit tests drive it directly with a fake clock.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::ops::Bound::{Excluded, Unbounded};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::Config;
+use crate::event::{ExpiryReason, Origin, Outcome};
+use crate::fetch::{FailureKind, FetchError, FetchReport, FetchRequest};
+use crate::stats::Stats;
+use crate::ObjectId;
+
+pub(crate) type EntryId = u64;
+pub(crate) type JobId = u64;
+
+/// A submitted event after validation on the host's thread.
+#[derive(Debug, Clone)]
+pub(crate) struct ValidEvent {
+    pub id: Arc<str>,
+    pub identifier: Arc<str>,
+    pub repo: Arc<Path>,
+    pub oids: Vec<ObjectId>,
+    /// The ids not in the repository when the host submitted the event.
+    pub missing: Vec<ObjectId>,
+    pub urls: Vec<Arc<str>>,
+    pub origin: Origin,
+}
+
+/// What the host asks of the scheduler.
+#[derive(Debug)]
+pub(crate) enum Command {
+    Submit(ValidEvent),
+    GitDataArrived(String),
+    Cancel(String),
+}
+
+/// A fetch for a worker.
+#[derive(Debug, Clone)]
+pub(crate) struct Job {
+    pub id: JobId,
+    pub request: FetchRequest,
+}
+
+/// Something the scheduler loop must do for the core, in order.
+#[derive(Debug)]
+pub(crate) enum Action {
+    /// Run this fetch on a worker and hand the report to [`Core::job_done`].
+    Dispatch(Job),
+    /// Send this outcome to the host.
+    Emit(Outcome),
+    /// Ask the repository which of `oids` it holds and hand the answer to [`Core::checked`].
+    Check {
+        entry: EntryId,
+        repo: Arc<Path>,
+        oids: Vec<ObjectId>,
+    },
+    /// Remove the temporary refs of `oids`; the repository has no fetch running.
+    DropRefs {
+        repo: Arc<Path>,
+        oids: Vec<ObjectId>,
+    },
+}
+
+struct Entry {
+    identifier: Arc<str>,
+    repo: Arc<Path>,
+    events: Vec<Arc<str>>,
+    urls: Vec<Arc<str>>,
+    /// Parallel to `urls`: tried in the current attempt.
+    tried: Vec<bool>,
+    in_attempt: bool,
+    /// Incomplete attempts in a row since the last new event.
+    attempts: u32,
+    /// When the entry is next ready; its key in `Core::schedule` while not running.
+    next_attempt: Instant,
+    running: Option<JobId>,
+    /// Earliest first-attempt time asked for by events that arrived during an attempt.
+    requested: Option<Instant>,
+}
+
+struct EventState {
+    entry: EntryId,
+    oids: Vec<ObjectId>,
+    missing: Vec<ObjectId>,
+    submitted: Instant,
+    expires: Instant,
+}
+
+struct Running {
+    entry: EntryId,
+    repo: Arc<Path>,
+    identifier: Arc<str>,
+}
+
+#[derive(Default)]
+struct Counters {
+    submitted: u64,
+    released: u64,
+    expired: u64,
+    cancelled: u64,
+    rechecks: u64,
+    fetches_started: u64,
+    fetches_succeeded: u64,
+    fetches_failed: u64,
+    failures: BTreeMap<FailureKind, u64>,
+}
+
+/// The purgatory queue and every scheduling decision.
+pub(crate) struct Core {
+    cfg: Arc<Config>,
+    /// Events admitted by the handle and not yet gone; the handle increments it, the core
+    /// decrements it when an event leaves.
+    admitted: Arc<AtomicUsize>,
+    entries: HashMap<EntryId, Entry>,
+    by_key: HashMap<(Arc<str>, Arc<Path>), EntryId>,
+    by_identifier: HashMap<Arc<str>, Vec<EntryId>>,
+    by_repo: HashMap<Arc<Path>, Vec<EntryId>>,
+    events: HashMap<Arc<str>, EventState>,
+    /// Entries not running, ordered by next attempt: a pass reads only the ready front.
+    schedule: BTreeSet<(Instant, EntryId)>,
+    expiries: BTreeSet<(Instant, Arc<str>)>,
+    expired_ids: HashMap<Arc<str>, Instant>,
+    expired_order: VecDeque<(Instant, Arc<str>)>,
+    running: HashMap<JobId, Running>,
+    busy_repos: HashSet<Arc<Path>>,
+    busy_identifiers: HashSet<Arc<str>>,
+    pending_drops: HashMap<Arc<Path>, Vec<ObjectId>>,
+    actions: Vec<Action>,
+    next_entry: EntryId,
+    next_job: JobId,
+    stopping: bool,
+    counters: Counters,
+}
+
+impl Core {
+    pub fn new(cfg: Arc<Config>, admitted: Arc<AtomicUsize>) -> Self {
+        Core {
+            cfg,
+            admitted,
+            entries: HashMap::new(),
+            by_key: HashMap::new(),
+            by_identifier: HashMap::new(),
+            by_repo: HashMap::new(),
+            events: HashMap::new(),
+            schedule: BTreeSet::new(),
+            expiries: BTreeSet::new(),
+            expired_ids: HashMap::new(),
+            expired_order: VecDeque::new(),
+            running: HashMap::new(),
+            busy_repos: HashSet::new(),
+            busy_identifiers: HashSet::new(),
+            pending_drops: HashMap::new(),
+            actions: Vec::new(),
+            next_entry: 0,
+            next_job: 0,
+            stopping: false,
+            counters: Counters::default(),
+        }
+    }
+
+    /// The actions decided since the last call, in the order they must be carried out.
+    pub fn take_actions(&mut self) -> Vec<Action> {
+        std::mem::take(&mut self.actions)
+    }
+
+    /// How much longer `event_id` is refused because it expired, if it is.
+    pub fn refused_for(&self, event_id: &str, now: Instant) -> Option<Duration> {
+        let until = *self.expired_ids.get(event_id)?;
+        (until > now).then(|| until - now)
+    }
+
+    /// Whether `event_id` waits in purgatory.
+    pub fn is_waiting(&self, event_id: &str) -> bool {
+        self.events.contains_key(event_id)
+    }
+
+    /// No further fetch is dispatched; results of running ones are still taken.
+    pub fn stop_dispatching(&mut self) {
+        self.stopping = true;
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn command(&mut self, command: Command, now: Instant) {
+        match command {
+            Command::Submit(ev) => self.submit(ev, now),
+            Command::GitDataArrived(identifier) => self.recheck(&identifier),
+            Command::Cancel(event_id) => {
+                if self.events.contains_key(event_id.as_str()) {
+                    self.counters.cancelled += 1;
+                    self.leave(&event_id);
+                }
+            }
+        }
+    }
+
+    fn submit(&mut self, ev: ValidEvent, now: Instant) {
+        if self.events.contains_key(&ev.id) || ev.missing.is_empty() {
+            // Already waiting (a re-broadcast), or nothing to wait for: the handle counted it
+            // as admitted, so give the slot back.
+            self.admitted.fetch_sub(1, Ordering::SeqCst);
+            return;
+        }
+        self.counters.submitted += 1;
+        let target = now + self.cfg.first_delay(ev.origin);
+        let key = (ev.identifier.clone(), ev.repo.clone());
+        let id = match self.by_key.get(&key) {
+            Some(&id) => {
+                let e = self.entries.get_mut(&id).expect("indexed entry exists");
+                for url in &ev.urls {
+                    if !e.urls.contains(url) {
+                        e.urls.push(url.clone());
+                        e.tried.push(false);
+                    }
+                }
+                e.attempts = 0;
+                if e.in_attempt {
+                    e.requested = Some(e.requested.map_or(target, |r| r.min(target)));
+                }
+                if e.running.is_none() && target < e.next_attempt {
+                    self.schedule.remove(&(e.next_attempt, id));
+                    e.next_attempt = target;
+                    self.schedule.insert((target, id));
+                }
+                id
+            }
+            None => {
+                let id = self.next_entry;
+                self.next_entry += 1;
+                let urls = ev.urls.clone();
+                self.entries.insert(
+                    id,
+                    Entry {
+                        identifier: ev.identifier.clone(),
+                        repo: ev.repo.clone(),
+                        events: Vec::new(),
+                        tried: vec![false; urls.len()],
+                        urls,
+                        in_attempt: false,
+                        attempts: 0,
+                        next_attempt: target,
+                        running: None,
+                        requested: None,
+                    },
+                );
+                self.by_key.insert(key, id);
+                self.by_identifier
+                    .entry(ev.identifier.clone())
+                    .or_default()
+                    .push(id);
+                self.by_repo.entry(ev.repo.clone()).or_default().push(id);
+                self.schedule.insert((target, id));
+                id
+            }
+        };
+        let expires = now + self.cfg.event_lifetime;
+        self.entries
+            .get_mut(&id)
+            .expect("entry exists")
+            .events
+            .push(ev.id.clone());
+        self.expiries.insert((expires, ev.id.clone()));
+        self.events.insert(
+            ev.id,
+            EventState {
+                entry: id,
+                oids: ev.oids,
+                missing: ev.missing,
+                submitted: now,
+                expires,
+            },
+        );
+    }
+
+    fn recheck(&mut self, identifier: &str) {
+        let Some(ids) = self.by_identifier.get(identifier) else {
+            return;
+        };
+        for &id in ids {
+            let e = &self.entries[&id];
+            self.counters.rechecks += 1;
+            self.actions.push(Action::Check {
+                entry: id,
+                repo: e.repo.clone(),
+                oids: self.wanted(e),
+            });
+        }
+    }
+
+    /// The answer to an [`Action::Check`].
+    pub fn checked(
+        &mut self,
+        entry: EntryId,
+        result: Result<Vec<ObjectId>, FetchError>,
+        now: Instant,
+    ) {
+        match result {
+            Ok(present) => {
+                if self.entries.contains_key(&entry) {
+                    self.apply_present(entry, &present, now);
+                    self.remove_if_empty(entry);
+                }
+            }
+            Err(e) => log::warn!("could not re-check repository: {e}"),
+        }
+    }
+
+    /// One decision pass: expire, forget old expired ids, drop refs of idle repositories,
+    /// dispatch ready entries to free workers.
+    pub fn pass(&mut self, now: Instant) {
+        self.expire(now);
+        while let Some((until, _)) = self.expired_order.front() {
+            if *until > now {
+                break;
+            }
+            let (until, id) = self.expired_order.pop_front().expect("front exists");
+            if self.expired_ids.get(&id) == Some(&until) {
+                self.expired_ids.remove(&id);
+            }
+        }
+        self.flush_drops();
+        self.dispatch(now);
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while let Some((at, _)) = self.expiries.first() {
+            if *at > now {
+                break;
+            }
+            let (_, id) = self.expiries.pop_first().expect("first exists");
+            let Some(ev) = self.events.get(&id) else {
+                continue;
+            };
+            let e = &self.entries[&ev.entry];
+            let outcome = Outcome::Expired {
+                event_id: id.to_string(),
+                identifier: e.identifier.to_string(),
+                repo: e.repo.to_path_buf(),
+                missing: ev.missing.iter().map(ObjectId::to_string).collect(),
+                reason: ExpiryReason::LifetimeEnded,
+            };
+            self.counters.expired += 1;
+            self.actions.push(Action::Emit(outcome));
+            if !self.cfg.expired_memory.is_zero() {
+                let until = now + self.cfg.expired_memory;
+                self.expired_ids.insert(id.clone(), until);
+                self.expired_order.push_back((until, id.clone()));
+            }
+            self.leave(&id);
+        }
+    }
+
+    fn flush_drops(&mut self) {
+        let idle: Vec<Arc<Path>> = self
+            .pending_drops
+            .keys()
+            .filter(|r| !self.busy_repos.contains(*r))
+            .cloned()
+            .collect();
+        for repo in idle {
+            let mut oids = self.pending_drops.remove(&repo).unwrap_or_default();
+            // Another waiting event of the same repository may still need an object.
+            let needed: HashSet<ObjectId> = self
+                .by_repo
+                .get(&repo)
+                .into_iter()
+                .flatten()
+                .flat_map(|id| self.entries[id].events.iter())
+                .flat_map(|ev| self.events[ev].oids.iter().copied())
+                .collect();
+            oids.retain(|o| !needed.contains(o));
+            oids.sort_unstable();
+            oids.dedup();
+            if !oids.is_empty() {
+                self.actions.push(Action::DropRefs { repo, oids });
+            }
+        }
+    }
+
+    fn dispatch(&mut self, now: Instant) {
+        if self.stopping {
+            return;
+        }
+        // Entries whose repository or identifier is busy stay at the front; step past them.
+        let mut after: Option<(Instant, EntryId)> = None;
+        while self.running.len() < self.cfg.workers {
+            let next = match after {
+                None => self.schedule.first().copied(),
+                Some(k) => self
+                    .schedule
+                    .range((Excluded(k), Unbounded))
+                    .next()
+                    .copied(),
+            };
+            let Some((at, id)) = next else {
+                break;
+            };
+            if at > now {
+                break;
+            }
+            let e = &self.entries[&id];
+            if self.busy_repos.contains(&e.repo) || self.busy_identifiers.contains(&e.identifier) {
+                after = Some((at, id));
+                continue;
+            }
+            self.schedule.remove(&(at, id));
+            self.start_next_fetch(id, now);
+        }
+    }
+
+    /// Dispatches the entry's next untried URL, or ends its attempt when none is left.
+    fn start_next_fetch(&mut self, id: EntryId, now: Instant) {
+        let e = self.entries.get_mut(&id).expect("scheduled entry exists");
+        if !e.in_attempt {
+            e.in_attempt = true;
+            e.requested = None;
+            e.tried.iter_mut().for_each(|t| *t = false);
+        }
+        let Some(i) = e.tried.iter().position(|t| !t) else {
+            self.finish_attempt(id, now);
+            return;
+        };
+        e.tried[i] = true;
+        let job_id = self.next_job;
+        self.next_job += 1;
+        e.running = Some(job_id);
+        let e = &self.entries[&id];
+        let request = FetchRequest::new(
+            e.identifier.to_string(),
+            e.repo.to_path_buf(),
+            e.urls[i].to_string(),
+            self.wanted(e),
+        );
+        self.busy_repos.insert(e.repo.clone());
+        self.busy_identifiers.insert(e.identifier.clone());
+        self.running.insert(
+            job_id,
+            Running {
+                entry: id,
+                repo: e.repo.clone(),
+                identifier: e.identifier.clone(),
+            },
+        );
+        self.counters.fetches_started += 1;
+        self.actions.push(Action::Dispatch(Job {
+            id: job_id,
+            request,
+        }));
+    }
+
+    fn finish_attempt(&mut self, id: EntryId, now: Instant) {
+        let e = self.entries.get_mut(&id).expect("entry exists");
+        e.in_attempt = false;
+        e.attempts = e.attempts.saturating_add(1);
+        let mut next = now + self.cfg.backoff(e.attempts);
+        if let Some(r) = e.requested.take() {
+            next = next.min(r);
+        }
+        e.next_attempt = next;
+        self.schedule.insert((next, id));
+    }
+
+    /// The union of the ids still missing for the entry's events, sorted.
+    fn wanted(&self, e: &Entry) -> Vec<ObjectId> {
+        let mut w: Vec<ObjectId> = e
+            .events
+            .iter()
+            .flat_map(|ev| self.events[ev].missing.iter().copied())
+            .collect();
+        w.sort_unstable();
+        w.dedup();
+        w
+    }
+
+    /// The report of a dispatched fetch.
+    pub fn job_done(&mut self, job: JobId, report: FetchReport, now: Instant) {
+        let Some(run) = self.running.remove(&job) else {
+            return;
+        };
+        self.busy_repos.remove(&run.repo);
+        self.busy_identifiers.remove(&run.identifier);
+        match &report.error {
+            None => self.counters.fetches_succeeded += 1,
+            Some(e) => {
+                self.counters.fetches_failed += 1;
+                *self.counters.failures.entry(e.kind).or_default() += 1;
+            }
+        }
+        let id = run.entry;
+        let Some(e) = self.entries.get_mut(&id) else {
+            return;
+        };
+        e.running = None;
+        let mut present = report.present;
+        present.sort_unstable();
+        self.apply_present(id, &present, now);
+        if self.remove_if_empty(id) {
+            return;
+        }
+        let e = self.entries.get_mut(&id).expect("entry still waits");
+        if e.tried.iter().any(|t| !t) {
+            // More URLs to try in this attempt: queue behind entries already ready.
+            e.next_attempt = now;
+            self.schedule.insert((now, id));
+        } else {
+            self.finish_attempt(id, now);
+        }
+    }
+
+    /// Marks `present` (sorted) as arrived for the entry's events and releases the satisfied.
+    fn apply_present(&mut self, id: EntryId, present: &[ObjectId], now: Instant) {
+        if present.is_empty() {
+            return;
+        }
+        let mut released = Vec::new();
+        for ev in &self.entries[&id].events {
+            let state = self.events.get_mut(ev).expect("entry events exist");
+            state.missing.retain(|o| present.binary_search(o).is_err());
+            if state.missing.is_empty() {
+                released.push(ev.clone());
+            }
+        }
+        for ev in released {
+            let state = &self.events[&ev];
+            let e = &self.entries[&id];
+            let outcome = Outcome::Released {
+                event_id: ev.to_string(),
+                identifier: e.identifier.to_string(),
+                repo: e.repo.to_path_buf(),
+                waited: now.saturating_duration_since(state.submitted),
+            };
+            self.counters.released += 1;
+            self.actions.push(Action::Emit(outcome));
+            self.leave(&ev);
+        }
+    }
+
+    /// Removes a waiting event, its expiry and, when nothing else waits, its entry.
+    fn leave(&mut self, event_id: &str) {
+        let Some(ev) = self.events.remove(event_id) else {
+            return;
+        };
+        self.admitted.fetch_sub(1, Ordering::SeqCst);
+        self.expiries.remove(&(ev.expires, Arc::from(event_id)));
+        let e = self
+            .entries
+            .get_mut(&ev.entry)
+            .expect("event's entry exists");
+        e.events.retain(|x| &**x != event_id);
+        self.pending_drops
+            .entry(e.repo.clone())
+            .or_default()
+            .extend(ev.oids);
+        self.remove_if_empty(ev.entry);
+    }
+
+    /// Removes the entry if no event waits for it and no fetch runs for it.
+    fn remove_if_empty(&mut self, id: EntryId) -> bool {
+        let e = &self.entries[&id];
+        if !e.events.is_empty() {
+            return false;
+        }
+        if e.running.is_some() {
+            // Removed when its fetch reports back.
+            return false;
+        }
+        let e = self.entries.remove(&id).expect("entry exists");
+        self.schedule.remove(&(e.next_attempt, id));
+        self.by_key.remove(&(e.identifier.clone(), e.repo.clone()));
+        remove_from_index(&mut self.by_identifier, &e.identifier, id);
+        remove_from_index(&mut self.by_repo, &e.repo, id);
+        true
+    }
+
+    /// The core's part of [`Stats`].
+    pub fn stats(&self) -> Stats {
+        let c = &self.counters;
+        Stats {
+            queued_identifiers: self.entries.len(),
+            waiting_events: self.events.len(),
+            in_flight: self.running.len(),
+            workers: self.cfg.workers,
+            submitted: c.submitted,
+            released: c.released,
+            expired: c.expired,
+            cancelled: c.cancelled,
+            rechecks: c.rechecks,
+            fetches_started: c.fetches_started,
+            fetches_succeeded: c.fetches_succeeded,
+            fetches_failed: c.fetches_failed,
+            failures: c.failures.clone(),
+            expired_ids_remembered: self.expired_ids.len(),
+            ..Stats::default()
+        }
+    }
+}
+
+fn remove_from_index<K: std::hash::Hash + Eq + ?Sized>(
+    index: &mut HashMap<Arc<K>, Vec<EntryId>>,
+    key: &Arc<K>,
+    id: EntryId,
+) {
+    if let Some(ids) = index.get_mut(key) {
+        ids.retain(|x| *x != id);
+        if ids.is_empty() {
+            index.remove(key);
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "core_tests.rs"]
+mod tests;

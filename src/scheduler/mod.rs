@@ -1,0 +1,254 @@
+//! The scheduler thread: a thin loop around [`Core`].
+//!
+//! It wakes on a command, a job result, a fake-clock advance or the tick, lets the core decide,
+//! and carries out the core's actions outside the lock: fetch jobs go to the worker pool,
+//! outcomes to the host, repository checks and ref clean-ups run here (they are local and
+//! quick). Workers only fetch and report.
+
+pub(crate) mod core;
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{select, Receiver, Sender};
+use parking_lot::Mutex;
+
+use self::core::{Action, Command, Core, Job, JobId};
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::event::Outcome;
+use crate::fetch::{FailureKind, FetchControl, FetchError, FetchReport, Fetcher};
+
+/// Most commands taken in one go before the core runs a pass, so that a burst of submits costs
+/// one pass, not one each, while results still get their turn.
+const COMMAND_BATCH: usize = 1024;
+
+/// Everything the scheduler thread owns.
+pub(crate) struct Scheduler {
+    pub cfg: Arc<Config>,
+    pub clock: Arc<dyn Clock>,
+    pub fetcher: Arc<dyn Fetcher>,
+    pub core: Arc<Mutex<Core>>,
+    pub commands: Receiver<Command>,
+    pub outcomes: Sender<Outcome>,
+    pub pool: rayon::ThreadPool,
+    pub cancel: Arc<AtomicBool>,
+    pub results_tx: Sender<(JobId, FetchReport)>,
+    pub results_rx: Receiver<(JobId, FetchReport)>,
+}
+
+impl Scheduler {
+    /// Runs until every command sender is gone, then cancels fetches in flight, waits for them
+    /// up to the shutdown timeout and returns, dropping the pool.
+    pub fn run(self) {
+        let ticker = crossbeam_channel::tick(self.cfg.tick);
+        let wake = self
+            .clock
+            .subscribe()
+            .unwrap_or_else(crossbeam_channel::never);
+        loop {
+            select! {
+                recv(self.commands) -> cmd => match cmd {
+                    Ok(cmd) => self.take_commands(cmd),
+                    Err(_) => break,
+                },
+                recv(self.results_rx) -> r => {
+                    let (job, report) = r.expect("the scheduler holds a results sender");
+                    self.core.lock().job_done(job, report, self.clock.now());
+                },
+                recv(wake) -> _ => {},
+                recv(ticker) -> _ => {},
+            }
+            self.core.lock().pass(self.clock.now());
+            self.carry_out();
+        }
+        self.stop();
+    }
+
+    fn take_commands(&self, first: Command) {
+        let mut core = self.core.lock();
+        core.command(first, self.clock.now());
+        for cmd in self.commands.try_iter().take(COMMAND_BATCH - 1) {
+            core.command(cmd, self.clock.now());
+        }
+    }
+
+    /// Carries out the core's actions until it has none left (a check can release events,
+    /// which can free a repository for ref clean-up).
+    fn carry_out(&self) {
+        loop {
+            let actions = self.core.lock().take_actions();
+            if actions.is_empty() {
+                return;
+            }
+            for action in actions {
+                match action {
+                    Action::Dispatch(job) => self.spawn(job),
+                    Action::Emit(outcome) => {
+                        log::debug!("{outcome:?}");
+                        // The host may have dropped its receivers; outcomes are then unwanted.
+                        let _ = self.outcomes.send(outcome);
+                    }
+                    Action::Check { entry, repo, oids } => {
+                        let result = self.fetcher.present(&repo, &oids);
+                        self.core.lock().checked(entry, result, self.clock.now());
+                    }
+                    Action::DropRefs { repo, oids } => {
+                        if let Err(e) = self.fetcher.drop_temp_refs(&repo, &oids) {
+                            log::warn!(
+                                "could not remove temporary refs in {}: {e}",
+                                repo.display()
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn spawn(&self, job: Job) {
+        let fetcher = self.fetcher.clone();
+        let results = self.results_tx.clone();
+        let control = FetchControl::new(
+            Instant::now() + self.cfg.fetch_deadline,
+            self.cancel.clone(),
+        );
+        log::debug!(
+            "fetch {} of {} from {}",
+            job.request.wanted.len(),
+            job.request.identifier,
+            job.request.url
+        );
+        self.pool.spawn(move || {
+            let report = catch_unwind(AssertUnwindSafe(|| fetcher.fetch(&job.request, &control)))
+                .unwrap_or_else(|panic| {
+                    FetchReport::failed(FetchError::new(
+                        FailureKind::Panicked,
+                        panic_message(panic.as_ref()),
+                    ))
+                });
+            if let Some(e) = &report.error {
+                log::info!("fetch from {} failed: {e}", job.request.url);
+            }
+            // The scheduler keeps a receiver until every job it dispatched has reported or the
+            // shutdown timeout has passed; a late report has nobody to go to.
+            let _ = results.send((job.id, report));
+        });
+    }
+
+    fn stop(self) {
+        self.cancel.store(true, Ordering::SeqCst);
+        self.core.lock().stop_dispatching();
+        let deadline = Instant::now() + self.cfg.shutdown_timeout;
+        while self.core.lock().in_flight() > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.results_rx.recv_timeout(left) {
+                Ok((job, report)) => {
+                    let mut core = self.core.lock();
+                    core.job_done(job, report, self.clock.now());
+                    core.pass(self.clock.now());
+                }
+                Err(_) => {
+                    log::warn!(
+                        "{} fetch(es) still running at shutdown",
+                        self.core.lock().in_flight()
+                    );
+                    break;
+                }
+            }
+            self.carry_out();
+        }
+    }
+}
+
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        format!("fetcher panicked: {s}")
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        format!("fetcher panicked: {s}")
+    } else {
+        "fetcher panicked".to_owned()
+    }
+}
+
+/// A worker pool whose threads can be joined: rayon does not join its threads on drop, so the
+/// pool hands out their handles and signals each thread's exit.
+pub(crate) struct Workers {
+    pub pool: rayon::ThreadPool,
+    pub handles: Vec<JoinHandle<()>>,
+    pub exited: Receiver<()>,
+}
+
+pub(crate) fn start_workers(name: &str, n: usize) -> std::io::Result<Workers> {
+    let handles = Arc::new(Mutex::new(Vec::with_capacity(n)));
+    let (exit_tx, exited) = crossbeam_channel::unbounded();
+    let spawned = handles.clone();
+    let prefix = name.to_owned();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .thread_name(move |i| format!("{prefix}-w{i}"))
+        .exit_handler(move |_| {
+            let _ = exit_tx.send(());
+        })
+        .spawn_handler(move |thread| {
+            let mut b = std::thread::Builder::new();
+            if let Some(name) = thread.name() {
+                b = b.name(name.to_owned());
+            }
+            let handle = b.spawn(|| thread.run())?;
+            spawned.lock().push(handle);
+            Ok(())
+        })
+        .build();
+    let pool = match pool {
+        Ok(p) => p,
+        Err(e) => {
+            // Threads already spawned exit once the half-built pool is gone.
+            let handles = std::mem::take(&mut *handles.lock());
+            join_all(handles, &exited, Duration::from_secs(5));
+            return Err(std::io::Error::other(e.to_string()));
+        }
+    };
+    let handles = std::mem::take(&mut *handles.lock());
+    Ok(Workers {
+        pool,
+        handles,
+        exited,
+    })
+}
+
+/// Waits up to `timeout` for the threads to exit and joins those that did. Returns how many
+/// are still running (they are left detached).
+pub(crate) fn join_all(
+    handles: Vec<JoinHandle<()>>,
+    exited: &Receiver<()>,
+    timeout: Duration,
+) -> usize {
+    let deadline = Instant::now() + timeout;
+    let mut exits = 0;
+    while exits < handles.len() {
+        match exited.recv_deadline(deadline) {
+            Ok(()) => exits += 1,
+            Err(_) => break,
+        }
+    }
+    if exits == handles.len() {
+        // Each thread's exit handler is its last step: these joins return at once.
+        for h in handles {
+            let _ = h.join();
+        }
+        return 0;
+    }
+    let mut still_running = 0;
+    for h in handles {
+        if h.is_finished() {
+            let _ = h.join();
+        } else {
+            still_running += 1;
+        }
+    }
+    still_running
+}

@@ -1,0 +1,45 @@
+//! A snapshot of the engine's state and counters, for hosts, logs and metrics.
+
+use std::collections::BTreeMap;
+
+use crate::fetch::FailureKind;
+
+/// What the engine holds and has done since it started. Taken by
+/// [`Engine::stats`](crate::Engine::stats); every count is exact at the instant of the snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Queue entries: distinct (identifier, repository) pairs with waiting events.
+    pub queued_identifiers: usize,
+    /// Events waiting in purgatory.
+    pub waiting_events: usize,
+    /// Fetches running on workers now.
+    pub in_flight: usize,
+    /// Worker threads, the most fetches that can run at once.
+    pub workers: usize,
+    /// Events accepted as [`Admission::Pending`](crate::Admission::Pending) (re-submissions of a
+    /// waiting event are not counted again).
+    pub submitted: u64,
+    /// Events answered [`Admission::AlreadySatisfied`](crate::Admission::AlreadySatisfied).
+    pub already_satisfied: u64,
+    /// Submits refused with a [`SubmitError`](crate::SubmitError).
+    pub refused: u64,
+    /// [`Outcome::Released`](crate::Outcome::Released) sent.
+    pub released: u64,
+    /// [`Outcome::Expired`](crate::Outcome::Expired) sent.
+    pub expired: u64,
+    /// Waiting events forgotten by [`Engine::cancel`](crate::Engine::cancel).
+    pub cancelled: u64,
+    /// Repository re-checks done for [`Engine::git_data_arrived`](crate::Engine::git_data_arrived).
+    pub rechecks: u64,
+    /// Fetches started.
+    pub fetches_started: u64,
+    /// Fetches that ended without an error.
+    pub fetches_succeeded: u64,
+    /// Fetches that ended with an error (they may still have brought some objects).
+    pub fetches_failed: u64,
+    /// Failed fetches by kind of failure.
+    pub failures: BTreeMap<FailureKind, u64>,
+    /// Expired event ids currently refused on re-submission.
+    pub expired_ids_remembered: usize,
+}
