@@ -105,6 +105,7 @@ impl Engine {
             outcomes: out_tx,
             pool: workers.pool,
             cancel: Arc::new(AtomicBool::new(false)),
+            wake: clock.subscribe().unwrap_or_else(crossbeam_channel::never),
             results_tx,
             results_rx,
         };
@@ -198,6 +199,7 @@ impl Engine {
             missing,
             urls: checked.urls,
             origin: event.origin,
+            submitted: self.clock.now(),
         };
         self.send(Command::Submit(valid)).inspect_err(|_| {
             self.admitted.fetch_sub(1, Ordering::SeqCst);
@@ -229,6 +231,7 @@ impl Engine {
         let mut s = self.core.lock().stats();
         s.already_satisfied = self.counters.already_satisfied.load(Ordering::Relaxed);
         s.refused = self.counters.refused.load(Ordering::Relaxed);
+        s.commands_pending = self.commands.as_ref().map_or(0, Sender::len);
         s
     }
 

@@ -100,6 +100,8 @@ mod fetch;
 mod oid;
 mod scheduler;
 mod stats;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 mod validate;
 
 pub use clock::{Clock, FakeClock, SystemClock};
@@ -113,3 +115,14 @@ pub use fetch::{
 };
 pub use oid::{ObjectId, ParseObjectIdError};
 pub use stats::Stats;
+
+/// The README's examples compile as doc-tests, so that they cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
+/// Internals exposed for the crate's own benches. Not part of the API: may change at any time.
+#[doc(hidden)]
+pub mod __bench {
+    pub use crate::scheduler::bench::QueueBench;
+}

@@ -32,6 +32,9 @@ pub(crate) struct ValidEvent {
     pub missing: Vec<ObjectId>,
     pub urls: Vec<Arc<str>>,
     pub origin: Origin,
+    /// When the host submitted it: delays and the lifetime count from here, not from when the
+    /// scheduler got round to the command.
+    pub submitted: Instant,
 }
 
 /// What the host asks of the scheduler.
@@ -212,7 +215,9 @@ impl Core {
             return;
         }
         self.counters.submitted += 1;
-        let target = now + self.cfg.first_delay(ev.origin);
+        // A command may wait in the channel; never date an event in the future.
+        let at = ev.submitted.min(now);
+        let target = at + self.cfg.first_delay(ev.origin);
         let key = (ev.identifier.clone(), ev.repo.clone());
         let id = match self.by_key.get(&key) {
             Some(&id) => {
@@ -263,7 +268,7 @@ impl Core {
                 id
             }
         };
-        let expires = now + self.cfg.event_lifetime;
+        let expires = at + self.cfg.event_lifetime;
         self.entries
             .get_mut(&id)
             .expect("entry exists")
@@ -276,7 +281,7 @@ impl Core {
                 entry: id,
                 oids: ev.oids,
                 missing: ev.missing,
-                submitted: now,
+                submitted: at,
                 expires,
             },
         );
@@ -309,6 +314,8 @@ impl Core {
                 if self.entries.contains_key(&entry) {
                     self.apply_present(entry, &present, now);
                     self.remove_if_empty(entry);
+                    // Released events' refs can go now, not at the next wake.
+                    self.flush_drops();
                 }
             }
             Err(e) => log::warn!("could not re-check repository: {e}"),
@@ -564,9 +571,12 @@ impl Core {
         self.remove_if_empty(ev.entry);
     }
 
-    /// Removes the entry if no event waits for it and no fetch runs for it.
+    /// Removes the entry if no event waits for it and no fetch runs for it. True when the
+    /// entry is gone (now or before).
     fn remove_if_empty(&mut self, id: EntryId) -> bool {
-        let e = &self.entries[&id];
+        let Some(e) = self.entries.get(&id) else {
+            return true;
+        };
         if !e.events.is_empty() {
             return false;
         }

@@ -1,1 +1,663 @@
+//! The behaviour table, driven through the scheduler core with a fake clock.
 
+use super::*;
+use crate::clock::{Clock, FakeClock};
+use std::path::PathBuf;
+
+fn oid(n: u8) -> ObjectId {
+    ObjectId::from_bytes([n; 20])
+}
+
+struct Harness {
+    core: Core,
+    clock: FakeClock,
+    admitted: Arc<AtomicUsize>,
+    outcomes: Vec<Outcome>,
+    jobs: Vec<Job>,
+    checks: Vec<(EntryId, Arc<Path>, Vec<ObjectId>)>,
+    drops: Vec<(Arc<Path>, Vec<ObjectId>)>,
+}
+
+impl Harness {
+    fn new() -> Self {
+        Self::with(Config::default())
+    }
+
+    fn with(cfg: Config) -> Self {
+        let admitted = Arc::new(AtomicUsize::new(0));
+        Harness {
+            core: Core::new(Arc::new(cfg), admitted.clone()),
+            clock: FakeClock::new(),
+            admitted,
+            outcomes: Vec::new(),
+            jobs: Vec::new(),
+            checks: Vec::new(),
+            drops: Vec::new(),
+        }
+    }
+
+    fn now(&self) -> Instant {
+        self.clock.now()
+    }
+
+    /// Submits as the handle does: counts the admission, then sends the command.
+    fn submit(
+        &mut self,
+        id: &str,
+        ident: &str,
+        repo: &str,
+        oids: &[ObjectId],
+        urls: &[&str],
+        origin: Origin,
+    ) {
+        self.admitted.fetch_add(1, Ordering::SeqCst);
+        let ev = ValidEvent {
+            id: id.into(),
+            identifier: ident.into(),
+            repo: Arc::from(PathBuf::from(repo).as_path()),
+            oids: oids.to_vec(),
+            missing: oids.to_vec(),
+            urls: urls.iter().map(|u| Arc::from(*u)).collect(),
+            origin,
+            submitted: self.now(),
+        };
+        let now = self.now();
+        self.core.command(Command::Submit(ev), now);
+        self.pass();
+    }
+
+    fn pass(&mut self) {
+        let now = self.now();
+        self.core.pass(now);
+        self.collect();
+    }
+
+    fn collect(&mut self) {
+        for a in self.core.take_actions() {
+            match a {
+                Action::Dispatch(j) => self.jobs.push(j),
+                Action::Emit(o) => self.outcomes.push(o),
+                Action::Check { entry, repo, oids } => self.checks.push((entry, repo, oids)),
+                Action::DropRefs { repo, oids } => self.drops.push((repo, oids)),
+            }
+        }
+    }
+
+    fn advance(&mut self, d: Duration) {
+        self.clock.advance(d);
+        self.pass();
+    }
+
+    /// Completes the oldest running job, reporting `present` and an optional failure.
+    fn finish(&mut self, present: &[ObjectId], error: Option<FailureKind>) -> Job {
+        let job = self.jobs.remove(0);
+        let report = FetchReport::new(
+            present.to_vec(),
+            error.map(|k| FetchError::new(k, "test failure")),
+        );
+        let now = self.now();
+        self.core.job_done(job.id, report, now);
+        self.pass();
+        job
+    }
+
+    fn fail(&mut self) -> Job {
+        self.finish(&[], Some(FailureKind::Protocol))
+    }
+
+    fn released(&self) -> Vec<&str> {
+        self.outcomes
+            .iter()
+            .filter(|o| o.is_released())
+            .map(|o| o.event_id())
+            .collect()
+    }
+
+    fn expired(&self) -> Vec<&str> {
+        self.outcomes
+            .iter()
+            .filter(|o| !o.is_released())
+            .map(|o| o.event_id())
+            .collect()
+    }
+
+    /// Advances in 100 ms steps until a job is dispatched; returns the time it took.
+    fn time_to_next_job(&mut self, limit: Duration) -> Option<Duration> {
+        let start = self.now();
+        let before = self.jobs.len();
+        while self.now() - start <= limit {
+            if self.jobs.len() > before {
+                return Some(self.now() - start);
+            }
+            self.advance(Duration::from_millis(100));
+        }
+        None
+    }
+}
+
+const MS: Duration = Duration::from_millis(1);
+const SEC: Duration = Duration::from_secs(1);
+
+#[test]
+fn sync_event_is_first_tried_after_500ms() {
+    let mut h = Harness::new();
+    h.submit("e", "id", "/r", &[oid(1)], &["git://a/r"], Origin::Sync);
+    assert!(h.jobs.is_empty());
+    h.advance(499 * MS);
+    assert!(h.jobs.is_empty(), "not before 500 ms");
+    h.advance(MS);
+    assert_eq!(h.jobs.len(), 1);
+    let j = &h.jobs[0];
+    assert_eq!(j.request.url, "git://a/r");
+    assert_eq!(j.request.wanted, vec![oid(1)]);
+    assert_eq!(j.request.identifier, "id");
+}
+
+#[test]
+fn user_event_is_first_tried_after_180s() {
+    let mut h = Harness::new();
+    h.submit("e", "id", "/r", &[oid(1)], &["git://a/r"], Origin::User);
+    h.advance(179 * SEC);
+    assert!(h.jobs.is_empty(), "a push is expected first");
+    h.advance(SEC);
+    assert_eq!(h.jobs.len(), 1);
+}
+
+#[test]
+fn incomplete_attempts_back_off_20_40_80_then_120() {
+    let mut h = Harness::new();
+    h.submit("e", "id", "/r", &[oid(1)], &["git://a/r"], Origin::Sync);
+    h.advance(500 * MS);
+    let mut waits = Vec::new();
+    for _ in 0..6 {
+        h.fail();
+        let w = h
+            .time_to_next_job(Duration::from_secs(200))
+            .expect("retried");
+        waits.push(w.as_secs());
+    }
+    assert_eq!(waits, [20, 40, 80, 120, 120, 120]);
+    assert!(h.outcomes.is_empty());
+}
+
+#[test]
+fn an_attempt_tries_every_url_in_order_then_backs_off() {
+    let mut h = Harness::new();
+    h.submit(
+        "e",
+        "id",
+        "/r",
+        &[oid(1)],
+        &["git://a/r", "git://b/r", "git://c/r"],
+        Origin::Sync,
+    );
+    h.advance(500 * MS);
+    let urls: Vec<String> = (0..3)
+        .map(|_| {
+            assert_eq!(h.jobs.len(), 1, "one job per identifier at a time");
+            h.fail().request.url
+        })
+        .collect();
+    assert_eq!(urls, ["git://a/r", "git://b/r", "git://c/r"]);
+    assert!(h.jobs.is_empty(), "URLs used up for this attempt");
+    assert_eq!(h.time_to_next_job(Duration::from_secs(30)), Some(20 * SEC));
+    assert_eq!(
+        h.jobs[0].request.url, "git://a/r",
+        "the next attempt starts over"
+    );
+}
+
+#[test]
+fn objects_from_different_urls_add_up() {
+    let mut h = Harness::new();
+    h.submit(
+        "e",
+        "id",
+        "/r",
+        &[oid(1), oid(2)],
+        &["git://a/r", "git://b/r"],
+        Origin::Sync,
+    );
+    h.advance(500 * MS);
+    // Mirror a has only the first object.
+    h.finish(&[oid(1)], Some(FailureKind::Protocol));
+    assert!(h.outcomes.is_empty());
+    assert_eq!(
+        h.jobs[0].request.wanted,
+        vec![oid(2)],
+        "only what is still missing"
+    );
+    h.finish(&[oid(2)], None);
+    assert_eq!(h.released(), ["e"]);
+    let s = h.core.stats();
+    assert_eq!(
+        (s.waiting_events, s.queued_identifiers, s.released),
+        (0, 0, 1)
+    );
+    assert_eq!(h.admitted.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn release_reports_the_wait_and_drops_temporary_refs_once_the_repo_is_idle() {
+    let mut h = Harness::new();
+    h.submit("e", "id", "/r", &[oid(1)], &["git://a/r"], Origin::Sync);
+    h.advance(2 * SEC);
+    h.finish(&[oid(1)], None);
+    match &h.outcomes[0] {
+        Outcome::Released {
+            waited,
+            repo,
+            identifier,
+            ..
+        } => {
+            assert_eq!(*waited, 2 * SEC);
+            assert_eq!(repo, &PathBuf::from("/r"));
+            assert_eq!(identifier, "id");
+        }
+        o => panic!("{o:?}"),
+    }
+    assert_eq!(h.drops.len(), 1);
+    assert_eq!(h.drops[0].1, vec![oid(1)]);
+}
+
+#[test]
+fn refs_still_needed_by_another_waiting_event_are_kept() {
+    let mut h = Harness::new();
+    h.submit("e1", "id", "/r", &[oid(1)], &["git://a/r"], Origin::Sync);
+    h.submit(
+        "e2",
+        "id",
+        "/r",
+        &[oid(1), oid(2)],
+        &["git://a/r"],
+        Origin::Sync,
+    );
+    h.advance(500 * MS);
+    h.finish(&[oid(1)], Some(FailureKind::Protocol));
+    assert_eq!(h.released(), ["e1"]);
+    assert!(
+        h.drops.is_empty(),
+        "e2 still needs oid 1 pinned: {:?}",
+        h.drops
+    );
+    h.core.command(Command::Cancel("e2".into()), h.now());
+    h.pass();
+    assert_eq!(h.drops.len(), 1);
+    assert_eq!(h.drops[0].1, vec![oid(1), oid(2)]);
+}
+
+#[test]
+fn refs_are_not_dropped_while_a_fetch_runs_in_the_repo() {
+    let mut h = Harness::new();
+    h.submit("e1", "id1", "/r", &[oid(1)], &["git://a/r"], Origin::Sync);
+    h.submit("e2", "id2", "/r", &[oid(2)], &["git://a/r"], Origin::Sync);
+    h.advance(500 * MS);
+    assert_eq!(h.jobs.len(), 1, "one fetch per repository");
+    h.core.command(Command::Cancel("e2".into()), h.now());
+    h.pass();
+    assert!(h.drops.is_empty(), "a fetch into /r is running");
+    h.finish(&[oid(1)], None);
+    let mut dropped: Vec<ObjectId> = h.drops.iter().flat_map(|d| d.1.clone()).collect();
+    dropped.sort_unstable();
+    assert_eq!(dropped, [oid(1), oid(2)], "both dropped once /r is idle");
+    assert!(h.drops.iter().all(|(r, _)| &**r == Path::new("/r")));
+}
+
+#[test]
+fn events_expire_after_30_minutes_and_their_ids_are_refused_for_24_hours() {
+    let mut h = Harness::new();
+    h.submit("e", "id", "/r", &[oid(1), oid(2)], &[], Origin::Sync);
+    h.advance(30 * 60 * SEC - MS);
+    assert!(h.outcomes.is_empty());
+    h.advance(MS);
+    match &h.outcomes[..] {
+        [Outcome::Expired {
+            event_id,
+            missing,
+            reason,
+            ..
+        }] => {
+            assert_eq!(event_id, "e");
+            assert_eq!(missing, &[oid(1).to_string(), oid(2).to_string()]);
+            assert_eq!(*reason, ExpiryReason::LifetimeEnded);
+        }
+        o => panic!("{o:?}"),
+    }
+    let s = h.core.stats();
+    assert_eq!(
+        (s.expired, s.waiting_events, s.queued_identifiers),
+        (1, 0, 0)
+    );
+    assert_eq!(h.core.refused_for("e", h.now()), Some(24 * 3600 * SEC));
+    h.advance(24 * 3600 * SEC - MS);
+    assert_eq!(h.core.refused_for("e", h.now()), Some(MS));
+    h.advance(MS);
+    assert_eq!(h.core.refused_for("e", h.now()), None);
+    assert_eq!(h.core.stats().expired_ids_remembered, 0, "memory is pruned");
+}
+
+#[test]
+fn a_new_event_resets_backoff_and_moves_the_next_attempt_earlier() {
+    let mut h = Harness::new();
+    h.submit("e1", "id", "/r", &[oid(1)], &["git://a/r"], Origin::Sync);
+    h.advance(500 * MS);
+    h.fail(); // next in 20 s
+    h.time_to_next_job(30 * SEC).unwrap();
+    h.fail(); // next in 40 s
+    h.time_to_next_job(50 * SEC).unwrap();
+    h.fail(); // next in 80 s
+    h.advance(10 * SEC);
+    h.submit("e2", "id", "/r", &[oid(2)], &[], Origin::Sync);
+    assert_eq!(
+        h.time_to_next_job(10 * SEC),
+        Some(500 * MS),
+        "earlier than the 80 s backoff"
+    );
+    assert_eq!(h.jobs[0].request.wanted, vec![oid(1), oid(2)]);
+    h.fail();
+    assert_eq!(
+        h.time_to_next_job(100 * SEC),
+        Some(20 * SEC),
+        "backoff starts over"
+    );
+}
+
+#[test]
+fn a_new_event_never_moves_the_next_attempt_later() {
+    let mut h = Harness::new();
+    h.submit("e1", "id", "/r", &[oid(1)], &["git://a/r"], Origin::Sync);
+    h.advance(100 * MS);
+    h.submit("e2", "id", "/r", &[oid(2)], &[], Origin::User);
+    assert_eq!(
+        h.time_to_next_job(10 * SEC),
+        Some(400 * MS),
+        "still at the sync delay"
+    );
+}
+
+#[test]
+fn a_user_event_then_a_sync_event_is_tried_at_the_sync_delay() {
+    let mut h = Harness::new();
+    h.submit("e1", "id", "/r", &[oid(1)], &["git://a/r"], Origin::User);
+    h.advance(60 * SEC);
+    h.submit("e2", "id", "/r", &[oid(2)], &[], Origin::Sync);
+    assert_eq!(h.time_to_next_job(200 * SEC), Some(500 * MS));
+}
+
+#[test]
+fn an_event_arriving_during_an_attempt_gets_its_own_prompt_attempt() {
+    let mut h = Harness::new();
+    h.submit("e1", "id", "/r", &[oid(1)], &["git://a/r"], Origin::Sync);
+    h.advance(500 * MS);
+    assert_eq!(h.jobs.len(), 1);
+    // e2 arrives while e1's fetch runs, and that fetch does not want e2's object.
+    h.submit("e2", "id", "/r", &[oid(2)], &[], Origin::Sync);
+    assert_eq!(h.jobs.len(), 1, "still one job for the identifier");
+    h.finish(&[oid(1)], None);
+    assert_eq!(h.released(), ["e1"]);
+    let wait = h.time_to_next_job(30 * SEC).unwrap();
+    assert!(wait <= 500 * MS, "not the 20 s backoff: {wait:?}");
+    assert_eq!(h.jobs[0].request.wanted, vec![oid(2)]);
+}
+
+#[test]
+fn never_more_jobs_than_workers() {
+    let mut h = Harness::with(Config {
+        workers: 2,
+        ..Config::default()
+    });
+    for i in 0..5u8 {
+        h.submit(
+            &format!("e{i}"),
+            &format!("id{i}"),
+            &format!("/r{i}"),
+            &[oid(i)],
+            &["git://a/r"],
+            Origin::Sync,
+        );
+    }
+    h.advance(500 * MS);
+    assert_eq!(h.jobs.len(), 2);
+    assert_eq!(h.core.stats().in_flight, 2);
+    h.advance(10 * SEC);
+    assert_eq!(h.jobs.len(), 2, "ready entries wait for a free worker");
+    h.finish(&[oid(0)], None);
+    assert_eq!(h.jobs.len(), 2, "a freed worker is used at once");
+    assert_eq!(h.core.stats().in_flight, 2);
+}
+
+#[test]
+fn one_fetch_per_identifier_across_repositories() {
+    let mut h = Harness::new();
+    h.submit("e1", "same", "/r1", &[oid(1)], &["git://a/r"], Origin::Sync);
+    h.submit("e2", "same", "/r2", &[oid(2)], &["git://a/r"], Origin::Sync);
+    h.advance(500 * MS);
+    assert_eq!(h.jobs.len(), 1);
+    assert_eq!(h.core.stats().queued_identifiers, 2);
+    h.finish(&[oid(1)], None);
+    assert_eq!(h.jobs.len(), 1);
+    assert_eq!(h.jobs[0].request.repo, PathBuf::from("/r2"));
+}
+
+#[test]
+fn one_fetch_per_repository_across_identifiers() {
+    let mut h = Harness::new();
+    h.submit("e1", "id1", "/r", &[oid(1)], &["git://a/r"], Origin::Sync);
+    h.submit("e2", "id2", "/r", &[oid(2)], &["git://a/r"], Origin::Sync);
+    h.submit(
+        "e3",
+        "id3",
+        "/other",
+        &[oid(3)],
+        &["git://a/r"],
+        Origin::Sync,
+    );
+    h.advance(500 * MS);
+    let repos: Vec<PathBuf> = h.jobs.iter().map(|j| j.request.repo.clone()).collect();
+    assert_eq!(
+        repos,
+        [PathBuf::from("/r"), PathBuf::from("/other")],
+        "busy /r is stepped over"
+    );
+    h.finish(&[oid(1)], None);
+    assert_eq!(h.jobs.last().unwrap().request.identifier, "id2");
+}
+
+#[test]
+fn cancel_forgets_the_event_and_drops_an_idle_entry() {
+    let mut h = Harness::new();
+    h.submit("e", "id", "/r", &[oid(1)], &["git://a/r"], Origin::User);
+    h.core.command(Command::Cancel("e".into()), h.now());
+    h.core.command(Command::Cancel("unknown".into()), h.now());
+    h.pass();
+    let s = h.core.stats();
+    assert_eq!(
+        (s.waiting_events, s.queued_identifiers, s.cancelled),
+        (0, 0, 1)
+    );
+    assert_eq!(h.admitted.load(Ordering::SeqCst), 0);
+    h.advance(31 * 60 * SEC);
+    assert!(
+        h.jobs.is_empty() && h.outcomes.is_empty(),
+        "no fetch and no outcome"
+    );
+}
+
+#[test]
+fn an_entry_emptied_during_its_fetch_leaves_when_the_fetch_reports() {
+    let mut h = Harness::new();
+    h.submit(
+        "e",
+        "id",
+        "/r",
+        &[oid(1)],
+        &["git://a/r", "git://b/r"],
+        Origin::Sync,
+    );
+    h.advance(500 * MS);
+    h.core.command(Command::Cancel("e".into()), h.now());
+    h.pass();
+    assert_eq!(h.core.stats().queued_identifiers, 1, "its fetch still runs");
+    h.fail();
+    assert!(
+        h.jobs.is_empty(),
+        "nothing waits: the next URL is not tried"
+    );
+    assert_eq!(h.core.stats().queued_identifiers, 0);
+    assert!(h.outcomes.is_empty());
+}
+
+#[test]
+fn git_data_arrived_checks_the_repository_without_a_fetch() {
+    let mut h = Harness::new();
+    h.submit("e1", "id", "/r", &[oid(1)], &["git://a/r"], Origin::User);
+    h.submit("e2", "id", "/r", &[oid(2)], &["git://a/r"], Origin::User);
+    h.core
+        .command(Command::GitDataArrived("id".into()), h.now());
+    h.core
+        .command(Command::GitDataArrived("unknown".into()), h.now());
+    h.collect();
+    assert_eq!(h.checks.len(), 1);
+    let (entry, repo, oids) = h.checks.remove(0);
+    assert_eq!(&*repo, Path::new("/r"));
+    assert_eq!(oids, vec![oid(1), oid(2)]);
+    h.core.checked(entry, Ok(vec![oid(1)]), h.now());
+    h.collect();
+    assert_eq!(h.released(), ["e1"]);
+    assert!(h.jobs.is_empty());
+    assert_eq!(h.core.stats().rechecks, 1);
+    assert_eq!(h.core.stats().waiting_events, 1);
+}
+
+#[test]
+fn a_failed_recheck_changes_nothing() {
+    let mut h = Harness::new();
+    h.submit("e1", "id", "/r", &[oid(1)], &[], Origin::User);
+    h.core
+        .command(Command::GitDataArrived("id".into()), h.now());
+    h.collect();
+    let (entry, _, _) = h.checks.remove(0);
+    h.core.checked(
+        entry,
+        Err(FetchError::new(FailureKind::LocalRepository, "gone")),
+        h.now(),
+    );
+    h.collect();
+    assert!(h.outcomes.is_empty());
+    assert_eq!(h.core.stats().waiting_events, 1);
+}
+
+#[test]
+fn a_duplicate_submit_is_ignored_and_gives_its_admission_back() {
+    let mut h = Harness::new();
+    h.submit("e", "id", "/r", &[oid(1)], &["git://a/r"], Origin::Sync);
+    h.advance(10 * SEC);
+    h.submit("e", "id", "/r", &[oid(1)], &["git://a/r"], Origin::Sync);
+    assert_eq!(h.admitted.load(Ordering::SeqCst), 1);
+    assert_eq!(h.core.stats().submitted, 1);
+    h.advance(30 * 60 * SEC - 10 * SEC);
+    assert_eq!(
+        h.expired(),
+        ["e"],
+        "the lifetime counts from the first submit"
+    );
+}
+
+#[test]
+fn an_event_without_urls_waits_for_a_push_until_it_expires() {
+    let mut h = Harness::with(Config {
+        event_lifetime: 10 * SEC,
+        ..Config::default()
+    });
+    h.submit("e", "id", "/r", &[oid(1)], &[], Origin::Sync);
+    h.advance(9 * SEC);
+    assert!(h.jobs.is_empty() && h.outcomes.is_empty());
+    h.core
+        .command(Command::GitDataArrived("id".into()), h.now());
+    h.collect();
+    let (entry, _, _) = h.checks.remove(0);
+    h.core.checked(entry, Ok(vec![oid(1)]), h.now());
+    h.collect();
+    assert_eq!(h.released(), ["e"]);
+}
+
+#[test]
+fn a_panicked_fetch_counts_as_a_failure_and_the_next_url_is_tried() {
+    let mut h = Harness::new();
+    h.submit(
+        "e",
+        "id",
+        "/r",
+        &[oid(1)],
+        &["git://a/r", "git://b/r"],
+        Origin::Sync,
+    );
+    h.advance(500 * MS);
+    h.finish(&[], Some(FailureKind::Panicked));
+    assert_eq!(h.jobs[0].request.url, "git://b/r");
+    h.finish(&[oid(1)], None);
+    let s = h.core.stats();
+    assert_eq!(
+        (s.fetches_started, s.fetches_succeeded, s.fetches_failed),
+        (2, 1, 1)
+    );
+    assert_eq!(s.failures.get(&FailureKind::Panicked), Some(&1));
+    assert_eq!(h.released(), ["e"]);
+}
+
+#[test]
+fn urls_of_later_events_join_the_running_attempt() {
+    let mut h = Harness::new();
+    h.submit("e1", "id", "/r", &[oid(1)], &["git://a/r"], Origin::Sync);
+    h.advance(500 * MS);
+    h.submit(
+        "e2",
+        "id",
+        "/r",
+        &[oid(1)],
+        &["git://b/r", "git://a/r"],
+        Origin::Sync,
+    );
+    h.fail();
+    assert_eq!(h.jobs[0].request.url, "git://b/r");
+}
+
+#[test]
+fn stopping_dispatches_nothing_more() {
+    let mut h = Harness::new();
+    h.submit("e", "id", "/r", &[oid(1)], &["git://a/r"], Origin::Sync);
+    h.core.stop_dispatching();
+    h.advance(10 * SEC);
+    assert!(h.jobs.is_empty());
+}
+
+#[test]
+fn a_pass_touches_only_ready_entries() {
+    // 10 000 entries scheduled in the future and one ready: the pass dispatches exactly one.
+    let mut h = Harness::new();
+    for i in 0..10_000u32 {
+        let b = i.to_be_bytes();
+        let o = ObjectId::from_bytes([
+            b[0], b[1], b[2], b[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
+        ]);
+        h.submit(
+            &format!("e{i}"),
+            &format!("id{i}"),
+            &format!("/r{i}"),
+            &[o],
+            &["git://a/r"],
+            Origin::User,
+        );
+    }
+    h.submit(
+        "ready",
+        "ready",
+        "/ready",
+        &[oid(9)],
+        &["git://a/r"],
+        Origin::Sync,
+    );
+    h.advance(500 * MS);
+    assert_eq!(h.jobs.len(), 1);
+    assert_eq!(h.jobs[0].request.identifier, "ready");
+}

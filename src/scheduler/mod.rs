@@ -5,6 +5,7 @@
 //! outcomes to the host, repository checks and ref clean-ups run here (they are local and
 //! quick). Workers only fetch and report.
 
+pub(crate) mod bench;
 pub(crate) mod core;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -36,6 +37,9 @@ pub(crate) struct Scheduler {
     pub outcomes: Sender<Outcome>,
     pub pool: rayon::ThreadPool,
     pub cancel: Arc<AtomicBool>,
+    /// Wakes when a fake clock is advanced; subscribed before the thread starts so that no
+    /// advance is missed.
+    pub wake: Receiver<()>,
     pub results_tx: Sender<(JobId, FetchReport)>,
     pub results_rx: Receiver<(JobId, FetchReport)>,
 }
@@ -45,10 +49,7 @@ impl Scheduler {
     /// up to the shutdown timeout and returns, dropping the pool.
     pub fn run(self) {
         let ticker = crossbeam_channel::tick(self.cfg.tick);
-        let wake = self
-            .clock
-            .subscribe()
-            .unwrap_or_else(crossbeam_channel::never);
+        let wake = self.wake.clone();
         loop {
             select! {
                 recv(self.commands) -> cmd => match cmd {
@@ -161,6 +162,9 @@ impl Scheduler {
             }
             self.carry_out();
         }
+        // A last pass: expiries due now, and ref clean-ups of repositories just freed.
+        self.core.lock().pass(self.clock.now());
+        self.carry_out();
     }
 }
 

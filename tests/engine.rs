@@ -1,0 +1,746 @@
+//! The engine through its public API, with a fake clock and fetchers that stand in for git
+//! servers by writing objects into real bare repositories. No network.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use purgatory_sync::{
+    Admission, Engine, EngineBuilder, FailureKind, FakeClock, FetchControl, FetchError,
+    FetchReport, FetchRequest, Fetcher, Origin, Outcome, PendingEvent, ShutdownError, StopReason,
+    SubmitError,
+};
+
+const WAIT: Duration = Duration::from_secs(10);
+/// A tick so long that anything that happens in a test happened because of a command or a
+/// clock advance, not because the scheduler woke by itself.
+const NEVER_TICK: Duration = Duration::from_secs(3600);
+
+/// A blob's content and its object id.
+fn blob(content: &str) -> (String, String) {
+    let oid = git2::Oid::hash_object(git2::ObjectType::Blob, content.as_bytes()).unwrap();
+    (oid.to_string(), content.to_owned())
+}
+
+fn bare(dir: &Path, name: &str) -> PathBuf {
+    let p = dir.join(name);
+    git2::Repository::init_bare(&p).unwrap();
+    p
+}
+
+fn write_blob(repo: &Path, content: &str) {
+    git2::Repository::open_bare(repo)
+        .unwrap()
+        .blob(content.as_bytes())
+        .unwrap();
+}
+
+/// "Servers" by URL, each holding some blobs; a fetch writes the wanted blobs it holds.
+#[derive(Default, Clone)]
+struct FakeServers {
+    blobs: Arc<HashMap<String, Vec<String>>>,
+    fetches: Arc<AtomicUsize>,
+}
+
+impl FakeServers {
+    fn new(servers: &[(&str, &[&str])]) -> Self {
+        FakeServers {
+            blobs: Arc::new(
+                servers
+                    .iter()
+                    .map(|(u, b)| (u.to_string(), b.iter().map(|s| s.to_string()).collect()))
+                    .collect(),
+            ),
+            fetches: Arc::default(),
+        }
+    }
+}
+
+impl Fetcher for FakeServers {
+    fn fetch(&self, req: &FetchRequest, _: &FetchControl) -> FetchReport {
+        self.fetches.fetch_add(1, Ordering::SeqCst);
+        for content in self.blobs.get(&req.url).into_iter().flatten() {
+            let (oid, _) = blob(content);
+            if req.wanted.iter().any(|w| w.to_string() == oid) {
+                write_blob(&req.repo, content);
+            }
+        }
+        let present = self.present(&req.repo, &req.wanted).unwrap();
+        let error = (present.len() < req.wanted.len())
+            .then(|| FetchError::new(FailureKind::Protocol, "server lacks objects"));
+        FetchReport::new(present, error)
+    }
+}
+
+fn builder(name: &str, clock: &FakeClock) -> EngineBuilder {
+    Engine::builder()
+        .thread_name(name)
+        .clock(clock.clone())
+        .tick(NEVER_TICK)
+        .workers(2)
+}
+
+fn event(id: &str, ident: &str, repo: &Path, oids: &[&str], urls: &[&str]) -> PendingEvent {
+    PendingEvent {
+        id: id.into(),
+        identifier: ident.into(),
+        repo: repo.into(),
+        oids: oids.iter().map(|s| s.to_string()).collect(),
+        clone_urls: urls.iter().map(|s| s.to_string()).collect(),
+        origin: Origin::Sync,
+    }
+}
+
+/// Names of this process's live threads (Linux `/proc`).
+fn live_threads() -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_owned())
+        .collect()
+}
+
+fn threads_named(prefix: &str) -> usize {
+    live_threads()
+        .iter()
+        .filter(|n| n.starts_with(&format!("{prefix}-")))
+        .count()
+}
+
+/// A new thread names itself once it runs, so wait (bounded) for the expected count.
+fn wait_threads_named(prefix: &str, expected: usize) -> usize {
+    let start = Instant::now();
+    loop {
+        let n = threads_named(prefix);
+        if n == expected || start.elapsed() > WAIT {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn engine_is_send_and_sync() {
+    fn is<T: Send + Sync>() {}
+    is::<Engine>();
+}
+
+#[test]
+fn a_command_wakes_the_scheduler_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = bare(dir.path(), "r.git");
+    let (a, a_text) = blob("a");
+    let clock = FakeClock::new();
+    let engine = builder("wake", &clock)
+        .sync_delay(Duration::ZERO)
+        .fetcher(FakeServers::new(&[("git://m/r", &[&a_text])]))
+        .build()
+        .unwrap();
+    engine
+        .submit(event("e", "id", &repo, &[&a], &["git://m/r"]))
+        .unwrap();
+    // With an hour-long tick and a clock that never moves, only the submit can have woken it.
+    let o = engine.outcomes().recv_timeout(WAIT).expect("released");
+    assert!(o.is_released(), "{o:?}");
+    engine.shutdown().unwrap();
+}
+
+#[test]
+fn advancing_the_fake_clock_drives_delays_backoff_and_expiry() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = bare(dir.path(), "r.git");
+    let (a, _) = blob("nowhere");
+    let clock = FakeClock::new();
+    let servers = FakeServers::new(&[("git://m/r", &[])]);
+    let engine = builder("clock", &clock)
+        .fetcher(servers.clone())
+        .event_lifetime(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let outcomes = engine.outcomes();
+    engine
+        .submit(event("e", "id", &repo, &[&a], &["git://m/r"]))
+        .unwrap();
+    // Waits until `n` fetches have reported back to the scheduler, which is where backoff is
+    // decided.
+    let wait_for_fetches = |n: u64| {
+        let start = Instant::now();
+        let done = || {
+            let s = engine.stats();
+            s.fetches_succeeded + s.fetches_failed
+        };
+        while done() < n && start.elapsed() < WAIT {
+            std::thread::yield_now();
+        }
+        done()
+    };
+    clock.advance(Duration::from_millis(499));
+    assert!(outcomes.recv_timeout(Duration::from_millis(50)).is_err());
+    assert_eq!(
+        servers.fetches.load(Ordering::SeqCst),
+        0,
+        "not before 500 ms"
+    );
+    clock.advance(Duration::from_millis(1));
+    assert_eq!(wait_for_fetches(1), 1);
+    clock.advance(Duration::from_secs(19));
+    assert!(outcomes.recv_timeout(Duration::from_millis(50)).is_err());
+    assert_eq!(servers.fetches.load(Ordering::SeqCst), 1, "backoff is 20 s");
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(wait_for_fetches(2), 2);
+    clock.advance(Duration::from_secs(40));
+    match outcomes.recv_timeout(WAIT).expect("expired") {
+        Outcome::Expired {
+            event_id, missing, ..
+        } => {
+            assert_eq!(event_id, "e");
+            assert_eq!(missing, vec![a.clone()]);
+        }
+        o => panic!("{o:?}"),
+    }
+    let err = engine
+        .submit(event("e", "id", &repo, &[&a], &["git://m/r"]))
+        .unwrap_err();
+    assert!(
+        matches!(err, SubmitError::PreviouslyExpired { ref event_id, refused_for } if event_id == "e" && refused_for == Duration::from_secs(24 * 3600)),
+        "{err:?}"
+    );
+    engine.shutdown().unwrap();
+}
+
+#[test]
+fn git_data_arrived_releases_without_a_fetch_and_without_waiting_for_a_tick() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = bare(dir.path(), "r.git");
+    let (a, a_text) = blob("pushed");
+    let clock = FakeClock::new();
+    let servers = FakeServers::new(&[]);
+    let engine = builder("push", &clock)
+        .fetcher(servers.clone())
+        .build()
+        .unwrap();
+    let mut ev = event("e", "id", &repo, &[&a], &["git://m/r"]);
+    ev.origin = Origin::User;
+    assert_eq!(engine.submit(ev).unwrap(), Admission::Pending);
+    write_blob(&repo, &a_text); // the user's push
+    let start = Instant::now();
+    engine.git_data_arrived("id");
+    let o = engine.outcomes().recv_timeout(WAIT).expect("released");
+    assert!(o.is_released());
+    // Generous: the tick is an hour, a release at the next tick would never come.
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(servers.fetches.load(Ordering::SeqCst), 0);
+    let s = engine.stats();
+    assert_eq!((s.released, s.rechecks, s.fetches_started), (1, 1, 0));
+    engine.shutdown().unwrap();
+}
+
+#[test]
+fn a_panicking_fetch_is_a_failed_attempt_and_the_engine_keeps_running() {
+    struct PanicFirst(FakeServers);
+    impl Fetcher for PanicFirst {
+        fn fetch(&self, req: &FetchRequest, c: &FetchControl) -> FetchReport {
+            if req.url == "git://panics/r" {
+                panic!("injected panic");
+            }
+            self.0.fetch(req, c)
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let repo = bare(dir.path(), "r.git");
+    let (a, a_text) = blob("a");
+    let (b, b_text) = blob("b");
+    let clock = FakeClock::new();
+    let engine = builder("panic", &clock)
+        .sync_delay(Duration::ZERO)
+        .workers(1)
+        .fetcher(PanicFirst(FakeServers::new(&[(
+            "git://good/r",
+            &[&a_text, &b_text],
+        )])))
+        .build()
+        .unwrap();
+    engine
+        .submit(event(
+            "e1",
+            "id",
+            &repo,
+            &[&a],
+            &["git://panics/r", "git://good/r"],
+        ))
+        .unwrap();
+    assert!(engine.outcomes().recv_timeout(WAIT).unwrap().is_released());
+    // The only worker survived its panic and serves the next identifier.
+    let repo2 = bare(dir.path(), "r2.git");
+    engine
+        .submit(event(
+            "e2",
+            "id2",
+            &repo2,
+            &[&b],
+            &["git://panics/r", "git://good/r"],
+        ))
+        .unwrap();
+    assert!(engine.outcomes().recv_timeout(WAIT).unwrap().is_released());
+    let s = engine.stats();
+    assert_eq!(s.failures.get(&FailureKind::Panicked), Some(&2));
+    assert_eq!((s.fetches_started, s.released), (4, 2));
+    engine.shutdown().unwrap();
+}
+
+/// Blocks like a stalled server until the engine cancels it.
+struct Stall {
+    started: crossbeam_channel::Sender<()>,
+    stopped: crossbeam_channel::Sender<Option<StopReason>>,
+}
+
+impl Fetcher for Stall {
+    fn fetch(&self, _: &FetchRequest, c: &FetchControl) -> FetchReport {
+        let _ = self.started.send(());
+        let give_up = Instant::now() + Duration::from_secs(30);
+        while c.should_stop().is_none() && Instant::now() < give_up {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = self.stopped.send(c.should_stop());
+        FetchReport::failed(FetchError::new(FailureKind::Cancelled, "stopped"))
+    }
+}
+
+#[test]
+fn shutdown_cancels_fetches_in_flight_and_joins_every_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = FakeClock::new();
+    let (started_tx, started) = crossbeam_channel::unbounded();
+    let (stopped_tx, stopped) = crossbeam_channel::unbounded();
+    let engine = builder("shut1", &clock)
+        .workers(3)
+        .sync_delay(Duration::ZERO)
+        .fetcher(Stall {
+            started: started_tx,
+            stopped: stopped_tx,
+        })
+        .build()
+        .unwrap();
+    assert_eq!(wait_threads_named("shut1", 4), 4, "{:?}", live_threads());
+    for i in 0..3 {
+        let repo = bare(dir.path(), &format!("r{i}.git"));
+        let (a, _) = blob(&format!("x{i}"));
+        engine
+            .submit(event(
+                &format!("e{i}"),
+                &format!("id{i}"),
+                &repo,
+                &[&a],
+                &["git://m/r"],
+            ))
+            .unwrap();
+    }
+    for _ in 0..3 {
+        started.recv_timeout(WAIT).expect("fetch started");
+    }
+    assert_eq!(engine.stats().in_flight, 3);
+    let t = Instant::now();
+    engine.shutdown().expect("clean shutdown");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    for _ in 0..3 {
+        assert_eq!(stopped.try_recv().unwrap(), Some(StopReason::Cancelled));
+    }
+    assert_eq!(threads_named("shut1"), 0, "{:?}", live_threads());
+}
+
+#[test]
+fn dropping_the_engine_joins_its_threads_too() {
+    let clock = FakeClock::new();
+    let engine = builder("drop1", &clock)
+        .fetcher(FakeServers::default())
+        .build()
+        .unwrap();
+    let outcomes = engine.outcomes();
+    assert_eq!(wait_threads_named("drop1", 3), 3);
+    drop(engine);
+    assert_eq!(threads_named("drop1"), 0, "{:?}", live_threads());
+    assert!(
+        matches!(
+            outcomes.recv_timeout(WAIT),
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected)
+        ),
+        "the outcome channel closes after the last outcome"
+    );
+}
+
+#[test]
+fn a_fetch_that_ignores_cancellation_is_reported_not_waited_for_forever() {
+    struct Deaf(
+        crossbeam_channel::Receiver<()>,
+        crossbeam_channel::Sender<()>,
+    );
+    impl Fetcher for Deaf {
+        fn fetch(&self, _: &FetchRequest, _: &FetchControl) -> FetchReport {
+            let _ = self.1.send(());
+            let _ = self.0.recv_timeout(Duration::from_secs(30));
+            FetchReport::default()
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let repo = bare(dir.path(), "r.git");
+    let (a, _) = blob("a");
+    let clock = FakeClock::new();
+    let (release_tx, release_rx) = crossbeam_channel::unbounded();
+    let (started_tx, started) = crossbeam_channel::unbounded();
+    let engine = builder("deaf", &clock)
+        .workers(1)
+        .sync_delay(Duration::ZERO)
+        .shutdown_timeout(Duration::from_millis(200))
+        .fetcher(Deaf(release_rx, started_tx))
+        .build()
+        .unwrap();
+    engine
+        .submit(event("e", "id", &repo, &[&a], &["git://m/r"]))
+        .unwrap();
+    started.recv_timeout(WAIT).unwrap();
+    let t = Instant::now();
+    let err = engine.shutdown().unwrap_err();
+    assert!(
+        matches!(err, ShutdownError::WorkersStillRunning { count: 1 }),
+        "{err:?}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    // Let the stuck worker go, so that the test leaves no thread behind.
+    release_tx.send(()).unwrap();
+}
+
+#[test]
+fn objects_already_present_need_no_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = bare(dir.path(), "r.git");
+    let (a, a_text) = blob("here");
+    write_blob(&repo, &a_text);
+    let clock = FakeClock::new();
+    let engine = builder("sat", &clock)
+        .fetcher(FakeServers::default())
+        .build()
+        .unwrap();
+    let upper = a.to_ascii_uppercase();
+    assert_eq!(
+        engine
+            .submit(event("e", "id", &repo, &[&upper], &[]))
+            .unwrap(),
+        Admission::AlreadySatisfied
+    );
+    let s = engine.stats();
+    assert_eq!(
+        (s.already_satisfied, s.waiting_events, s.submitted),
+        (1, 0, 0)
+    );
+    assert!(engine.outcomes().try_recv().is_err(), "no outcome follows");
+    engine.shutdown().unwrap();
+}
+
+#[test]
+fn every_bad_field_gets_its_own_error_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = bare(dir.path(), "r.git");
+    let worktree = dir.path().join("work");
+    git2::Repository::init(&worktree).unwrap();
+    let (a, _) = blob("a");
+    let clock = FakeClock::new();
+    let engine = builder("bad", &clock)
+        .fetcher(FakeServers::default())
+        .max_oids_per_event(3)
+        .max_urls_per_event(2)
+        .build()
+        .unwrap();
+    engine
+        .submit(event("good", "id", &repo, &[&a], &["git://m/r"]))
+        .unwrap();
+    let ok = || event("e", "id", &repo, &[&a], &["git://m/r"]);
+    let long = "x".repeat(300);
+    type Expect = Box<dyn Fn(&SubmitError) -> bool>;
+    let cases: Vec<(PendingEvent, Expect)> = vec![
+        (
+            PendingEvent {
+                id: "".into(),
+                ..ok()
+            },
+            Box::new(|e| {
+                matches!(
+                    e,
+                    SubmitError::InvalidEventId {
+                        reason: "empty",
+                        ..
+                    }
+                )
+            }),
+        ),
+        (
+            PendingEvent {
+                id: long.clone(),
+                ..ok()
+            },
+            Box::new(|e| matches!(e, SubmitError::InvalidEventId { .. })),
+        ),
+        (
+            PendingEvent {
+                id: "a\nb".into(),
+                ..ok()
+            },
+            Box::new(|e| matches!(e, SubmitError::InvalidEventId { .. })),
+        ),
+        (
+            PendingEvent {
+                identifier: "".into(),
+                ..ok()
+            },
+            Box::new(|e| matches!(e, SubmitError::InvalidIdentifier { .. })),
+        ),
+        (
+            PendingEvent {
+                identifier: long.clone(),
+                ..ok()
+            },
+            Box::new(|e| matches!(e, SubmitError::InvalidIdentifier { .. })),
+        ),
+        (
+            PendingEvent {
+                oids: vec![],
+                ..ok()
+            },
+            Box::new(|e| matches!(e, SubmitError::NoObjectIds)),
+        ),
+        (
+            PendingEvent {
+                oids: vec![a.clone(); 4],
+                ..ok()
+            },
+            Box::new(|e| matches!(e, SubmitError::TooManyObjectIds { count: 4, max: 3 })),
+        ),
+        (
+            PendingEvent {
+                oids: vec![a.clone(), a[..7].to_string()],
+                ..ok()
+            },
+            Box::new(|e| matches!(e, SubmitError::InvalidObjectId { index: 1, .. })),
+        ),
+        (
+            PendingEvent {
+                oids: vec![format!("{}g", &a[..39])],
+                ..ok()
+            },
+            Box::new(|e| matches!(e, SubmitError::InvalidObjectId { index: 0, .. })),
+        ),
+        (
+            PendingEvent {
+                oids: vec![String::new()],
+                ..ok()
+            },
+            Box::new(|e| matches!(e, SubmitError::InvalidObjectId { index: 0, .. })),
+        ),
+        (
+            PendingEvent {
+                clone_urls: vec!["a".into(), "b".into(), "c".into()],
+                ..ok()
+            },
+            Box::new(|e| matches!(e, SubmitError::TooManyCloneUrls { count: 3, max: 2 })),
+        ),
+        (
+            PendingEvent {
+                clone_urls: vec!["".into()],
+                ..ok()
+            },
+            Box::new(|e| matches!(e, SubmitError::InvalidCloneUrl { index: 0, .. })),
+        ),
+        (
+            PendingEvent {
+                clone_urls: vec!["git://m/r".into(), "git://m/ r".into()],
+                ..ok()
+            },
+            Box::new(|e| matches!(e, SubmitError::InvalidCloneUrl { index: 1, .. })),
+        ),
+        (
+            PendingEvent {
+                clone_urls: vec![format!("https://{}", "h".repeat(3000))],
+                ..ok()
+            },
+            Box::new(|e| matches!(e, SubmitError::InvalidCloneUrl { index: 0, .. })),
+        ),
+        (
+            PendingEvent {
+                repo: dir.path().join("missing.git"),
+                ..ok()
+            },
+            Box::new(|e| matches!(e, SubmitError::InvalidRepository { .. })),
+        ),
+        (
+            PendingEvent {
+                repo: worktree.clone(),
+                ..ok()
+            },
+            Box::new(
+                |e| matches!(e, SubmitError::InvalidRepository { reason, .. } if reason.contains("bare")),
+            ),
+        ),
+        (
+            PendingEvent {
+                repo: dir.path().to_path_buf(),
+                ..ok()
+            },
+            Box::new(|e| matches!(e, SubmitError::InvalidRepository { .. })),
+        ),
+        (
+            PendingEvent {
+                repo: PathBuf::new(),
+                ..ok()
+            },
+            Box::new(|e| matches!(e, SubmitError::InvalidRepository { .. })),
+        ),
+    ];
+    let n = cases.len() as u64;
+    for (i, (ev, expect)) in cases.into_iter().enumerate() {
+        let err = engine
+            .submit(ev)
+            .expect_err(&format!("case {i} must be refused"));
+        assert!(expect(&err), "case {i}: unexpected {err:?}");
+        assert!(!err.to_string().is_empty());
+    }
+    let start = Instant::now();
+    while engine.stats().submitted < 1 && start.elapsed() < WAIT {
+        std::thread::yield_now();
+    }
+    let s = engine.stats();
+    assert_eq!((s.waiting_events, s.submitted, s.refused), (1, 1, n));
+    engine.shutdown().unwrap();
+}
+
+#[test]
+fn a_full_queue_refuses_and_frees_up_when_events_leave() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = bare(dir.path(), "r.git");
+    let clock = FakeClock::new();
+    let engine = builder("full", &clock)
+        .fetcher(FakeServers::default())
+        .max_events(2)
+        .build()
+        .unwrap();
+    let ids: Vec<String> = (0..3).map(|i| blob(&format!("q{i}")).0).collect();
+    engine
+        .submit(event("e0", "id", &repo, &[&ids[0]], &[]))
+        .unwrap();
+    engine
+        .submit(event("e1", "id", &repo, &[&ids[1]], &[]))
+        .unwrap();
+    let err = engine
+        .submit(event("e2", "id", &repo, &[&ids[2]], &[]))
+        .unwrap_err();
+    assert_eq!(err, SubmitError::QueueFull { max_events: 2 });
+    engine.cancel("e0");
+    let start = Instant::now();
+    let result = loop {
+        match engine.submit(event("e2", "id", &repo, &[&ids[2]], &[])) {
+            Err(SubmitError::QueueFull { .. }) if start.elapsed() < WAIT => {
+                std::thread::yield_now()
+            }
+            other => break other,
+        }
+    };
+    assert_eq!(result, Ok(Admission::Pending));
+    let start = Instant::now();
+    while engine.stats().waiting_events != 2 && start.elapsed() < WAIT {
+        std::thread::yield_now();
+    }
+    assert_eq!(engine.stats().waiting_events, 2);
+    engine.shutdown().unwrap();
+}
+
+#[test]
+fn two_spellings_of_one_repository_share_an_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = bare(dir.path(), "r.git");
+    let (a, _) = blob("a");
+    let clock = FakeClock::new();
+    let engine = builder("canon", &clock)
+        .fetcher(FakeServers::default())
+        .build()
+        .unwrap();
+    engine.submit(event("e1", "id", &repo, &[&a], &[])).unwrap();
+    let other = dir.path().join(".").join("r.git/");
+    engine
+        .submit(event("e2", "id", &other, &[&a], &[]))
+        .unwrap();
+    let start = Instant::now();
+    while engine.stats().waiting_events < 2 && start.elapsed() < WAIT {
+        std::thread::yield_now();
+    }
+    let s = engine.stats();
+    assert_eq!((s.waiting_events, s.queued_identifiers), (2, 1));
+    engine.shutdown().unwrap();
+}
+
+#[test]
+fn many_events_from_many_threads_are_all_accounted_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let contents: Vec<String> = (0..100).map(|i| format!("obj{i}")).collect();
+    let refs: Vec<&str> = contents.iter().map(String::as_str).collect();
+    let clock = FakeClock::new();
+    let engine = Arc::new(
+        builder("many", &clock)
+            .workers(4)
+            .sync_delay(Duration::ZERO)
+            .fetcher(FakeServers::new(&[("git://m/r", &refs)]))
+            .build()
+            .unwrap(),
+    );
+    let repos: Vec<PathBuf> = (0..10)
+        .map(|i| bare(dir.path(), &format!("r{i}.git")))
+        .collect();
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let engine = engine.clone();
+            let repos = repos.clone();
+            let contents = contents.clone();
+            std::thread::spawn(move || {
+                for i in 0..25 {
+                    let n = t * 25 + i;
+                    let (oid, _) = blob(&contents[n]);
+                    let r = n % 10;
+                    let ev = event(
+                        &format!("e{n}"),
+                        &format!("id{r}"),
+                        &repos[r],
+                        &[&oid],
+                        &["git://m/r"],
+                    );
+                    assert_eq!(engine.submit(ev).unwrap(), Admission::Pending);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let outcomes = engine.outcomes();
+    let mut released = std::collections::HashSet::new();
+    for _ in 0..100 {
+        let o = outcomes
+            .recv_timeout(WAIT)
+            .expect("every event gets an outcome");
+        assert!(o.is_released(), "{o:?}");
+        assert!(
+            released.insert(o.event_id().to_owned()),
+            "one outcome per event"
+        );
+    }
+    let s = engine.stats();
+    assert_eq!((s.submitted, s.released, s.expired), (100, 100, 0));
+    assert_eq!(
+        (s.waiting_events, s.queued_identifiers, s.in_flight),
+        (0, 0, 0)
+    );
+    assert_eq!(s.fetches_started, s.fetches_succeeded + s.fetches_failed);
+    Arc::try_unwrap(engine).unwrap().shutdown().unwrap();
+}
