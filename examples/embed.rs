@@ -116,6 +116,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         oids: vec![pr_tip.to_string()],
         clone_urls: vec![mirror1.url("bob/tools.git"), mirror2.url("bob/tools.git")],
         origin: Origin::Sync,
+        ..Default::default()
     };
     expect(submit(pr)? == Admission::Pending, "pr-bob waits")?;
     expected.insert("pr-bob");

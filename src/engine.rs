@@ -46,6 +46,7 @@ struct HandleCounters {
 ///     oids: vec!["e92758a50bbf13ea1fe986bbe254a709b0bf741c".into()],
 ///     clone_urls: vec!["https://git.example.com/alice/project.git".into()],
 ///     origin: Origin::Sync,
+///     ..Default::default()
 /// })?;
 /// match outcomes.recv()? {
 ///     Outcome::Released { event_id, .. } => println!("{event_id} can be served"),

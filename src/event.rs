@@ -44,6 +44,46 @@ pub struct PendingEvent {
     pub clone_urls: Vec<String>,
     /// How the event reached the host.
     pub origin: Origin,
+    /// Refs to set, all or none, when the event is released (before
+    /// [`Outcome::Released`] is sent): a repository state's branches and tags, `HEAD`, or a pull
+    /// request's `refs/nostr/<event-id>`. Oid targets must be among [`oids`](Self::oids).
+    pub ref_updates: Vec<RefUpdate>,
+}
+
+/// A ref to set when an event is released.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RefUpdate {
+    /// The full ref name: `refs/...`, or `HEAD` for a symbolic target.
+    pub name: String,
+    /// What the ref points at.
+    pub target: RefTarget,
+}
+
+impl RefUpdate {
+    /// A ref pointing at an object id (40 hex digits).
+    pub fn oid(name: impl Into<String>, oid: impl Into<String>) -> Self {
+        RefUpdate {
+            name: name.into(),
+            target: RefTarget::Oid(oid.into()),
+        }
+    }
+
+    /// A symbolic ref, such as `HEAD` -> `refs/heads/main`.
+    pub fn symbolic(name: impl Into<String>, target: impl Into<String>) -> Self {
+        RefUpdate {
+            name: name.into(),
+            target: RefTarget::Symbolic(target.into()),
+        }
+    }
+}
+
+/// The target of a [`RefUpdate`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum RefTarget {
+    /// An object id, 40 hex digits.
+    Oid(String),
+    /// Another ref's full name (only for `HEAD`).
+    Symbolic(String),
 }
 
 impl PendingEvent {
@@ -76,6 +116,12 @@ impl PendingEvent {
     /// Sets the origin.
     pub fn origin(mut self, origin: Origin) -> Self {
         self.origin = origin;
+        self
+    }
+
+    /// Adds a ref to set on release.
+    pub fn ref_update(mut self, update: RefUpdate) -> Self {
+        self.ref_updates.push(update);
         self
     }
 }

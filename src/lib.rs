@@ -108,7 +108,7 @@ pub use clock::{Clock, FakeClock, SystemClock};
 pub use config::EngineBuilder;
 pub use engine::Engine;
 pub use error::{BuildError, ShutdownError, SubmitError};
-pub use event::{Admission, ExpiryReason, Origin, Outcome, PendingEvent};
+pub use event::{Admission, ExpiryReason, Origin, Outcome, PendingEvent, RefTarget, RefUpdate};
 pub use fetch::{
     FailureKind, FetchControl, FetchError, FetchReport, FetchRequest, Fetcher, GitFetcher,
     StopReason, TEMP_REF_PREFIX,

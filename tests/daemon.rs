@@ -60,6 +60,7 @@ fn event(
         oids: oids.iter().map(ObjectId::to_string).collect(),
         clone_urls: urls.to_vec(),
         origin: Origin::Sync,
+        ..Default::default()
     }
 }
 

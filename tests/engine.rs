@@ -90,6 +90,7 @@ fn event(id: &str, ident: &str, repo: &Path, oids: &[&str], urls: &[&str]) -> Pe
         oids: oids.iter().map(|s| s.to_string()).collect(),
         clone_urls: urls.iter().map(|s| s.to_string()).collect(),
         origin: Origin::Sync,
+        ..Default::default()
     }
 }
 

@@ -87,6 +87,31 @@ pub(crate) fn drop_temp_refs(repo: &Path, oids: &[ObjectId]) -> Result<(), Fetch
     Ok(())
 }
 
+pub(crate) fn apply_refs(repo: &Path, updates: &[crate::RefUpdate]) -> Result<(), FetchError> {
+    if updates.is_empty() {
+        return Ok(());
+    }
+    let repo = open(repo)?;
+    let mut tx = repo.transaction().map_err(local)?;
+    for u in updates {
+        tx.lock_ref(&u.name).map_err(local)?;
+    }
+    for u in updates {
+        match &u.target {
+            crate::RefTarget::Oid(hex) => {
+                let oid = git2::Oid::from_str(hex).map_err(local)?;
+                tx.set_target(&u.name, oid, None, "purgatory-sync: release")
+            }
+            crate::RefTarget::Symbolic(target) => {
+                tx.set_symbolic_target(&u.name, target, None, "purgatory-sync: release")
+            }
+        }
+        .map_err(local)?;
+    }
+    // Dropping an uncommitted transaction unlocks every ref without writing any.
+    tx.commit().map_err(local)
+}
+
 fn temp_ref(oid: ObjectId) -> String {
     format!("{TEMP_REF_PREFIX}{oid}")
 }

@@ -221,4 +221,15 @@ pub trait Fetcher: Send + Sync + 'static {
     fn drop_temp_refs(&self, repo: &Path, oids: &[ObjectId]) -> Result<(), FetchError> {
         git::drop_temp_refs(repo, oids)
     }
+
+    /// Sets `updates` in `repo` in one transaction: all of them or none. Called on the
+    /// scheduler thread when an event with ref updates is released, while no fetch runs in
+    /// `repo`. The updates were validated at submit. The default uses a libgit2 transaction.
+    ///
+    /// # Errors
+    /// The repository could not be opened, a ref could not be locked (another writer holds
+    /// it) or written; nothing was changed.
+    fn apply_refs(&self, repo: &Path, updates: &[crate::RefUpdate]) -> Result<(), FetchError> {
+        git::apply_refs(repo, updates)
+    }
 }
