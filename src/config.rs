@@ -21,6 +21,8 @@ pub(crate) struct Config {
     pub fetch_deadline: Duration,
     pub connect_timeout: Duration,
     pub io_timeout: Duration,
+    pub max_fetch_bytes: u64,
+    pub fetch_depth: Option<u32>,
     pub max_events: usize,
     pub max_oids_per_event: usize,
     pub max_urls_per_event: usize,
@@ -42,6 +44,8 @@ impl Default for Config {
             fetch_deadline: Duration::from_secs(120),
             connect_timeout: Duration::from_secs(10),
             io_timeout: Duration::from_secs(30),
+            max_fetch_bytes: 1 << 30,
+            fetch_depth: None,
             max_events: 1_000_000,
             max_oids_per_event: 1024,
             max_urls_per_event: 64,
@@ -178,6 +182,20 @@ impl EngineBuilder {
         shutdown_timeout
     );
 
+    /// Most bytes one fetch may receive before it is cut off (default 1 GiB; at least 1 KiB).
+    pub fn max_fetch_bytes(mut self, bytes: u64) -> Self {
+        self.cfg.max_fetch_bytes = bytes;
+        self
+    }
+
+    /// Fetch only the last `depth` commits of history (a shallow fetch). Off by default: a
+    /// released repository is served to cloners and needs its full history. `Some(0)` is
+    /// refused.
+    pub fn fetch_depth(mut self, depth: Option<u32>) -> Self {
+        self.cfg.fetch_depth = depth;
+        self
+    }
+
     /// Number of worker threads, and so the most fetches in flight (default 8; 1 to 1024).
     pub fn workers(mut self, n: usize) -> Self {
         self.cfg.workers = n;
@@ -279,6 +297,15 @@ impl EngineBuilder {
         count("max_events", c.max_events, usize::MAX / 2)?;
         count("max_oids_per_event", c.max_oids_per_event, 1 << 20)?;
         count("max_urls_per_event", c.max_urls_per_event, 4096)?;
+        if c.max_fetch_bytes < 1024 {
+            return bad(
+                "max_fetch_bytes",
+                format!("{} is below 1024", c.max_fetch_bytes),
+            );
+        }
+        if c.fetch_depth == Some(0) {
+            return bad("fetch_depth", "a depth of 0 fetches nothing".to_owned());
+        }
         let name = &c.thread_name;
         if name.is_empty()
             || name.len() > 8
@@ -335,6 +362,8 @@ mod tests {
                 "thread_name",
             ),
             (EngineBuilder::new().thread_name("a b"), "thread_name"),
+            (EngineBuilder::new().max_fetch_bytes(10), "max_fetch_bytes"),
+            (EngineBuilder::new().fetch_depth(Some(0)), "fetch_depth"),
         ];
         for (b, name) in cases {
             match b.validate() {

@@ -97,6 +97,7 @@ mod engine;
 mod error;
 mod event;
 mod fetch;
+mod ffi;
 mod oid;
 mod scheduler;
 mod stats;

@@ -5,7 +5,8 @@
 
 use std::cell::Cell;
 use std::path::Path;
-use std::sync::Once;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Once};
 use std::time::Duration;
 
 use git2::{
@@ -13,6 +14,7 @@ use git2::{
     RepositoryOpenFlags,
 };
 
+use super::net::{self, NetContext};
 use super::{
     FailureKind, FetchControl, FetchError, FetchReport, FetchRequest, Fetcher, StopReason,
 };
@@ -25,24 +27,19 @@ pub const TEMP_REF_PREFIX: &str = "refs/purgatory-sync/";
 /// Most fetches one attempt may make while splitting the wanted ids to find those a server has.
 const MAX_SPLIT_FETCHES: u32 = 32;
 
-/// Initialises libgit2 and sets its process-wide socket timeouts, once per process.
-///
-/// libgit2 reads these settings without synchronisation, so they are written once, before the
-/// first engine spawns its threads. Setting only the connect timeout breaks fetches, so both are
-/// set together.
+/// Initialises libgit2 once per process: its process-wide socket timeouts (for sockets our
+/// stream does not serve) and the engine's socket stream, which enforces every fetch's limits.
+/// Called from `EngineBuilder::build` before the engine's threads exist.
 pub(crate) fn init(connect: Duration, io: Duration) {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        let ms = |d: Duration| i32::try_from(d.as_millis()).unwrap_or(i32::MAX);
-        // SAFETY: called once per process through `Once`, from `EngineBuilder::build` before
-        // the engine's threads exist; no fetch of ours can be running concurrently.
-        #[allow(unsafe_code)]
-        let result = unsafe {
-            git2::opts::set_server_connect_timeout_in_milliseconds(ms(connect))
-                .and_then(|()| git2::opts::set_server_timeout_in_milliseconds(ms(io)))
-        };
-        if let Err(e) = result {
+        if let Err(e) = crate::ffi::set_git_timeouts(connect, io) {
             log::warn!("could not set libgit2 socket timeouts: {e}");
+        }
+        if let Err(e) = crate::ffi::stream::register() {
+            log::warn!(
+                "could not register the engine's socket stream, fetch limits are weaker: {e}"
+            );
         }
     });
 }
@@ -120,7 +117,19 @@ fn local(e: git2::Error) -> FetchError {
     FetchError::new(FailureKind::LocalRepository, e.message())
 }
 
-/// The default [`Fetcher`]: libgit2 fetches by object id.
+/// The default [`Fetcher`]: libgit2 over the engine's own socket stream.
+///
+/// One attempt against one URL:
+/// 1. Ask for the missing ids directly. When the server lacks some of them it fails the whole
+///    request without naming which, so the set is split in halves and retried (bounded by
+///    [`MAX_SPLIT_FETCHES`] and the deadline) until every id it has arrived.
+/// 2. If the server's advertisement does not allow fetching by id (no
+///    `allow-tip-sha1-in-want` / `allow-reachable-sha1-in-want`; libgit2 refuses such wants
+///    itself before sending them), fetch the advertised refs whose tips are missing ids.
+/// 3. Otherwise fetch branches, tags and `refs/nostr/*` into a scratch ref namespace and keep
+///    what arrived.
+///
+/// Whatever arrived is pinned under [`TEMP_REF_PREFIX`]; the scratch refs are removed.
 #[derive(Debug, Default, Clone)]
 pub struct GitFetcher {
     _private: (),
@@ -137,37 +146,40 @@ impl Fetcher for GitFetcher {
     fn fetch(&self, request: &FetchRequest, control: &FetchControl) -> FetchReport {
         let repo = match open(&request.repo) {
             Ok(r) => r,
-            Err(e) => return FetchReport::failed(e),
+            Err(e) => {
+                let mut report = FetchReport::failed(e);
+                report.missing = request.wanted.clone();
+                return report;
+            }
         };
+        let ctx = Arc::new(NetContext::new(
+            control.deadline(),
+            control.cancel_flag(),
+            control.max_bytes(),
+            control.connect_timeout(),
+            control.io_timeout(),
+        ));
         let mut job = Job {
             repo: &repo,
             control,
-            bytes: 0,
+            ctx: ctx.clone(),
             fetches: 0,
             error: None,
+            scratch: format!(
+                "{TEMP_REF_PREFIX}scratch/{}-{}/",
+                std::process::id(),
+                SCRATCH.fetch_add(1, Ordering::Relaxed)
+            ),
         };
+        net::with_context(&ctx, || job.run(&request.url, &request.wanted));
+        job.drop_scratch_refs();
         let missing = job.missing(&request.wanted);
-        if !missing.is_empty() {
-            match repo.remote_anonymous(&request.url) {
-                // git config `insteadOf` rewrites can turn a checked URL into another one.
-                Ok(remote) if remote.url().ok() != Some(request.url.as_str()) => {
-                    job.error = Some(FetchError::new(
-                        FailureKind::Refused,
-                        "git configuration rewrites this URL",
-                    ));
-                }
-                Ok(mut remote) => job.fetch_all_it_has(&mut remote, missing),
-                Err(e) => job.error = Some(FetchError::new(FailureKind::Refused, e.message())),
-            }
-        }
-        let still_missing = job.missing(&request.wanted);
-        let mut present: Vec<ObjectId> = request
+        let present: Vec<ObjectId> = request
             .wanted
             .iter()
             .copied()
-            .filter(|o| !still_missing.contains(o))
+            .filter(|o| !missing.contains(o))
             .collect();
-        present.sort_unstable();
         for oid in &present {
             if let Err(e) =
                 repo.reference(&temp_ref(*oid), oid.to_git(), true, "purgatory-sync: pin")
@@ -175,20 +187,47 @@ impl Fetcher for GitFetcher {
                 job.error.get_or_insert_with(|| local(e));
             }
         }
+        let error = if missing.is_empty() {
+            None
+        } else {
+            Some(job.error.take().unwrap_or_else(|| {
+                FetchError::new(
+                    FailureKind::NotFound,
+                    format!(
+                        "the server does not have {} of the {} wanted objects",
+                        missing.len(),
+                        request.wanted.len()
+                    ),
+                )
+            }))
+        };
         FetchReport {
             present,
-            error: job.error,
-            bytes_received: job.bytes,
+            missing,
+            error,
+            bytes_received: ctx.received(),
         }
     }
+}
+
+/// Numbers scratch namespaces within the process.
+static SCRATCH: AtomicU64 = AtomicU64::new(0);
+
+/// What one libgit2 fetch call came to.
+enum Call {
+    Done,
+    /// libgit2 refused to ask for ids: the server's advertisement does not allow it.
+    IdsNotAllowed,
+    Failed(FetchError),
 }
 
 struct Job<'a> {
     repo: &'a Repository,
     control: &'a FetchControl,
-    bytes: u64,
+    ctx: Arc<NetContext>,
     fetches: u32,
     error: Option<FetchError>,
+    scratch: String,
 }
 
 impl Job<'_> {
@@ -203,31 +242,99 @@ impl Job<'_> {
         }
     }
 
-    /// Fetches `wanted`; when the server refuses the whole set (it does when it lacks any one
-    /// id, without saying which), splits the set in halves and tries again, so that the ids it
-    /// does have still arrive. Bounded by [`MAX_SPLIT_FETCHES`] and the deadline.
-    fn fetch_all_it_has(&mut self, remote: &mut git2::Remote<'_>, wanted: Vec<ObjectId>) {
+    /// Keeps the most telling failure: one that ends the attempt wins over the first
+    /// one recorded.
+    fn note(&mut self, e: FetchError) {
+        if self.error.is_none() || ends_attempt(e.kind) {
+            self.error = Some(e);
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        self.error.as_ref().is_some_and(|e| ends_attempt(e.kind))
+            || self.control.should_stop().is_some()
+    }
+
+    fn run(&mut self, url: &str, wanted: &[ObjectId]) {
+        let missing = self.missing(wanted);
+        if missing.is_empty() {
+            return;
+        }
+        let mut remote = match self.repo.remote_anonymous(url) {
+            // git config `insteadOf` rewrites can turn a checked URL into another one.
+            Ok(r) if r.url().ok() != Some(url) => {
+                self.note(FetchError::new(
+                    FailureKind::Refused,
+                    "git configuration rewrites this URL",
+                ));
+                return;
+            }
+            Ok(r) => r,
+            Err(e) => {
+                self.note(FetchError::new(
+                    FailureKind::Refused,
+                    strip_urls(e.message()),
+                ));
+                return;
+            }
+        };
+        if !self.fetch_by_id(&mut remote, missing.clone()) {
+            return;
+        }
+        // The server does not allow wants by id: use its advertisement.
+        let left = self.missing(&missing);
+        let mut tips: Vec<String> = Vec::new();
+        let mut seen = Vec::new();
+        if let Ok(heads) = remote.list() {
+            for h in heads {
+                let oid = ObjectId::from_git(h.oid());
+                if left.contains(&oid) && !seen.contains(&oid) && h.name().starts_with("refs/") {
+                    seen.push(oid);
+                    tips.push(format!("+{}:{}", h.name(), temp_ref(oid)));
+                }
+            }
+        }
+        if !tips.is_empty() && !self.stopped() {
+            if let Call::Failed(e) = self.call(&mut remote, &tips) {
+                self.note(e);
+            }
+        }
+        if self.missing(&left).is_empty() || self.stopped() {
+            return;
+        }
+        let ns = &self.scratch;
+        let broad = [
+            format!("+refs/heads/*:{ns}heads/*"),
+            format!("+refs/tags/*:{ns}tags/*"),
+            format!("+refs/nostr/*:{ns}nostr/*"),
+        ];
+        if let Call::Failed(e) = self.call(&mut remote, &broad) {
+            self.note(e);
+        }
+    }
+
+    /// Fetches `wanted` by id, splitting the set when the server refuses it as a whole.
+    /// Returns `true` when the server does not allow wants by id at all.
+    fn fetch_by_id(&mut self, remote: &mut git2::Remote<'_>, wanted: Vec<ObjectId>) -> bool {
         let mut work = vec![wanted];
+        let mut first = true;
         while let Some(set) = work.pop() {
-            if self.fetches >= MAX_SPLIT_FETCHES || self.control.should_stop().is_some() {
+            if self.fetches >= MAX_SPLIT_FETCHES || self.stopped() {
                 break;
             }
             let set = self.missing(&set);
             if set.is_empty() {
                 continue;
             }
-            self.fetches += 1;
-            match self.fetch_once(remote, &set) {
-                Ok(()) => {}
-                Err(e) => {
-                    let stopped = matches!(e.kind, FailureKind::Deadline | FailureKind::Cancelled);
-                    // A server we cannot reach will not answer a smaller request either.
-                    let unreachable = self.fetches == 1 && is_connect_failure(&e.message);
-                    let first_error = self.error.is_none();
-                    if first_error || stopped {
-                        self.error = Some(e);
-                    }
-                    if stopped || unreachable {
+            let specs: Vec<String> = set.iter().map(ObjectId::to_string).collect();
+            match self.call(remote, &specs) {
+                Call::Done => {}
+                Call::IdsNotAllowed if first => return true,
+                Call::IdsNotAllowed => break,
+                Call::Failed(e) => {
+                    let end = ends_attempt(e.kind);
+                    self.note(e);
+                    if end {
                         break;
                     }
                     if set.len() > 1 {
@@ -237,19 +344,20 @@ impl Job<'_> {
                     }
                 }
             }
+            first = false;
         }
+        false
     }
 
-    fn fetch_once(
-        &mut self,
-        remote: &mut git2::Remote<'_>,
-        wanted: &[ObjectId],
-    ) -> Result<(), FetchError> {
+    /// One libgit2 fetch of `refspecs`.
+    fn call(&mut self, remote: &mut git2::Remote<'_>, refspecs: &[String]) -> Call {
         let control = self.control;
-        let received = Cell::new(0u64);
+        let pack_started = Cell::new(false);
         let mut callbacks = RemoteCallbacks::new();
         callbacks.transfer_progress(|p| {
-            received.set(p.received_bytes() as u64);
+            if p.received_bytes() > 0 || p.received_objects() > 0 || p.total_objects() > 0 {
+                pack_started.set(true);
+            }
             control.should_stop().is_none()
         });
         callbacks.sideband_progress(|_| control.should_stop().is_none());
@@ -259,38 +367,183 @@ impl Job<'_> {
             .download_tags(AutotagOption::None)
             .update_fetchhead(false)
             .follow_redirects(RemoteRedirect::None);
-        let refspecs: Vec<String> = wanted.iter().map(ObjectId::to_string).collect();
-        let result = remote.fetch(&refspecs, Some(&mut options), None);
-        self.bytes += received.get();
-        result.map_err(|e| classify(&e, control.should_stop()))
+        if let Some(depth) = control.depth() {
+            options.depth(i32::try_from(depth).unwrap_or(i32::MAX));
+        }
+        self.fetches += 1;
+        let _ = self.ctx.take_failure();
+        let result = remote.fetch(refspecs, Some(&mut options), None);
+        drop(options);
+        let stream_failure = self.ctx.take_failure();
+        match result {
+            Ok(()) => Call::Done,
+            Err(e)
+                if e.class() == ErrorClass::Invalid && e.message().contains("specific object") =>
+            {
+                Call::IdsNotAllowed
+            }
+            Err(e) => {
+                let advertised = remote.list().is_ok_and(|h| !h.is_empty());
+                Call::Failed(classify(
+                    &e,
+                    stream_failure,
+                    control.should_stop(),
+                    pack_started.get(),
+                    advertised,
+                ))
+            }
+        }
+    }
+
+    fn drop_scratch_refs(&self) {
+        let Ok(refs) = self.repo.references_glob(&format!("{}*", self.scratch)) else {
+            return;
+        };
+        let names: Vec<String> = refs
+            .flatten()
+            .filter_map(|r| r.name().map(str::to_owned).ok())
+            .collect();
+        for name in names {
+            if let Ok(mut r) = self.repo.find_reference(&name) {
+                if let Err(e) = r.delete() {
+                    log::warn!("could not remove scratch ref {name}: {e}");
+                }
+            }
+        }
     }
 }
 
-fn is_connect_failure(message: &str) -> bool {
-    let m = message.to_ascii_lowercase();
-    m.contains("failed to connect")
-        || m.contains("failed to resolve")
-        || m.contains("could not resolve")
+/// Failures after which a further request to the same URL in this attempt is pointless.
+fn ends_attempt(kind: FailureKind) -> bool {
+    !matches!(
+        kind,
+        FailureKind::NotFound | FailureKind::Protocol | FailureKind::Network
+    )
 }
 
-/// Sorts a libgit2 error into a [`FailureKind`]; a stop requested by the engine wins over
-/// whatever libgit2 reported for the aborted transfer.
-fn classify(e: &git2::Error, stop: Option<StopReason>) -> FetchError {
-    let kind = match stop {
-        Some(StopReason::Deadline) => FailureKind::Deadline,
-        Some(StopReason::Cancelled) => FailureKind::Cancelled,
-        None => match e.class() {
-            ErrorClass::Net | ErrorClass::Ssl | ErrorClass::Http | ErrorClass::Ssh => {
-                FailureKind::Network
-            }
-            ErrorClass::Odb
+/// Sorts a failed libgit2 fetch into a [`FailureKind`], from facts first: the engine's own stop
+/// (deadline, shutdown), then what the socket stream recorded (DNS, refused, timeout, size
+/// cap), then libgit2's error class; message text is only read with URLs stripped out, so that
+/// a repository named `ssl-tools` is not taken for a TLS failure.
+fn classify(
+    e: &git2::Error,
+    stream: Option<(FailureKind, String)>,
+    stop: Option<StopReason>,
+    pack_started: bool,
+    advertised: bool,
+) -> FetchError {
+    let message = strip_urls(e.message());
+    match stop {
+        Some(StopReason::Deadline) => {
+            return FetchError::new(FailureKind::Deadline, "the fetch deadline passed")
+        }
+        Some(StopReason::Cancelled) => {
+            return FetchError::new(FailureKind::Cancelled, "the engine is shutting down")
+        }
+        None => {}
+    }
+    if let Some((kind, msg)) = &stream {
+        if *kind != FailureKind::Network {
+            return FetchError::new(*kind, msg.clone());
+        }
+    }
+    let lower = message.to_ascii_lowercase();
+    if e.class() == ErrorClass::Ssl
+        || lower.contains("certificate")
+        || lower.contains("tls") && lower.contains("handshake")
+    {
+        return FetchError::new(FailureKind::Tls, message);
+    }
+    if e.class() == ErrorClass::Http || lower.contains("http status") {
+        let kind = if lower.contains("404") {
+            FailureKind::NotFound
+        } else {
+            FailureKind::Protocol
+        };
+        return FetchError::new(kind, message);
+    }
+    if matches!(
+        e.class(),
+        ErrorClass::Odb
             | ErrorClass::Repository
             | ErrorClass::Reference
             | ErrorClass::Filesystem
-            | ErrorClass::Index => FailureKind::LocalRepository,
-            ErrorClass::Os => FailureKind::Network,
-            _ => FailureKind::Protocol,
-        },
-    };
-    FetchError::new(kind, e.message())
+            | ErrorClass::Index
+    ) {
+        return FetchError::new(FailureKind::LocalRepository, message);
+    }
+    if pack_started {
+        let kind = if stream.is_some() {
+            FailureKind::Network
+        } else {
+            FailureKind::Protocol
+        };
+        return FetchError::new(
+            kind,
+            format!("the transfer broke off in the middle of the pack: {message}"),
+        );
+    }
+    if advertised {
+        // The server listed its refs, then hung up on our wants without sending a pack: the
+        // way servers say they lack a wanted object (libgit2 reports a broken pipe, an early
+        // EOF or an unexpected packet, never the object).
+        return FetchError::new(
+            FailureKind::NotFound,
+            format!("the server did not send the wanted objects: {message}"),
+        );
+    }
+    match stream {
+        Some((kind, msg)) => FetchError::new(kind, msg),
+        None => FetchError::new(FailureKind::Protocol, message),
+    }
+}
+
+/// Replaces every URL in a message with `<url>`: URLs come from other people's events and must
+/// neither leak credentials into logs nor sway classification.
+pub(crate) fn strip_urls(message: &str) -> String {
+    message
+        .split_inclusive(char::is_whitespace)
+        .map(|word| {
+            if let Some(at) = word.find("://") {
+                let start = word[..at]
+                    .rfind(|c: char| {
+                        !(c.is_ascii_alphanumeric() || c == '+' || c == '-' || c == '.')
+                    })
+                    .map_or(0, |i| i + 1);
+                let end = word[at..]
+                    .find(|c: char| c.is_whitespace() || c == '\'' || c == '"')
+                    .map_or(word.len(), |i| at + i);
+                format!("{}<url>{}", &word[..start], &word[end..])
+            } else {
+                word.to_owned()
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_stripped_from_messages() {
+        assert_eq!(
+            strip_urls("failed to fetch 'https://user:pw@ssl-tools.example/x.git': 404"),
+            "failed to fetch '<url>': 404"
+        );
+        assert_eq!(strip_urls("no url here"), "no url here");
+        assert_eq!(strip_urls("from git://h:9418/r.git: EOF"), "from <url> EOF");
+    }
+
+    #[test]
+    fn a_repository_named_ssl_tools_is_not_a_tls_failure() {
+        let e = git2::Error::new(
+            git2::ErrorCode::GenericError,
+            ErrorClass::Net,
+            "unexpected EOF from https://ssl-tools.example/certificate.git",
+        );
+        let f = classify(&e, None, None, false, true);
+        assert_eq!(f.kind, FailureKind::NotFound, "{f}");
+        assert!(!f.message.contains("ssl-tools"));
+    }
 }

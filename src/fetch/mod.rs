@@ -6,12 +6,13 @@
 //! implementation used by default.
 
 mod git;
+pub(crate) mod net;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 pub use git::GitFetcher;
 pub use git::TEMP_REF_PREFIX;
@@ -50,12 +51,16 @@ impl FetchRequest {
     }
 }
 
-/// Tells a running fetch when to give up: at its deadline (real time, because it bounds real
-/// I/O) or when the engine shuts down.
+/// Tells a running fetch when to give up and how much it may take: its deadline (real time,
+/// because it bounds real I/O), the engine's cancel flag, and the per-attempt limits.
 #[derive(Debug, Clone)]
 pub struct FetchControl {
     deadline: Instant,
     cancel: Arc<AtomicBool>,
+    max_bytes: u64,
+    depth: Option<u32>,
+    connect_timeout: Duration,
+    io_timeout: Duration,
 }
 
 /// Why a fetch should stop now.
@@ -68,9 +73,36 @@ pub enum StopReason {
 }
 
 impl FetchControl {
-    /// A control with the given real-time deadline and shared cancel flag.
+    /// A control with the given real-time deadline and shared cancel flag, and default limits
+    /// (1 GiB, full history, 10 s connect and 30 s idle timeouts).
     pub fn new(deadline: Instant, cancel: Arc<AtomicBool>) -> Self {
-        FetchControl { deadline, cancel }
+        FetchControl {
+            deadline,
+            cancel,
+            max_bytes: 1 << 30,
+            depth: None,
+            connect_timeout: Duration::from_secs(10),
+            io_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// Sets the most bytes the attempt may receive.
+    pub fn with_max_bytes(mut self, max_bytes: u64) -> Self {
+        self.max_bytes = max_bytes;
+        self
+    }
+
+    /// Asks for a shallow fetch of `depth` commits (`None`: full history).
+    pub fn with_depth(mut self, depth: Option<u32>) -> Self {
+        self.depth = depth;
+        self
+    }
+
+    /// Sets the socket connect timeout and the longest a connection may stay silent.
+    pub fn with_timeouts(mut self, connect: Duration, io: Duration) -> Self {
+        self.connect_timeout = connect;
+        self.io_timeout = io;
+        self
     }
 
     /// `Some` once the fetch must stop.
@@ -88,44 +120,84 @@ impl FetchControl {
     pub fn deadline(&self) -> Instant {
         self.deadline
     }
+
+    /// The most bytes the attempt may receive.
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
+    /// The shallow-fetch depth, if any.
+    pub fn depth(&self) -> Option<u32> {
+        self.depth
+    }
+
+    /// The socket connect timeout.
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
+    /// The longest a connection may stay silent.
+    pub fn io_timeout(&self) -> Duration {
+        self.io_timeout
+    }
+
+    pub(crate) fn cancel_flag(&self) -> Arc<AtomicBool> {
+        self.cancel.clone()
+    }
 }
 
-/// What kind of failure ended (part of) an attempt. Later policy (skip a domain, try another
-/// URL) is decided on this, never on message text.
+/// Why (part of) an attempt failed. Later policy (try another URL, skip a domain for hours) is
+/// decided on this, never on message text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[non_exhaustive]
 pub enum FailureKind {
-    /// The network failed: DNS, connection refused or reset, TLS, socket timeout.
-    Network,
-    /// The server answered, but not with a usable pack (it lacks the objects, or it speaks
-    /// nonsense).
-    Protocol,
-    /// The fetch ran past its wall-clock deadline.
+    /// The host name did not resolve.
+    Dns,
+    /// The TLS handshake or the server's certificate failed.
+    Tls,
+    /// The server refused the connection.
+    ConnectionRefused,
+    /// Connecting took longer than the connect timeout, or the connection stayed silent longer
+    /// than the idle timeout.
+    Timeout,
+    /// The attempt ran past its wall-clock deadline.
     Deadline,
-    /// The engine shut down during the fetch.
-    Cancelled,
+    /// The server sent more than the per-attempt byte cap.
+    SizeCap,
+    /// The server does not have (some of) the wanted objects, or not the repository.
+    NotFound,
+    /// The server answered, but not in a way a git client can use: garbage, an HTTP error, a
+    /// redirect, a connection cut in the middle of a pack.
+    Protocol,
+    /// Any other network failure (reset, unreachable network).
+    Network,
     /// The local repository could not be opened or written.
     LocalRepository,
     /// The URL was refused before any traffic.
     Refused,
+    /// The engine shut down during the attempt.
+    Cancelled,
     /// The fetcher panicked; the engine counted it as a failed attempt.
     Panicked,
-    /// Anything else.
-    Other,
 }
 
 impl FailureKind {
     /// A short stable name, for logs and metrics.
     pub fn as_str(self) -> &'static str {
         match self {
-            FailureKind::Network => "network",
-            FailureKind::Protocol => "protocol",
+            FailureKind::Dns => "dns",
+            FailureKind::Tls => "tls",
+            FailureKind::ConnectionRefused => "connection_refused",
+            FailureKind::Timeout => "timeout",
             FailureKind::Deadline => "deadline",
-            FailureKind::Cancelled => "cancelled",
+            FailureKind::SizeCap => "size_cap",
+            FailureKind::NotFound => "not_found",
+            FailureKind::Protocol => "protocol",
+            FailureKind::Network => "network",
             FailureKind::LocalRepository => "local_repository",
             FailureKind::Refused => "refused",
+            FailureKind::Cancelled => "cancelled",
             FailureKind::Panicked => "panicked",
-            FailureKind::Other => "other",
         }
     }
 }
@@ -169,6 +241,8 @@ impl std::error::Error for FetchError {}
 pub struct FetchReport {
     /// Which of the wanted ids are in the repository after the attempt (whoever brought them).
     pub present: Vec<ObjectId>,
+    /// Which of the wanted ids are still not in the repository.
+    pub missing: Vec<ObjectId>,
     /// Why the attempt, or part of it, failed. A report can carry both present ids and an
     /// error when a server had only some of the objects.
     pub error: Option<FetchError>,
@@ -181,6 +255,7 @@ impl FetchReport {
     pub fn new(present: Vec<ObjectId>, error: Option<FetchError>) -> Self {
         FetchReport {
             present,
+            missing: Vec::new(),
             error,
             bytes_received: 0,
         }

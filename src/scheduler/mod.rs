@@ -116,7 +116,10 @@ impl Scheduler {
         let control = FetchControl::new(
             Instant::now() + self.cfg.fetch_deadline,
             self.cancel.clone(),
-        );
+        )
+        .with_max_bytes(self.cfg.max_fetch_bytes)
+        .with_depth(self.cfg.fetch_depth)
+        .with_timeouts(self.cfg.connect_timeout, self.cfg.io_timeout);
         log::debug!(
             "fetch {} of {} from {}",
             job.request.wanted.len(),

@@ -1,0 +1,403 @@
+//! The sockets under every libgit2 fetch: hard limits enforced byte by byte.
+//!
+//! libgit2's own sockets only know a per-read timeout, and its progress callback fires every
+//! 100 KB, so a server that drips one byte a second could hold a worker forever. The engine
+//! therefore registers its own socket stream with libgit2 (the glue is in `crate::ffi::stream`);
+//! libgit2 still speaks the git and HTTP protocols and does TLS on top of it, but every
+//! connect, read and write goes through [`Conn`] here, which checks the fetch's wall-clock
+//! deadline, the cancel flag, the byte cap and the idle timeout, and records precisely why it
+//! gave up so that failures are classified from facts rather than from libgit2's messages.
+//!
+//! The limits come from a [`NetContext`] installed for the current thread by the fetcher. A
+//! stream opened outside any fetch (a host using libgit2 for its own purposes) gets plain
+//! sockets with the default timeouts.
+
+use std::cell::RefCell;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use super::FailureKind;
+
+/// Longest a single blocking socket call waits before the limits are checked again, so that
+/// cancellation is noticed promptly even on a silent connection.
+const SLICE: Duration = Duration::from_millis(200);
+
+/// Timeouts used by streams opened outside any fetch.
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The limits of one fetch, shared by every connection it opens.
+#[derive(Debug)]
+pub(crate) struct NetContext {
+    pub deadline: Instant,
+    pub cancel: Arc<AtomicBool>,
+    pub max_bytes: u64,
+    pub connect_timeout: Duration,
+    pub io_timeout: Duration,
+    received: AtomicU64,
+    failure: Mutex<Option<(FailureKind, String)>>,
+}
+
+impl NetContext {
+    pub fn new(
+        deadline: Instant,
+        cancel: Arc<AtomicBool>,
+        max_bytes: u64,
+        connect_timeout: Duration,
+        io_timeout: Duration,
+    ) -> Self {
+        NetContext {
+            deadline,
+            cancel,
+            max_bytes,
+            connect_timeout,
+            io_timeout,
+            received: AtomicU64::new(0),
+            failure: Mutex::new(None),
+        }
+    }
+
+    /// Bytes received over every connection of the fetch.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    /// Why the last connection gave up, if it was the stream's decision. Taking it clears it,
+    /// so that a later failure of the same fetch is not blamed on an earlier one.
+    pub fn take_failure(&self) -> Option<(FailureKind, String)> {
+        self.failure.lock().take()
+    }
+
+    fn fail(&self, kind: FailureKind, message: String) -> String {
+        *self.failure.lock() = Some((kind, message.clone()));
+        message
+    }
+
+    fn check_limits(&self) -> Result<(), String> {
+        if self.cancel.load(Ordering::Relaxed) {
+            return Err(self.fail(FailureKind::Cancelled, "the engine is shutting down".into()));
+        }
+        if Instant::now() >= self.deadline {
+            return Err(self.fail(FailureKind::Deadline, "the fetch deadline passed".into()));
+        }
+        Ok(())
+    }
+}
+
+thread_local! {
+    static CURRENT: RefCell<Option<Arc<NetContext>>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with `ctx` as the current thread's fetch limits.
+pub(crate) fn with_context<R>(ctx: &Arc<NetContext>, f: impl FnOnce() -> R) -> R {
+    struct Reset(Option<Arc<NetContext>>);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            CURRENT.with(|c| *c.borrow_mut() = self.0.take());
+        }
+    }
+    let previous = CURRENT.with(|c| c.borrow_mut().replace(ctx.clone()));
+    let _reset = Reset(previous);
+    f()
+}
+
+/// One TCP connection opened by libgit2.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    host: String,
+    port: String,
+    ctx: Option<Arc<NetContext>>,
+    stream: Option<TcpStream>,
+}
+
+impl Conn {
+    pub fn new(host: &str, port: &str) -> Self {
+        Conn {
+            host: host.to_owned(),
+            port: port.to_owned(),
+            ctx: CURRENT.with(|c| c.borrow().clone()),
+            stream: None,
+        }
+    }
+
+    fn fail(&self, kind: FailureKind, message: String) -> String {
+        match &self.ctx {
+            Some(ctx) => ctx.fail(kind, message),
+            None => message,
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        self.ctx.as_ref().map_or(Ok(()), |c| c.check_limits())
+    }
+
+    fn io_timeout(&self) -> Duration {
+        self.ctx
+            .as_ref()
+            .map_or(DEFAULT_IO_TIMEOUT, |c| c.io_timeout)
+    }
+
+    /// Time left until the deadline, or `cap` outside a fetch.
+    fn left(&self, cap: Duration) -> Duration {
+        match &self.ctx {
+            Some(c) => c
+                .deadline
+                .saturating_duration_since(Instant::now())
+                .min(cap),
+            None => cap,
+        }
+    }
+
+    pub fn connect(&mut self) -> Result<(), String> {
+        self.check()?;
+        let port: u16 = self
+            .port
+            .parse()
+            .map_err(|_| self.fail(FailureKind::Protocol, format!("bad port {:?}", self.port)))?;
+        let target = format!("{}:{}", self.host, port);
+        // The host in a URL may be a bracketed IPv6 literal.
+        let host = self.host.trim_start_matches('[').trim_end_matches(']');
+        let addrs: Vec<SocketAddr> = (host, port)
+            .to_socket_addrs()
+            .map_err(|e| {
+                self.fail(
+                    FailureKind::Dns,
+                    format!("could not resolve host {}: {e}", self.host),
+                )
+            })?
+            .collect();
+        if addrs.is_empty() {
+            return Err(self.fail(
+                FailureKind::Dns,
+                format!("host {} has no address", self.host),
+            ));
+        }
+        let connect_timeout = self
+            .ctx
+            .as_ref()
+            .map_or(DEFAULT_CONNECT_TIMEOUT, |c| c.connect_timeout);
+        let mut last = None;
+        for addr in addrs {
+            self.check()?;
+            let timeout = self.left(connect_timeout);
+            if timeout.is_zero() {
+                break;
+            }
+            match TcpStream::connect_timeout(&addr, timeout) {
+                Ok(s) => {
+                    let _ = s.set_nodelay(true);
+                    self.stream = Some(s);
+                    return Ok(());
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        self.check()?;
+        let e = last.map_or_else(|| "no time left to connect".to_owned(), |e| e.to_string());
+        let kind = match &last_kind(&e) {
+            Some(k) => *k,
+            None => FailureKind::Network,
+        };
+        Err(self.fail(kind, format!("could not connect to {target}: {e}")))
+    }
+
+    pub fn read(&mut self, buf: &mut [u8]) -> Result<usize, String> {
+        let idle_limit = self.io_timeout();
+        let idle_since = Instant::now();
+        loop {
+            self.check()?;
+            let slice = self.left(SLICE).max(Duration::from_millis(1));
+            let stream = self.stream.as_mut().ok_or("read on a closed connection")?;
+            let _ = stream.set_read_timeout(Some(slice));
+            match stream.read(buf) {
+                Ok(n) => {
+                    if let Some(ctx) = &self.ctx {
+                        let total = ctx.received.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+                        if total > ctx.max_bytes {
+                            return Err(self.fail(
+                                FailureKind::SizeCap,
+                                format!("received more than the cap of {} bytes", ctx.max_bytes),
+                            ));
+                        }
+                    }
+                    return Ok(n);
+                }
+                Err(e) if is_timeout(&e) => {
+                    if idle_since.elapsed() >= idle_limit {
+                        return Err(self.fail(
+                            FailureKind::Timeout,
+                            format!(
+                                "no data from {}:{} for {idle_limit:?}",
+                                self.host, self.port
+                            ),
+                        ));
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(self.fail(
+                        FailureKind::Network,
+                        format!("reading from {}:{}: {e}", self.host, self.port),
+                    ))
+                }
+            }
+        }
+    }
+
+    pub fn write(&mut self, buf: &[u8]) -> Result<usize, String> {
+        let idle_limit = self.io_timeout();
+        let idle_since = Instant::now();
+        loop {
+            self.check()?;
+            let slice = self.left(SLICE).max(Duration::from_millis(1));
+            let stream = self.stream.as_mut().ok_or("write on a closed connection")?;
+            let _ = stream.set_write_timeout(Some(slice));
+            match stream.write(buf) {
+                Ok(n) => return Ok(n),
+                Err(e) if is_timeout(&e) => {
+                    if idle_since.elapsed() >= idle_limit {
+                        return Err(self.fail(
+                            FailureKind::Timeout,
+                            format!(
+                                "{}:{} accepted no data for {idle_limit:?}",
+                                self.host, self.port
+                            ),
+                        ));
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(self.fail(
+                        FailureKind::Network,
+                        format!("writing to {}:{}: {e}", self.host, self.port),
+                    ))
+                }
+            }
+        }
+    }
+
+    pub fn close(&mut self) {
+        if let Some(s) = self.stream.take() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
+fn last_kind(message: &str) -> Option<FailureKind> {
+    let m = message.to_ascii_lowercase();
+    if m.contains("refused") {
+        Some(FailureKind::ConnectionRefused)
+    } else if m.contains("timed out") || m.contains("no time left") {
+        Some(FailureKind::Timeout)
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    fn ctx(deadline: Duration, max_bytes: u64) -> Arc<NetContext> {
+        Arc::new(NetContext::new(
+            Instant::now() + deadline,
+            Arc::new(AtomicBool::new(false)),
+            max_bytes,
+            Duration::from_secs(2),
+            Duration::from_secs(2),
+        ))
+    }
+
+    #[test]
+    fn a_refused_connection_is_classified() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        drop(l);
+        let c = ctx(Duration::from_secs(5), 1 << 20);
+        let err = with_context(&c, || Conn::new("127.0.0.1", &port.to_string()).connect());
+        assert!(err.is_err());
+        assert_eq!(c.take_failure().unwrap().0, FailureKind::ConnectionRefused);
+    }
+
+    #[test]
+    fn an_unresolvable_host_is_a_dns_failure() {
+        let c = ctx(Duration::from_secs(5), 1 << 20);
+        let err = with_context(&c, || Conn::new("no-such-host.invalid", "9418").connect());
+        assert!(err.is_err());
+        assert_eq!(c.take_failure().unwrap().0, FailureKind::Dns);
+    }
+
+    #[test]
+    fn a_silent_server_ends_at_the_deadline_not_later() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let c = ctx(Duration::from_millis(600), 1 << 20);
+        let start = Instant::now();
+        let result = with_context(&c, || {
+            let mut conn = Conn::new("127.0.0.1", &port.to_string());
+            conn.connect().unwrap();
+            conn.read(&mut [0u8; 16])
+        });
+        assert!(result.is_err());
+        assert_eq!(c.take_failure().unwrap().0, FailureKind::Deadline);
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
+        drop(l);
+    }
+
+    #[test]
+    fn bytes_past_the_cap_fail_the_read() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let _ = s.write_all(&[7u8; 4096]);
+        });
+        let c = ctx(Duration::from_secs(5), 1000);
+        let result = with_context(&c, || {
+            let mut conn = Conn::new("127.0.0.1", &port.to_string());
+            conn.connect().unwrap();
+            let mut buf = [0u8; 512];
+            let mut total = 0;
+            for _ in 0..16 {
+                total += conn.read(&mut buf)?;
+            }
+            Ok::<usize, String>(total)
+        });
+        assert!(result.is_err(), "{result:?}");
+        assert_eq!(c.take_failure().unwrap().0, FailureKind::SizeCap);
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn outside_a_fetch_streams_are_plain() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            s.write_all(b"hello").unwrap();
+        });
+        let mut conn = Conn::new("127.0.0.1", &port.to_string());
+        conn.connect().unwrap();
+        let mut buf = [0u8; 5];
+        assert_eq!(conn.read(&mut buf).unwrap(), 5);
+        conn.close();
+        server.join().unwrap();
+    }
+}
