@@ -130,15 +130,24 @@ fn local(e: git2::Error) -> FetchError {
 ///    what arrived.
 ///
 /// Whatever arrived is pinned under [`TEMP_REF_PREFIX`]; the scratch refs are removed.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct GitFetcher {
     _private: (),
 }
 
 impl GitFetcher {
-    /// A fetcher with default settings.
+    /// A fetcher. Its limits come with each call's [`FetchControl`]. The first fetcher or
+    /// engine made in a process initialises libgit2 and registers the engine's socket stream.
     pub fn new() -> Self {
-        Self::default()
+        let defaults = crate::config::Config::default();
+        init(defaults.connect_timeout, defaults.io_timeout);
+        GitFetcher { _private: () }
+    }
+}
+
+impl Default for GitFetcher {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
