@@ -6,7 +6,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use purgatory_sync::testkit::{self, GitDaemon};
+use purgatory_sync::testkit::{self, GitDaemon, HttpGitServer};
 use purgatory_sync::{
     FailureKind, FetchControl, FetchReport, FetchRequest, Fetcher, GitFetcher, ObjectId,
 };
@@ -95,6 +95,22 @@ fn every_upload_pack_policy_yields_every_id_it_can_over_git_daemon() {
     testkit::require_git();
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("served");
+    std::fs::create_dir_all(&base).unwrap();
+    let daemon = GitDaemon::start(HOST, &base).unwrap();
+    every_policy(dir.path(), &base, &|name| daemon.url(name));
+}
+
+#[test]
+fn every_upload_pack_policy_yields_every_id_it_can_over_http_backend() {
+    testkit::require_git();
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("served");
+    std::fs::create_dir_all(&base).unwrap();
+    let server = HttpGitServer::start(HOST, &base).unwrap();
+    every_policy(dir.path(), &base, &|name| server.url(name));
+}
+
+fn every_policy(dir: &Path, base: &Path, url: &dyn Fn(&str) -> String) {
     let cases = [
         // (policy, what a client can get from it)
         (Policy::Any, "all three: any id may be asked for"),
@@ -107,13 +123,12 @@ fn every_upload_pack_policy_yields_every_id_it_can_over_git_daemon() {
     ];
     let ups: Vec<(Policy, Upstream)> = cases
         .iter()
-        .map(|(p, _)| (*p, upstream(&base, &format!("{p:?}.git"), *p)))
+        .map(|(p, _)| (*p, upstream(base, &format!("{p:?}.git"), *p)))
         .collect();
-    let daemon = GitDaemon::start(HOST, &base).unwrap();
     for ((policy, why), (_, up)) in cases.iter().zip(&ups) {
-        let t = target(dir.path(), &format!("t-{policy:?}.git"));
+        let t = target(dir, &format!("t-{policy:?}.git"));
         let wanted = [up.reachable, up.tip, up.dangling];
-        let report = fetch(&t, &daemon.url(&format!("{policy:?}.git")), &wanted);
+        let report = fetch(&t, &url(&format!("{policy:?}.git")), &wanted);
         let expected = match policy {
             Policy::Any => vec![up.reachable, up.tip, up.dangling],
             Policy::Reachable | Policy::Tip | Policy::None => vec![up.reachable, up.tip],
