@@ -26,6 +26,7 @@ pub(crate) struct Config {
     pub max_events: usize,
     pub max_oids_per_event: usize,
     pub max_urls_per_event: usize,
+    pub max_ref_updates_per_event: usize,
     pub shutdown_timeout: Duration,
     pub thread_name: String,
 }
@@ -49,6 +50,7 @@ impl Default for Config {
             max_events: 1_000_000,
             max_oids_per_event: 1024,
             max_urls_per_event: 64,
+            max_ref_updates_per_event: 256,
             shutdown_timeout: Duration::from_secs(10),
             thread_name: "psync".to_owned(),
         }
@@ -229,6 +231,13 @@ impl EngineBuilder {
         self
     }
 
+    /// Most [ref updates](crate::PendingEvent::ref_updates) one event may carry (default 256;
+    /// 1 to 65 536).
+    pub fn max_ref_updates_per_event(mut self, n: usize) -> Self {
+        self.cfg.max_ref_updates_per_event = n;
+        self
+    }
+
     /// The clock every scheduling decision reads (default: the system clock). Tests pass a
     /// [`FakeClock`](crate::FakeClock).
     pub fn clock(mut self, clock: impl Clock) -> Self {
@@ -297,6 +306,11 @@ impl EngineBuilder {
         count("max_events", c.max_events, usize::MAX / 2)?;
         count("max_oids_per_event", c.max_oids_per_event, 1 << 20)?;
         count("max_urls_per_event", c.max_urls_per_event, 4096)?;
+        count(
+            "max_ref_updates_per_event",
+            c.max_ref_updates_per_event,
+            1 << 16,
+        )?;
         if c.max_fetch_bytes < 1024 {
             return bad(
                 "max_fetch_bytes",
@@ -356,6 +370,10 @@ mod tests {
             (
                 EngineBuilder::new().max_oids_per_event(0),
                 "max_oids_per_event",
+            ),
+            (
+                EngineBuilder::new().max_ref_updates_per_event(0),
+                "max_ref_updates_per_event",
             ),
             (
                 EngineBuilder::new().thread_name("much-too-long"),

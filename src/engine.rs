@@ -138,11 +138,14 @@ impl Engine {
 
     /// Hands an event to purgatory.
     ///
-    /// Validates the event on the calling thread (ids, identifier, URLs, that the repository is
-    /// a bare git repository) and checks which objects the repository already holds; if it holds
-    /// all of them the answer is [`Admission::AlreadySatisfied`] and nothing is queued.
-    /// Otherwise the event is queued and an [`Outcome`] follows on [`outcomes`](Engine::outcomes).
-    /// Object ids are normalised to lower case and de-duplicated.
+    /// Validates the event on the calling thread (ids, identifier, URLs, ref updates, that the
+    /// repository is a bare git repository) and checks which objects the repository already
+    /// holds; if it holds all of them and the event has no ref updates, the answer is
+    /// [`Admission::AlreadySatisfied`] and nothing is queued. Otherwise the event is queued and
+    /// an [`Outcome`] follows on [`outcomes`](Engine::outcomes): an event with ref updates
+    /// whose objects are all present is released by the scheduler thread once it has written
+    /// the refs (this thread never writes to the repository). Object ids are normalised to
+    /// lower case and de-duplicated.
     ///
     /// # Errors
     /// A [`SubmitError`] naming the field at fault; a refused event changes nothing.
@@ -181,7 +184,7 @@ impl Engine {
             .copied()
             .filter(|o| !present.contains(o))
             .collect();
-        if missing.is_empty() {
+        if missing.is_empty() && checked.refs.is_empty() {
             self.counters
                 .already_satisfied
                 .fetch_add(1, Ordering::Relaxed);
@@ -199,6 +202,7 @@ impl Engine {
             oids: checked.oids,
             missing,
             urls: checked.urls,
+            refs: checked.refs.into(),
             origin: event.origin,
             submitted: self.clock.now(),
         };

@@ -103,6 +103,26 @@ pub enum SubmitError {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// The event lists more ref updates than the engine accepts per event.
+    TooManyRefUpdates {
+        /// How many were given.
+        count: usize,
+        /// The limit
+        /// ([`EngineBuilder::max_ref_updates_per_event`](crate::EngineBuilder::max_ref_updates_per_event)).
+        max: usize,
+    },
+    /// A ref update has a bad name or target: not `HEAD` or a valid name under `refs/`, under
+    /// the engine's own `refs/purgatory-sync/`, given twice or clashing with another, an oid
+    /// target that is not 40 hex digits or not among the event's object ids, or a symbolic
+    /// target that is not allowed or not a valid `refs/...` name.
+    InvalidRefUpdate {
+        /// Its position in [`PendingEvent::ref_updates`](crate::PendingEvent::ref_updates).
+        index: usize,
+        /// The ref name as given.
+        name: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
     /// The repository path is not an existing bare git repository.
     InvalidRepository {
         /// The path as given.
@@ -153,6 +173,15 @@ impl fmt::Display for SubmitError {
                 value,
                 reason,
             } => write!(f, "invalid clone_urls[{index}] {}: {reason}", quoted(value)),
+            SubmitError::TooManyRefUpdates { count, max } => write!(
+                f,
+                "invalid ref_updates: {count} ref updates, at most {max} allowed"
+            ),
+            SubmitError::InvalidRefUpdate {
+                index,
+                name,
+                reason,
+            } => write!(f, "invalid ref_updates[{index}] {}: {reason}", quoted(name)),
             SubmitError::InvalidRepository { path, reason } => {
                 write!(f, "invalid repo {}: {reason}", path.display())
             }
@@ -228,5 +257,19 @@ mod tests {
             reason: "empty",
         };
         assert_eq!(e.to_string(), "invalid clone_urls[1] \"\": empty");
+        let e = SubmitError::InvalidRefUpdate {
+            index: 2,
+            name: "refs/heads/x".into(),
+            reason: "given twice",
+        };
+        assert_eq!(
+            e.to_string(),
+            "invalid ref_updates[2] \"refs/heads/x\": given twice"
+        );
+        let e = SubmitError::TooManyRefUpdates { count: 3, max: 2 };
+        assert_eq!(
+            e.to_string(),
+            "invalid ref_updates: 3 ref updates, at most 2 allowed"
+        );
     }
 }

@@ -47,6 +47,13 @@ pub struct PendingEvent {
     /// Refs to set, all or none, when the event is released (before
     /// [`Outcome::Released`] is sent): a repository state's branches and tags, `HEAD`, or a pull
     /// request's `refs/nostr/<event-id>`. Oid targets must be among [`oids`](Self::oids).
+    ///
+    /// Checked at submit: each name is `HEAD` or a valid git ref name under `refs/` (at most
+    /// 1024 bytes, not under the engine's own `refs/purgatory-sync/`), no name is given twice
+    /// or is a directory of another (`refs/heads/a` and `refs/heads/a/b`), an oid target is 40
+    /// hex digits among [`oids`](Self::oids), and only `HEAD` may have a symbolic target (a
+    /// `refs/...` name). At most 256 per event by default
+    /// ([`EngineBuilder::max_ref_updates_per_event`](crate::EngineBuilder::max_ref_updates_per_event)).
     pub ref_updates: Vec<RefUpdate>,
 }
 
@@ -127,6 +134,12 @@ impl PendingEvent {
 }
 
 /// What [`Engine::submit`](crate::Engine::submit) did with an accepted event.
+///
+/// An event whose objects are all in the repository already but which carries
+/// [`ref_updates`](PendingEvent::ref_updates) is `Pending`, not `AlreadySatisfied`: `submit`
+/// only validates and enqueues, so the refs are set by the scheduler thread at its next pass
+/// (within milliseconds, unless a fetch runs in that repository), and an
+/// [`Outcome::Released`] follows once they are written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Admission {
@@ -134,8 +147,8 @@ pub enum Admission {
     /// Submitting an event id that is already waiting is accepted again as `Pending` and
     /// changes nothing.
     Pending,
-    /// Every object id is already in the repository: nothing was queued and no [`Outcome`]
-    /// will follow.
+    /// Every object id is already in the repository and the event has no ref updates: nothing
+    /// was queued and no [`Outcome`] will follow.
     AlreadySatisfied,
 }
 
@@ -145,6 +158,14 @@ pub enum Admission {
 pub enum ExpiryReason {
     /// The event's lifetime in purgatory (default 30 min) ran out.
     LifetimeEnded,
+    /// Every object arrived, but the event's [ref updates](PendingEvent::ref_updates) could
+    /// not be written before its lifetime ran out (they are retried at every tick until then);
+    /// none of them was written. `missing` is empty.
+    #[non_exhaustive]
+    RefUpdateFailed {
+        /// The last error, from [`Fetcher::apply_refs`](crate::Fetcher::apply_refs).
+        message: String,
+    },
 }
 
 /// What finally happened to a submitted event, delivered on
@@ -153,7 +174,8 @@ pub enum ExpiryReason {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Outcome {
-    /// Every object the event waited for is in its repository.
+    /// Every object the event waited for is in its repository, and its
+    /// [ref updates](PendingEvent::ref_updates), if any, are written.
     #[non_exhaustive]
     Released {
         /// The event's id.

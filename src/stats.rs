@@ -18,8 +18,12 @@ pub struct Stats {
     pub commands_pending: usize,
     /// Queue entries: distinct (identifier, repository) pairs with waiting events.
     pub queued_identifiers: usize,
-    /// Events waiting in purgatory.
+    /// Events waiting in purgatory, including those awaiting their refs.
     pub waiting_events: usize,
+    /// Waiting events whose objects are all present and whose
+    /// [ref updates](crate::PendingEvent::ref_updates) are not written yet (the repository is
+    /// busy with a fetch, or writing them failed and is retried at the next tick).
+    pub awaiting_refs: usize,
     /// Fetches running on workers now.
     pub in_flight: usize,
     /// Worker threads, the most fetches that can run at once.
@@ -39,6 +43,10 @@ pub struct Stats {
     pub cancelled: u64,
     /// Repository re-checks done for [`Engine::git_data_arrived`](crate::Engine::git_data_arrived).
     pub rechecks: u64,
+    /// Events whose ref updates were written (each is then released).
+    pub ref_updates_applied: u64,
+    /// Attempts to write an event's ref updates that failed (nothing was written; retried).
+    pub ref_update_failures: u64,
     /// Fetches started.
     pub fetches_started: u64,
     /// Fetches that ended without an error.

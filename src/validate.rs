@@ -1,20 +1,25 @@
 //! Checks on everything a host submits. Each failure names the field and the value.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::config::Config;
 use crate::error::SubmitError;
-use crate::{ObjectId, PendingEvent};
+use crate::{ObjectId, PendingEvent, RefTarget, RefUpdate, TEMP_REF_PREFIX};
 
 /// Longest event id or identifier accepted, in bytes.
 pub(crate) const MAX_NAME_BYTES: usize = 256;
 /// Longest clone URL accepted, in bytes.
 pub(crate) const MAX_URL_BYTES: usize = 2048;
+/// Longest ref name (or symbolic target) accepted, in bytes: libgit2's own limit.
+pub(crate) const MAX_REF_NAME_BYTES: usize = 1024;
 
 pub(crate) struct Checked {
     pub oids: Vec<ObjectId>,
     pub urls: Vec<Arc<str>>,
+    /// The ref updates in the order given, oid targets in lower case.
+    pub refs: Vec<RefUpdate>,
 }
 
 fn name(value: &str) -> Result<(), &'static str> {
@@ -86,7 +91,106 @@ pub(crate) fn event(ev: &PendingEvent, cfg: &Config) -> Result<Checked, SubmitEr
             urls.push(Arc::from(value.as_str()));
         }
     }
-    Ok(Checked { oids, urls })
+    let refs = ref_updates(ev, &oids, cfg)?;
+    Ok(Checked { oids, urls, refs })
+}
+
+/// Checks the event's ref updates against its (sorted) object ids.
+fn ref_updates(
+    ev: &PendingEvent,
+    oids: &[ObjectId],
+    cfg: &Config,
+) -> Result<Vec<RefUpdate>, SubmitError> {
+    let updates = &ev.ref_updates;
+    if updates.len() > cfg.max_ref_updates_per_event {
+        return Err(SubmitError::TooManyRefUpdates {
+            count: updates.len(),
+            max: cfg.max_ref_updates_per_event,
+        });
+    }
+    let mut seen: BTreeSet<&str> = BTreeSet::new();
+    let mut out = Vec::with_capacity(updates.len());
+    for (index, u) in updates.iter().enumerate() {
+        let bad = |reason| SubmitError::InvalidRefUpdate {
+            index,
+            name: u.name.clone(),
+            reason,
+        };
+        if u.name != "HEAD" {
+            ref_name(&u.name).map_err(bad)?;
+        }
+        if seen.contains(u.name.as_str()) {
+            return Err(bad("given twice"));
+        }
+        if clashes(&seen, &u.name) {
+            return Err(bad(
+                "clashes with another ref update: one name is a directory of the other",
+            ));
+        }
+        seen.insert(&u.name);
+        let target = match &u.target {
+            RefTarget::Oid(hex) => {
+                let oid = hex
+                    .parse::<ObjectId>()
+                    .map_err(|_| bad("target is not a full object id of 40 hex digits"))?;
+                if oids.binary_search(&oid).is_err() {
+                    return Err(bad("target is not among the event's oids"));
+                }
+                RefTarget::Oid(oid.to_string())
+            }
+            RefTarget::Symbolic(target) => {
+                if u.name != "HEAD" {
+                    return Err(bad("a symbolic target is only allowed for HEAD"));
+                }
+                ref_name(target)
+                    .map_err(|_| bad("symbolic target is not a valid refs/... name"))?;
+                RefTarget::Symbolic(target.clone())
+            }
+        };
+        out.push(RefUpdate {
+            name: u.name.clone(),
+            target,
+        });
+    }
+    Ok(out)
+}
+
+/// Checks a full ref name under `refs/`, outside the engine's own namespace.
+fn ref_name(name: &str) -> Result<(), &'static str> {
+    let ours = TEMP_REF_PREFIX.trim_end_matches('/');
+    // Compared without case: on a case-insensitive file system `refs/Purgatory-Sync/x` is a
+    // file in our namespace's directory.
+    let lower = name.to_ascii_lowercase();
+    if name.is_empty() {
+        Err("empty")
+    } else if name.len() > MAX_REF_NAME_BYTES {
+        Err("longer than 1024 bytes")
+    } else if name.chars().any(char::is_control) {
+        Err("contains control characters")
+    } else if !name.starts_with("refs/") {
+        Err("not HEAD or a full ref name under refs/")
+    } else if !git2::Reference::is_valid_name(name) {
+        Err("not a valid git ref name")
+    } else if lower == ours || lower.starts_with(TEMP_REF_PREFIX) {
+        Err("under refs/purgatory-sync/, the engine's own namespace")
+    } else {
+        Ok(())
+    }
+}
+
+/// Whether `name` is a directory of a name in `seen`, or one of them is a directory of
+/// `name`: git cannot hold both (`refs/heads/a` and `refs/heads/a/b`).
+fn clashes(seen: &BTreeSet<&str>, name: &str) -> bool {
+    let below = format!("{name}/");
+    if seen
+        .range(below.as_str()..)
+        .next()
+        .is_some_and(|s| s.starts_with(&below))
+    {
+        return true;
+    }
+    name.match_indices('/')
+        .any(|(i, _)| seen.contains(&name[..i]))
 }
 
 /// Checks that `path` is an existing bare git repository and returns its canonical path, so
@@ -102,4 +206,42 @@ pub(crate) fn repository(path: &Path) -> Result<PathBuf, SubmitError> {
     let canonical = std::fs::canonicalize(path).map_err(|e| bad(e.to_string()))?;
     crate::fetch::open_bare(&canonical).map_err(bad)?;
     Ok(canonical)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ref_names() {
+        assert_eq!(ref_name("refs/heads/main"), Ok(()));
+        assert_eq!(ref_name("refs/nostr/0123abcd"), Ok(()));
+        for bad in [
+            "",
+            "main",
+            "heads/main",
+            "refs/heads/a..b",
+            "refs/heads/x.lock",
+            "refs/heads/a b",
+            "refs/heads/a\0b",
+            "refs/heads/a\nb",
+            "refs/heads/",
+            "refs/purgatory-sync/x",
+            "refs/purgatory-sync",
+            "refs/Purgatory-Sync/x",
+        ] {
+            assert!(ref_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(ref_name(&format!("refs/heads/{}", "x".repeat(1100))).is_err());
+    }
+
+    #[test]
+    fn directory_clashes() {
+        let seen: BTreeSet<&str> = ["refs/heads/a", "refs/heads/c/d"].into_iter().collect();
+        assert!(clashes(&seen, "refs/heads/a/b"));
+        assert!(clashes(&seen, "refs/heads/c"));
+        assert!(!clashes(&seen, "refs/heads/ab"));
+        assert!(!clashes(&seen, "refs/heads/c-d"));
+        assert!(!clashes(&seen, "refs/heads/b"));
+    }
 }

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use purgatory_sync::{
-    Admission, Engine, EngineBuilder, FailureKind, FakeClock, FetchControl, FetchError,
-    FetchReport, FetchRequest, Fetcher, Origin, Outcome, PendingEvent, ShutdownError, StopReason,
-    SubmitError,
+    Admission, Engine, EngineBuilder, ExpiryReason, FailureKind, FakeClock, FetchControl,
+    FetchError, FetchReport, FetchRequest, Fetcher, Origin, Outcome, PendingEvent, RefUpdate,
+    ShutdownError, StopReason, SubmitError,
 };
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -744,4 +744,336 @@ fn many_events_from_many_threads_are_all_accounted_for() {
     );
     assert_eq!(s.fetches_started, s.fetches_succeeded + s.fetches_failed);
     Arc::try_unwrap(engine).unwrap().shutdown().unwrap();
+}
+
+// Ref updates.
+
+#[test]
+fn every_bad_ref_update_gets_its_own_error_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = bare(dir.path(), "r.git");
+    let (a, _) = blob("a");
+    let (b, _) = blob("b");
+    let clock = FakeClock::new();
+    let engine = builder("badref", &clock)
+        .fetcher(FakeServers::default())
+        .max_ref_updates_per_event(3)
+        .build()
+        .unwrap();
+    let main = |target: &str| RefUpdate::oid("refs/heads/main", target);
+    let good = event("good", "id", &repo, &[&a], &["git://m/r"])
+        .ref_update(main(&a))
+        .ref_update(RefUpdate::symbolic("HEAD", "refs/heads/main"));
+    assert_eq!(engine.submit(good).unwrap(), Admission::Pending);
+    let with = |refs: Vec<RefUpdate>| PendingEvent {
+        ref_updates: refs,
+        ..event("e", "id", &repo, &[&a], &["git://m/r"])
+    };
+    let long = format!("refs/heads/{}", "x".repeat(1100));
+    // (updates, index, reason) of each refused submit.
+    let cases: Vec<(Vec<RefUpdate>, usize, &str)> = vec![
+        (vec![RefUpdate::oid("", &a)], 0, "empty"),
+        (
+            vec![RefUpdate::oid("main", &a)],
+            0,
+            "not HEAD or a full ref name under refs/",
+        ),
+        (
+            vec![main(&a), RefUpdate::oid("refs/heads/a..b", &a)],
+            1,
+            "not a valid git ref name",
+        ),
+        (
+            vec![RefUpdate::oid("refs/heads/x.lock", &a)],
+            0,
+            "not a valid git ref name",
+        ),
+        (
+            vec![RefUpdate::oid("refs/heads/a\nb", &a)],
+            0,
+            "contains control characters",
+        ),
+        (
+            vec![RefUpdate::oid(long.clone(), &a)],
+            0,
+            "longer than 1024 bytes",
+        ),
+        (
+            vec![RefUpdate::oid(format!("refs/purgatory-sync/{a}"), &a)],
+            0,
+            "under refs/purgatory-sync/, the engine's own namespace",
+        ),
+        (
+            vec![RefUpdate::oid("refs/purgatory-sync", &a)],
+            0,
+            "under refs/purgatory-sync/, the engine's own namespace",
+        ),
+        (vec![main(&a), main(&a)], 1, "given twice"),
+        (
+            vec![
+                RefUpdate::symbolic("HEAD", "refs/heads/main"),
+                main(&a),
+                RefUpdate::symbolic("HEAD", "refs/heads/dev"),
+            ],
+            2,
+            "given twice",
+        ),
+        (
+            vec![main(&a), RefUpdate::oid("refs/heads/main/topic", &a)],
+            1,
+            "clashes with another ref update: one name is a directory of the other",
+        ),
+        (
+            vec![
+                RefUpdate::oid("refs/heads/topic/x", &a),
+                RefUpdate::oid("refs/heads/topic", &a),
+            ],
+            1,
+            "clashes with another ref update: one name is a directory of the other",
+        ),
+        (
+            vec![main(&a[..7])],
+            0,
+            "target is not a full object id of 40 hex digits",
+        ),
+        (
+            vec![main(&format!("{}g", &a[..39]))],
+            0,
+            "target is not a full object id of 40 hex digits",
+        ),
+        (vec![main(&b)], 0, "target is not among the event's oids"),
+        (
+            vec![RefUpdate::symbolic("refs/heads/dev", "refs/heads/main")],
+            0,
+            "a symbolic target is only allowed for HEAD",
+        ),
+        (
+            vec![RefUpdate::symbolic("HEAD", "main")],
+            0,
+            "symbolic target is not a valid refs/... name",
+        ),
+        (
+            vec![RefUpdate::symbolic("HEAD", "refs/purgatory-sync/x")],
+            0,
+            "symbolic target is not a valid refs/... name",
+        ),
+    ];
+    let n = cases.len() as u64 + 1;
+    for (i, (refs, index, reason)) in cases.into_iter().enumerate() {
+        let name = refs[index].name.clone();
+        let err = engine
+            .submit(with(refs))
+            .expect_err(&format!("case {i} must be refused"));
+        assert_eq!(
+            err,
+            SubmitError::InvalidRefUpdate {
+                index,
+                name,
+                reason
+            },
+            "case {i}"
+        );
+        assert!(
+            err.to_string()
+                .starts_with(&format!("invalid ref_updates[{index}] ")),
+            "{err}"
+        );
+    }
+    let too_many = with(vec![
+        main(&a),
+        RefUpdate::oid("refs/tags/v1", &a),
+        RefUpdate::oid("refs/tags/v2", &a),
+        RefUpdate::oid("refs/tags/v3", &a),
+    ]);
+    assert_eq!(
+        engine.submit(too_many).unwrap_err(),
+        SubmitError::TooManyRefUpdates { count: 4, max: 3 }
+    );
+    let start = Instant::now();
+    while engine.stats().submitted < 1 && start.elapsed() < WAIT {
+        std::thread::yield_now();
+    }
+    let s = engine.stats();
+    assert_eq!((s.waiting_events, s.submitted, s.refused), (1, 1, n));
+    assert!(engine.outcomes().try_recv().is_err());
+    engine.shutdown().unwrap();
+}
+
+/// What a [`RefWriter`] does on its next `apply_refs` call.
+#[derive(Clone, Copy, Debug)]
+enum Write {
+    Ok,
+    Fail,
+    Panic,
+}
+
+/// Records ref updates instead of writing them, and answers from a script (then `Ok`).
+#[derive(Clone)]
+struct RefWriter {
+    script: Arc<parking_lot::Mutex<std::collections::VecDeque<Write>>>,
+    calls: crossbeam_channel::Sender<Vec<RefUpdate>>,
+}
+
+impl RefWriter {
+    fn new(script: &[Write]) -> (Self, crossbeam_channel::Receiver<Vec<RefUpdate>>) {
+        let (calls, rx) = crossbeam_channel::unbounded();
+        let w = RefWriter {
+            script: Arc::new(parking_lot::Mutex::new(script.iter().copied().collect())),
+            calls,
+        };
+        (w, rx)
+    }
+}
+
+impl Fetcher for RefWriter {
+    fn fetch(&self, _: &FetchRequest, _: &FetchControl) -> FetchReport {
+        FetchReport::failed(FetchError::new(FailureKind::Protocol, "no server"))
+    }
+
+    fn apply_refs(&self, _: &Path, updates: &[RefUpdate]) -> Result<(), FetchError> {
+        let _ = self.calls.send(updates.to_vec());
+        match self.script.lock().pop_front().unwrap_or(Write::Ok) {
+            Write::Ok => Ok(()),
+            Write::Fail => Err(FetchError::new(
+                FailureKind::LocalRepository,
+                "refs/heads/main is locked",
+            )),
+            Write::Panic => panic!("injected panic in apply_refs"),
+        }
+    }
+}
+
+/// Waits (bounded) until the engine has counted `n` failed ref writes.
+fn wait_ref_failures(engine: &Engine, n: u64) -> u64 {
+    let start = Instant::now();
+    loop {
+        let f = engine.stats().ref_update_failures;
+        if f >= n || start.elapsed() > WAIT {
+            return f;
+        }
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn an_event_with_refs_and_every_object_present_is_pending_until_its_refs_are_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = bare(dir.path(), "r.git");
+    let (a, a_text) = blob("here");
+    write_blob(&repo, &a_text);
+    let clock = FakeClock::new();
+    let (writer, calls) = RefWriter::new(&[]);
+    let engine = builder("satref", &clock).fetcher(writer).build().unwrap();
+    let ev = event("e", "id", &repo, &[&a], &[])
+        .ref_update(RefUpdate::oid("refs/heads/main", a.to_uppercase()))
+        .ref_update(RefUpdate::symbolic("HEAD", "refs/heads/main"));
+    // Not `AlreadySatisfied`: the refs are written by the scheduler, and `Released` follows.
+    assert_eq!(engine.submit(ev).unwrap(), Admission::Pending);
+    let o = engine.outcomes().recv_timeout(WAIT).expect("released");
+    assert!(o.is_released(), "{o:?}");
+    // Written before the outcome was sent, with the target in lower case.
+    assert_eq!(
+        calls.try_recv().expect("refs written before Released"),
+        vec![
+            RefUpdate::oid("refs/heads/main", a.clone()),
+            RefUpdate::symbolic("HEAD", "refs/heads/main")
+        ]
+    );
+    let s = engine.stats();
+    assert_eq!(
+        (
+            s.already_satisfied,
+            s.submitted,
+            s.released,
+            s.ref_updates_applied,
+            s.fetches_started
+        ),
+        (0, 1, 1, 1, 0)
+    );
+    assert_eq!((s.waiting_events, s.awaiting_refs), (0, 0));
+    // Without ref updates the same event is already satisfied, as before.
+    assert_eq!(
+        engine.submit(event("e2", "id", &repo, &[&a], &[])).unwrap(),
+        Admission::AlreadySatisfied
+    );
+    engine.shutdown().unwrap();
+    assert!(calls.try_recv().is_err(), "written once");
+}
+
+#[test]
+fn a_failed_or_panicking_ref_write_is_retried_a_tick_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = bare(dir.path(), "r.git");
+    let (a, a_text) = blob("here");
+    write_blob(&repo, &a_text);
+    let clock = FakeClock::new();
+    let (writer, calls) = RefWriter::new(&[Write::Fail, Write::Panic]);
+    let tick = Duration::from_secs(1);
+    let engine = builder("retry", &clock)
+        .tick(tick)
+        .fetcher(writer)
+        .build()
+        .unwrap();
+    let outcomes = engine.outcomes();
+    let ev = event("e", "id", &repo, &[&a], &[])
+        .ref_update(RefUpdate::oid("refs/heads/main", a.clone()));
+    assert_eq!(engine.submit(ev).unwrap(), Admission::Pending);
+    assert_eq!(wait_ref_failures(&engine, 1), 1);
+    assert!(outcomes.try_recv().is_err(), "not released");
+    let s = engine.stats();
+    assert_eq!((s.waiting_events, s.awaiting_refs), (1, 1), "{s:?}");
+    clock.advance(tick);
+    assert_eq!(
+        wait_ref_failures(&engine, 2),
+        2,
+        "the panic counts as a failure"
+    );
+    assert!(outcomes.try_recv().is_err(), "not released");
+    clock.advance(tick);
+    let o = outcomes.recv_timeout(WAIT).expect("released");
+    assert!(o.is_released(), "{o:?}");
+    assert_eq!(calls.try_iter().count(), 3);
+    let s = engine.stats();
+    assert_eq!(
+        (s.released, s.ref_updates_applied, s.ref_update_failures),
+        (1, 1, 2)
+    );
+    engine.shutdown().unwrap();
+}
+
+#[test]
+fn an_event_whose_refs_cannot_be_written_expires_with_the_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = bare(dir.path(), "r.git");
+    let (a, a_text) = blob("here");
+    write_blob(&repo, &a_text);
+    let clock = FakeClock::new();
+    let (writer, _calls) = RefWriter::new(&[Write::Fail; 100]);
+    let engine = builder("refexp", &clock)
+        .tick(Duration::from_secs(1))
+        .event_lifetime(Duration::from_secs(5))
+        .fetcher(writer)
+        .build()
+        .unwrap();
+    let ev = event("e", "id", &repo, &[&a], &[])
+        .ref_update(RefUpdate::oid("refs/heads/main", a.clone()));
+    engine.submit(ev).unwrap();
+    assert_eq!(wait_ref_failures(&engine, 1), 1);
+    clock.advance(Duration::from_secs(5));
+    match engine.outcomes().recv_timeout(WAIT).expect("expired") {
+        Outcome::Expired {
+            event_id,
+            missing,
+            reason: ExpiryReason::RefUpdateFailed { message, .. },
+            ..
+        } => {
+            assert_eq!(event_id, "e");
+            assert!(missing.is_empty());
+            assert_eq!(message, "refs/heads/main is locked");
+        }
+        o => panic!("{o:?}"),
+    }
+    let s = engine.stats();
+    assert_eq!((s.expired, s.waiting_events, s.awaiting_refs), (1, 0, 0));
+    engine.shutdown().unwrap();
 }

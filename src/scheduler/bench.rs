@@ -42,6 +42,7 @@ impl QueueBench {
                     "https://git{}.example.com/{i}.git",
                     i % 50
                 ))],
+                refs: Arc::from([]),
                 origin: Origin::User,
                 submitted,
             };

@@ -4,6 +4,11 @@
 //! try next, when to back off, when an event is released or expired. It performs no I/O and
 //! reads no clock: callers pass `now` and carry out the [`Action`]s it returns. The scheduler
 //! thread is a thin loop around it, and unit tests drive it directly with a fake clock.
+//!
+//! An event with ref updates is not released when its last object arrives: it then *awaits its
+//! refs*. The core asks for them to be written ([`Action::ApplyRefs`]) once no fetch runs in the
+//! repository, and releases the event only when [`Core::refs_applied`] reports success. A
+//! failure is retried at the first pass a tick later, until the event's lifetime ends.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::ops::Bound::{Excluded, Unbounded};
@@ -13,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
-use crate::event::{ExpiryReason, Origin, Outcome};
+use crate::event::{ExpiryReason, Origin, Outcome, RefUpdate};
 use crate::fetch::{FailureKind, FetchError, FetchReport, FetchRequest};
 use crate::stats::Stats;
 use crate::ObjectId;
@@ -31,6 +36,9 @@ pub(crate) struct ValidEvent {
     /// The ids not in the repository when the host submitted the event.
     pub missing: Vec<ObjectId>,
     pub urls: Vec<Arc<str>>,
+    /// Refs to write, all or none, before the event is released; validated, oid targets in
+    /// lower case.
+    pub refs: Arc<[RefUpdate]>,
     pub origin: Origin,
     /// When the host submitted it: delays and the lifetime count from here, not from when the
     /// scheduler got round to the command.
@@ -70,6 +78,13 @@ pub(crate) enum Action {
         repo: Arc<Path>,
         oids: Vec<ObjectId>,
     },
+    /// Write the event's ref updates in one transaction and hand the result to
+    /// [`Core::refs_applied`]; the repository has no fetch running.
+    ApplyRefs {
+        event_id: Arc<str>,
+        repo: Arc<Path>,
+        updates: Arc<[RefUpdate]>,
+    },
 }
 
 struct Entry {
@@ -95,6 +110,23 @@ struct EventState {
     missing: Vec<ObjectId>,
     submitted: Instant,
     expires: Instant,
+    /// Submission order: events awaiting their refs get them in this order, so that a later
+    /// event's refs win over an earlier one's written at the same pass.
+    seq: u64,
+    refs: Arc<[RefUpdate]>,
+    /// An [`Action::ApplyRefs`] for it is out and not answered yet.
+    applying: bool,
+    /// After a failed ref update: not retried before this.
+    retry_at: Option<Instant>,
+    /// The last ref update failure.
+    ref_error: Option<String>,
+}
+
+impl EventState {
+    /// Every object is present but its refs are not written yet.
+    fn awaits_refs(&self) -> bool {
+        self.missing.is_empty() && !self.refs.is_empty()
+    }
 }
 
 struct Running {
@@ -110,6 +142,8 @@ struct Counters {
     expired: u64,
     cancelled: u64,
     rechecks: u64,
+    refs_applied: u64,
+    ref_failures: u64,
     fetches_started: u64,
     fetches_succeeded: u64,
     fetches_failed: u64,
@@ -136,8 +170,11 @@ pub(crate) struct Core {
     busy_repos: HashSet<Arc<Path>>,
     busy_identifiers: HashSet<Arc<str>>,
     pending_drops: HashMap<Arc<Path>, Vec<ObjectId>>,
+    /// Events whose objects are all present and whose refs are not written yet, by `seq`.
+    awaiting_refs: BTreeMap<u64, Arc<str>>,
     actions: Vec<Action>,
     next_entry: EntryId,
+    next_seq: u64,
     next_job: JobId,
     stopping: bool,
     counters: Counters,
@@ -161,8 +198,10 @@ impl Core {
             busy_repos: HashSet::new(),
             busy_identifiers: HashSet::new(),
             pending_drops: HashMap::new(),
+            awaiting_refs: BTreeMap::new(),
             actions: Vec::new(),
             next_entry: 0,
+            next_seq: 0,
             next_job: 0,
             stopping: false,
             counters: Counters::default(),
@@ -208,7 +247,7 @@ impl Core {
     }
 
     fn submit(&mut self, ev: ValidEvent, now: Instant) {
-        if self.events.contains_key(&ev.id) || ev.missing.is_empty() {
+        if self.events.contains_key(&ev.id) || (ev.missing.is_empty() && ev.refs.is_empty()) {
             // Already waiting (a re-broadcast), or nothing to wait for: the handle counted it
             // as admitted, so give the slot back.
             self.admitted.fetch_sub(1, Ordering::SeqCst);
@@ -218,9 +257,14 @@ impl Core {
         // A command may wait in the channel; never date an event in the future.
         let at = ev.submitted.min(now);
         let target = at + self.cfg.first_delay(ev.origin);
+        // An event with every object present only awaits its refs: no fetch for it.
+        let wants = !ev.missing.is_empty();
         let key = (ev.identifier.clone(), ev.repo.clone());
         let id = match self.by_key.get(&key) {
             Some(&id) => {
+                // An entry whose events all await their refs is not scheduled: the first event
+                // that misses objects schedules it as if it were new.
+                let idle = !self.has_missing(id);
                 let e = self.entries.get_mut(&id).expect("indexed entry exists");
                 for url in &ev.urls {
                     if !e.urls.contains(url) {
@@ -228,14 +272,20 @@ impl Core {
                         e.tried.push(false);
                     }
                 }
-                e.attempts = 0;
-                if e.in_attempt {
-                    e.requested = Some(e.requested.map_or(target, |r| r.min(target)));
-                }
-                if e.running.is_none() && target < e.next_attempt {
-                    self.schedule.remove(&(e.next_attempt, id));
-                    e.next_attempt = target;
-                    self.schedule.insert((target, id));
+                if wants {
+                    e.attempts = 0;
+                    if idle && e.running.is_none() {
+                        e.in_attempt = false;
+                        e.requested = None;
+                    }
+                    if e.in_attempt {
+                        e.requested = Some(e.requested.map_or(target, |r| r.min(target)));
+                    }
+                    if e.running.is_none() && (idle || target < e.next_attempt) {
+                        self.schedule.remove(&(e.next_attempt, id));
+                        e.next_attempt = target;
+                        self.schedule.insert((target, id));
+                    }
                 }
                 id
             }
@@ -264,7 +314,9 @@ impl Core {
                     .or_default()
                     .push(id);
                 self.by_repo.entry(ev.repo.clone()).or_default().push(id);
-                self.schedule.insert((target, id));
+                if wants {
+                    self.schedule.insert((target, id));
+                }
                 id
             }
         };
@@ -275,6 +327,12 @@ impl Core {
             .events
             .push(ev.id.clone());
         self.expiries.insert((expires, ev.id.clone()));
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        if !wants {
+            // Refs are written at the next pass.
+            self.awaiting_refs.insert(seq, ev.id.clone());
+        }
         self.events.insert(
             ev.id,
             EventState {
@@ -283,8 +341,21 @@ impl Core {
                 missing: ev.missing,
                 submitted: at,
                 expires,
+                seq,
+                refs: ev.refs,
+                applying: false,
+                retry_at: None,
+                ref_error: None,
             },
         );
+    }
+
+    /// Whether any event of the entry still misses objects.
+    fn has_missing(&self, id: EntryId) -> bool {
+        self.entries[&id]
+            .events
+            .iter()
+            .any(|ev| !self.events[ev].missing.is_empty())
     }
 
     fn recheck(&mut self, identifier: &str) {
@@ -293,11 +364,16 @@ impl Core {
         };
         for &id in ids {
             let e = &self.entries[&id];
+            let oids = self.wanted(e);
+            if oids.is_empty() {
+                // Its events only await their refs.
+                continue;
+            }
             self.counters.rechecks += 1;
             self.actions.push(Action::Check {
                 entry: id,
                 repo: e.repo.clone(),
-                oids: self.wanted(e),
+                oids,
             });
         }
     }
@@ -314,7 +390,9 @@ impl Core {
                 if self.entries.contains_key(&entry) {
                     self.apply_present(entry, &present, now);
                     self.remove_if_empty(entry);
-                    // Released events' refs can go now, not at the next wake.
+                    // Satisfied events' refs are written, and released events' temporary refs
+                    // go, now rather than at the next wake.
+                    self.flush_refs(now);
                     self.flush_drops();
                 }
             }
@@ -322,8 +400,9 @@ impl Core {
         }
     }
 
-    /// One decision pass: expire, forget old expired ids, drop refs of idle repositories,
-    /// dispatch ready entries to free workers.
+    /// One decision pass: expire, forget old expired ids, drop temporary refs and write the
+    /// ref updates of satisfied events in idle repositories, dispatch ready entries to free
+    /// workers.
     pub fn pass(&mut self, now: Instant) {
         self.expire(now);
         while let Some((until, _)) = self.expired_order.front() {
@@ -336,7 +415,57 @@ impl Core {
             }
         }
         self.flush_drops();
+        // Before dispatch, which could make a repository busy again.
+        self.flush_refs(now);
         self.dispatch(now);
+    }
+
+    /// Asks for the ref updates of events awaiting them in repositories with no fetch
+    /// running, unless already asked or a failure is not a tick old yet.
+    fn flush_refs(&mut self, now: Instant) {
+        for ev in self.awaiting_refs.values() {
+            let state = self.events.get_mut(ev).expect("awaiting events wait");
+            if state.applying || state.retry_at.is_some_and(|t| t > now) {
+                continue;
+            }
+            let repo = &self.entries[&state.entry].repo;
+            if self.busy_repos.contains(repo) {
+                continue;
+            }
+            state.applying = true;
+            self.actions.push(Action::ApplyRefs {
+                event_id: ev.clone(),
+                repo: repo.clone(),
+                updates: state.refs.clone(),
+            });
+        }
+    }
+
+    /// The answer to an [`Action::ApplyRefs`]: on success the event is released, on failure
+    /// it is retried a tick later.
+    pub fn refs_applied(&mut self, event_id: &str, result: Result<(), FetchError>, now: Instant) {
+        let Some(state) = self.events.get_mut(event_id) else {
+            return;
+        };
+        if !std::mem::take(&mut state.applying) {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                self.counters.refs_applied += 1;
+                self.release(event_id, now);
+                self.flush_drops();
+            }
+            Err(e) => {
+                self.counters.ref_failures += 1;
+                log::warn!(
+                    "could not write the refs of event {event_id} in {}, retrying: {e}",
+                    self.entries[&state.entry].repo.display()
+                );
+                state.retry_at = Some(now + self.cfg.tick);
+                state.ref_error = Some(e.message);
+            }
+        }
     }
 
     fn expire(&mut self, now: Instant) {
@@ -349,12 +478,18 @@ impl Core {
                 continue;
             };
             let e = &self.entries[&ev.entry];
+            let reason = match &ev.ref_error {
+                Some(message) if ev.awaits_refs() => ExpiryReason::RefUpdateFailed {
+                    message: message.clone(),
+                },
+                _ => ExpiryReason::LifetimeEnded,
+            };
             let outcome = Outcome::Expired {
                 event_id: id.to_string(),
                 identifier: e.identifier.to_string(),
                 repo: e.repo.to_path_buf(),
                 missing: ev.missing.iter().map(ObjectId::to_string).collect(),
-                reason: ExpiryReason::LifetimeEnded,
+                reason,
             };
             self.counters.expired += 1;
             self.actions.push(Action::Emit(outcome));
@@ -414,6 +549,12 @@ impl Core {
             };
             if at > now {
                 break;
+            }
+            if !self.has_missing(id) {
+                // Its events only await their refs: nothing to fetch until an event that
+                // misses objects schedules it again.
+                self.schedule.remove(&(at, id));
+                continue;
             }
             let e = &self.entries[&id];
             if self.busy_repos.contains(&e.repo) || self.busy_identifiers.contains(&e.identifier) {
@@ -514,7 +655,15 @@ impl Core {
         if self.remove_if_empty(id) {
             return;
         }
+        let idle = !self.has_missing(id);
         let e = self.entries.get_mut(&id).expect("entry still waits");
+        if idle {
+            // Every object arrived and the events left await their refs: the attempt is over,
+            // and the entry waits unscheduled for an event that misses objects.
+            e.in_attempt = false;
+            e.requested = None;
+            return;
+        }
         if e.tried.iter().any(|t| !t) {
             // More URLs to try in this attempt: queue behind entries already ready.
             e.next_attempt = now;
@@ -524,32 +673,47 @@ impl Core {
         }
     }
 
-    /// Marks `present` (sorted) as arrived for the entry's events and releases the satisfied.
+    /// Marks `present` (sorted) as arrived for the entry's events; releases those now
+    /// satisfied, or queues their ref updates.
     fn apply_present(&mut self, id: EntryId, present: &[ObjectId], now: Instant) {
         if present.is_empty() {
             return;
         }
-        let mut released = Vec::new();
+        let mut satisfied = Vec::new();
         for ev in &self.entries[&id].events {
             let state = self.events.get_mut(ev).expect("entry events exist");
+            if state.missing.is_empty() {
+                // Already awaiting its refs.
+                continue;
+            }
             state.missing.retain(|o| present.binary_search(o).is_err());
             if state.missing.is_empty() {
-                released.push(ev.clone());
+                satisfied.push(ev.clone());
             }
         }
-        for ev in released {
+        for ev in satisfied {
             let state = &self.events[&ev];
-            let e = &self.entries[&id];
-            let outcome = Outcome::Released {
-                event_id: ev.to_string(),
-                identifier: e.identifier.to_string(),
-                repo: e.repo.to_path_buf(),
-                waited: now.saturating_duration_since(state.submitted),
-            };
-            self.counters.released += 1;
-            self.actions.push(Action::Emit(outcome));
-            self.leave(&ev);
+            if state.refs.is_empty() {
+                self.release(&ev, now);
+            } else {
+                self.awaiting_refs.insert(state.seq, ev);
+            }
         }
+    }
+
+    /// Sends [`Outcome::Released`] for a waiting event and removes it.
+    fn release(&mut self, event_id: &str, now: Instant) {
+        let state = &self.events[event_id];
+        let e = &self.entries[&state.entry];
+        let outcome = Outcome::Released {
+            event_id: event_id.to_owned(),
+            identifier: e.identifier.to_string(),
+            repo: e.repo.to_path_buf(),
+            waited: now.saturating_duration_since(state.submitted),
+        };
+        self.counters.released += 1;
+        self.actions.push(Action::Emit(outcome));
+        self.leave(event_id);
     }
 
     /// Removes a waiting event, its expiry and, when nothing else waits, its entry.
@@ -559,6 +723,7 @@ impl Core {
         };
         self.admitted.fetch_sub(1, Ordering::SeqCst);
         self.expiries.remove(&(ev.expires, Arc::from(event_id)));
+        self.awaiting_refs.remove(&ev.seq);
         let e = self
             .entries
             .get_mut(&ev.entry)
@@ -598,6 +763,7 @@ impl Core {
         Stats {
             queued_identifiers: self.entries.len(),
             waiting_events: self.events.len(),
+            awaiting_refs: self.awaiting_refs.len(),
             in_flight: self.running.len(),
             workers: self.cfg.workers,
             submitted: c.submitted,
@@ -605,6 +771,8 @@ impl Core {
             expired: c.expired,
             cancelled: c.cancelled,
             rechecks: c.rechecks,
+            ref_updates_applied: c.refs_applied,
+            ref_update_failures: c.ref_failures,
             fetches_started: c.fetches_started,
             fetches_succeeded: c.fetches_succeeded,
             fetches_failed: c.fetches_failed,

@@ -8,6 +8,9 @@ fn oid(n: u8) -> ObjectId {
     ObjectId::from_bytes([n; 20])
 }
 
+/// An [`Action::ApplyRefs`]: event id, repository, updates.
+type Apply = (Arc<str>, Arc<Path>, Arc<[RefUpdate]>);
+
 struct Harness {
     core: Core,
     clock: FakeClock,
@@ -16,6 +19,8 @@ struct Harness {
     jobs: Vec<Job>,
     checks: Vec<(EntryId, Arc<Path>, Vec<ObjectId>)>,
     drops: Vec<(Arc<Path>, Vec<ObjectId>)>,
+    /// Asked-for ref updates, not answered yet.
+    applies: Vec<Apply>,
 }
 
 impl Harness {
@@ -33,6 +38,7 @@ impl Harness {
             jobs: Vec::new(),
             checks: Vec::new(),
             drops: Vec::new(),
+            applies: Vec::new(),
         }
     }
 
@@ -50,14 +56,44 @@ impl Harness {
         urls: &[&str],
         origin: Origin,
     ) {
+        self.submit_full(id, ident, repo, oids, oids, urls, &[], origin);
+    }
+
+    /// A sync event with ref updates, all its objects missing.
+    fn submit_refs(&mut self, id: &str, repo: &str, oids: &[ObjectId], refs: &[RefUpdate]) {
+        self.submit_full(
+            id,
+            "id",
+            repo,
+            oids,
+            oids,
+            &["git://a/r"],
+            refs,
+            Origin::Sync,
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn submit_full(
+        &mut self,
+        id: &str,
+        ident: &str,
+        repo: &str,
+        oids: &[ObjectId],
+        missing: &[ObjectId],
+        urls: &[&str],
+        refs: &[RefUpdate],
+        origin: Origin,
+    ) {
         self.admitted.fetch_add(1, Ordering::SeqCst);
         let ev = ValidEvent {
             id: id.into(),
             identifier: ident.into(),
             repo: Arc::from(PathBuf::from(repo).as_path()),
             oids: oids.to_vec(),
-            missing: oids.to_vec(),
+            missing: missing.to_vec(),
             urls: urls.iter().map(|u| Arc::from(*u)).collect(),
+            refs: refs.into(),
             origin,
             submitted: self.now(),
         };
@@ -79,8 +115,23 @@ impl Harness {
                 Action::Emit(o) => self.outcomes.push(o),
                 Action::Check { entry, repo, oids } => self.checks.push((entry, repo, oids)),
                 Action::DropRefs { repo, oids } => self.drops.push((repo, oids)),
+                Action::ApplyRefs {
+                    event_id,
+                    repo,
+                    updates,
+                } => self.applies.push((event_id, repo, updates)),
             }
         }
+    }
+
+    /// Answers the oldest ref update asked for.
+    fn answer_refs(&mut self, result: Result<(), &str>) -> Arc<str> {
+        let (event_id, _, _) = self.applies.remove(0);
+        let result = result.map_err(|m| FetchError::new(FailureKind::LocalRepository, m));
+        let now = self.now();
+        self.core.refs_applied(&event_id, result, now);
+        self.collect();
+        event_id
     }
 
     fn advance(&mut self, d: Duration) {
@@ -660,4 +711,313 @@ fn a_pass_touches_only_ready_entries() {
     h.advance(500 * MS);
     assert_eq!(h.jobs.len(), 1);
     assert_eq!(h.jobs[0].request.identifier, "ready");
+}
+
+// Ref updates on release.
+
+fn main_at(n: u8) -> RefUpdate {
+    RefUpdate::oid("refs/heads/main", oid(n).to_string())
+}
+
+#[test]
+fn an_event_with_refs_is_released_only_after_they_are_written() {
+    let mut h = Harness::new();
+    let refs = [main_at(1), RefUpdate::symbolic("HEAD", "refs/heads/main")];
+    h.submit_refs("e", "/r", &[oid(1)], &refs);
+    h.advance(500 * MS);
+    h.finish(&[oid(1)], None);
+    assert!(h.outcomes.is_empty(), "not released before its refs");
+    assert_eq!(h.applies.len(), 1);
+    let (event_id, repo, updates) = &h.applies[0];
+    assert_eq!((&**event_id, &**repo), ("e", Path::new("/r")));
+    assert_eq!(&updates[..], &refs);
+    assert!(
+        h.drops.is_empty(),
+        "objects stay pinned until the refs exist"
+    );
+    let s = h.core.stats();
+    assert_eq!((s.waiting_events, s.awaiting_refs, s.released), (1, 1, 0));
+    // Asked once: further passes wait for the answer.
+    h.advance(10 * SEC);
+    assert_eq!(h.applies.len(), 1);
+    assert!(
+        h.jobs.is_empty(),
+        "nothing is fetched for an event awaiting refs"
+    );
+
+    h.answer_refs(Ok(()));
+    assert_eq!(h.released(), ["e"]);
+    assert_eq!(
+        h.drops.len(),
+        1,
+        "temporary refs go once the event is released"
+    );
+    assert_eq!(h.drops[0].1, vec![oid(1)]);
+    let s = h.core.stats();
+    assert_eq!(
+        (
+            s.waiting_events,
+            s.awaiting_refs,
+            s.queued_identifiers,
+            s.released,
+            s.ref_updates_applied
+        ),
+        (0, 0, 0, 1, 1)
+    );
+    assert_eq!(h.admitted.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn ref_updates_wait_while_a_fetch_runs_in_the_repository() {
+    let mut h = Harness::new();
+    h.submit_full(
+        "e1",
+        "id1",
+        "/r",
+        &[oid(1)],
+        &[oid(1)],
+        &[],
+        &[main_at(1)],
+        Origin::User,
+    );
+    h.submit("e2", "id2", "/r", &[oid(2)], &["git://a/r"], Origin::Sync);
+    h.advance(500 * MS);
+    assert_eq!(h.jobs.len(), 1, "e2's fetch runs in /r");
+    // A push brings e1's object while e2's fetch runs.
+    h.core
+        .command(Command::GitDataArrived("id1".into()), h.now());
+    h.collect();
+    let (entry, _, _) = h.checks.remove(0);
+    h.core.checked(entry, Ok(vec![oid(1)]), h.now());
+    h.collect();
+    h.pass();
+    assert!(h.applies.is_empty(), "deferred: a fetch runs in /r");
+    assert_eq!(h.core.stats().awaiting_refs, 1);
+    h.finish(&[], Some(FailureKind::Protocol));
+    assert_eq!(h.applies.len(), 1, "written as soon as /r is idle");
+    h.answer_refs(Ok(()));
+    assert_eq!(h.released(), ["e1"]);
+}
+
+#[test]
+fn refs_are_written_before_the_next_fetch_into_the_repository_starts() {
+    let mut h = Harness::new();
+    h.submit_refs("e1", "/r", &[oid(1)], &[main_at(1)]);
+    h.submit("e2", "id2", "/r", &[oid(2)], &["git://a/r"], Origin::Sync);
+    h.advance(500 * MS);
+    let job = h.jobs.remove(0);
+    assert_eq!(
+        job.request.identifier, "id",
+        "e1's fetch; e2's waits for /r"
+    );
+    let now = h.now();
+    h.core
+        .job_done(job.id, FetchReport::new(vec![oid(1)], None), now);
+    h.core.pass(now);
+    // One pass decided both; the loop carries actions out in order, so the refs are written
+    // before e2's fetch into /r is handed to a worker.
+    let kinds: Vec<&str> = h
+        .core
+        .take_actions()
+        .iter()
+        .map(|a| match a {
+            Action::ApplyRefs { .. } => "apply",
+            Action::Dispatch(_) => "dispatch",
+            _ => "other",
+        })
+        .collect();
+    assert_eq!(kinds, ["apply", "dispatch"]);
+}
+
+#[test]
+fn a_failed_ref_update_is_retried_a_tick_later_and_wants_no_fetch() {
+    let mut h = Harness::with(Config {
+        event_lifetime: 60 * SEC,
+        ..Config::default()
+    });
+    h.submit_refs("e", "/r", &[oid(1)], &[main_at(1)]);
+    h.advance(500 * MS);
+    h.finish(&[oid(1)], None);
+    h.answer_refs(Err("failed to lock refs/heads/main"));
+    assert!(h.outcomes.is_empty());
+    assert!(h.applies.is_empty(), "not retried at once");
+    let s = h.core.stats();
+    assert_eq!(
+        (s.waiting_events, s.awaiting_refs, s.ref_update_failures),
+        (1, 1, 1)
+    );
+    h.advance(SEC - MS);
+    assert!(h.applies.is_empty(), "not before a tick");
+    h.advance(MS);
+    assert_eq!(h.applies.len(), 1, "retried at the next tick");
+    h.answer_refs(Err("still locked"));
+    h.advance(SEC);
+    assert_eq!(h.applies.len(), 1);
+    // A new event of the entry wants only its own object, not the awaiting event's.
+    h.submit("e2", "id", "/r", &[oid(2)], &[], Origin::Sync);
+    h.advance(500 * MS);
+    assert_eq!(h.jobs.len(), 1);
+    assert_eq!(h.jobs[0].request.wanted, vec![oid(2)]);
+    h.answer_refs(Ok(()));
+    assert_eq!(h.released(), ["e"]);
+    assert_eq!(h.core.stats().ref_update_failures, 2);
+    assert!(h.drops.is_empty(), "/r is busy with e2's fetch");
+}
+
+#[test]
+fn an_event_whose_refs_keep_failing_expires_with_the_last_error() {
+    let mut h = Harness::with(Config {
+        event_lifetime: 10 * SEC,
+        ..Config::default()
+    });
+    h.submit_refs("e", "/r", &[oid(1)], &[main_at(1)]);
+    h.advance(500 * MS);
+    h.finish(&[oid(1)], None);
+    let mut failures = 0;
+    while h.outcomes.is_empty() && failures < 100 {
+        if !h.applies.is_empty() {
+            failures += 1;
+            h.answer_refs(Err(&format!("locked {failures}")));
+        }
+        h.advance(100 * MS);
+    }
+    assert!(failures >= 9, "retried every tick: {failures}");
+    match &h.outcomes[..] {
+        [Outcome::Expired {
+            event_id,
+            missing,
+            reason,
+            ..
+        }] => {
+            assert_eq!(event_id, "e");
+            assert!(missing.is_empty(), "{missing:?}");
+            assert_eq!(
+                *reason,
+                ExpiryReason::RefUpdateFailed {
+                    message: format!("locked {failures}")
+                }
+            );
+        }
+        o => panic!("{o:?}"),
+    }
+    let s = h.core.stats();
+    assert_eq!(
+        (s.waiting_events, s.awaiting_refs, s.expired, s.released),
+        (0, 0, 1, 0)
+    );
+    assert_eq!(h.admitted.load(Ordering::SeqCst), 0);
+    assert_eq!(h.drops.len(), 1, "its temporary refs go");
+    assert!(h.core.refused_for("e", h.now()).is_some());
+}
+
+#[test]
+fn an_event_complete_at_submit_with_refs_is_written_at_the_next_pass() {
+    let mut h = Harness::new();
+    h.submit_full(
+        "e",
+        "id",
+        "/r",
+        &[oid(1)],
+        &[],
+        &["git://a/r"],
+        &[main_at(1)],
+        Origin::User,
+    );
+    assert_eq!(h.applies.len(), 1, "asked at the pass after the command");
+    let s = h.core.stats();
+    assert_eq!((s.submitted, s.waiting_events, s.awaiting_refs), (1, 1, 1));
+    h.answer_refs(Ok(()));
+    match &h.outcomes[..] {
+        [Outcome::Released {
+            event_id, waited, ..
+        }] => {
+            assert_eq!(event_id, "e");
+            assert_eq!(*waited, Duration::ZERO);
+        }
+        o => panic!("{o:?}"),
+    }
+    h.advance(200 * SEC);
+    assert!(h.jobs.is_empty(), "nothing was ever fetched");
+    assert_eq!(h.core.stats().queued_identifiers, 0);
+    assert_eq!(h.admitted.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn an_entry_left_with_events_awaiting_refs_is_scheduled_afresh_by_a_new_event() {
+    let mut h = Harness::with(Config {
+        event_lifetime: 3600 * SEC,
+        ..Config::default()
+    });
+    h.submit_refs("e1", "/r", &[oid(1)], &[main_at(1)]);
+    h.advance(500 * MS);
+    h.finish(&[oid(1)], None);
+    h.answer_refs(Err("locked"));
+    // Backoff state is gone with the complete attempt; a user event waits for its push.
+    h.advance(100 * SEC);
+    h.submit("e2", "id", "/r", &[oid(2)], &[], Origin::User);
+    assert_eq!(h.time_to_next_job(300 * SEC), Some(180 * SEC));
+    assert_eq!(h.jobs[0].request.wanted, vec![oid(2)]);
+}
+
+#[test]
+fn events_without_refs_never_ask_for_ref_updates() {
+    let mut h = Harness::new();
+    h.submit("e1", "id", "/r", &[oid(1)], &["git://a/r"], Origin::Sync);
+    h.submit_refs("e2", "/r", &[oid(1), oid(2)], &[main_at(2)]);
+    h.advance(500 * MS);
+    h.finish(&[oid(1)], Some(FailureKind::Protocol));
+    assert_eq!(h.released(), ["e1"], "released at once, as before");
+    assert!(h.applies.is_empty());
+    h.time_to_next_job(30 * SEC)
+        .expect("e2 is retried after the backoff");
+    h.finish(&[oid(2)], None);
+    assert_eq!(h.applies.len(), 1);
+    assert_eq!(&*h.applies[0].0, "e2");
+}
+
+#[test]
+fn a_recheck_writes_refs_at_once_and_skips_entries_with_nothing_missing() {
+    let mut h = Harness::new();
+    h.submit_full(
+        "e",
+        "id",
+        "/r",
+        &[oid(1)],
+        &[oid(1)],
+        &[],
+        &[main_at(1)],
+        Origin::User,
+    );
+    h.core
+        .command(Command::GitDataArrived("id".into()), h.now());
+    h.collect();
+    let (entry, _, _) = h.checks.remove(0);
+    h.core.checked(entry, Ok(vec![oid(1)]), h.now());
+    h.collect();
+    assert_eq!(
+        h.applies.len(),
+        1,
+        "within the same wake, not at the next tick"
+    );
+    h.answer_refs(Err("locked"));
+    h.core
+        .command(Command::GitDataArrived("id".into()), h.now());
+    h.collect();
+    assert!(h.checks.is_empty(), "nothing left to look for");
+    assert_eq!(h.core.stats().rechecks, 1);
+}
+
+#[test]
+fn a_cancelled_event_awaiting_refs_is_forgotten() {
+    let mut h = Harness::new();
+    h.submit_refs("e", "/r", &[oid(1)], &[main_at(1)]);
+    h.advance(500 * MS);
+    h.finish(&[oid(1)], None);
+    h.answer_refs(Err("locked"));
+    h.core.command(Command::Cancel("e".into()), h.now());
+    h.advance(10 * SEC);
+    assert!(h.applies.is_empty() && h.outcomes.is_empty());
+    let s = h.core.stats();
+    assert_eq!((s.waiting_events, s.awaiting_refs, s.cancelled), (0, 0, 1));
+    assert_eq!(h.drops.len(), 1);
 }

@@ -2,8 +2,8 @@
 //!
 //! It wakes on a command, a job result, a fake-clock advance or the tick, lets the core decide,
 //! and carries out the core's actions outside the lock: fetch jobs go to the worker pool,
-//! outcomes to the host, repository checks and ref clean-ups run here (they are local and
-//! quick). Workers only fetch and report.
+//! outcomes to the host, repository checks, ref updates and ref clean-ups run here (they are
+//! local and quick). Workers only fetch and report.
 
 pub(crate) mod bench;
 pub(crate) mod core;
@@ -96,6 +96,26 @@ impl Scheduler {
                     Action::Check { entry, repo, oids } => {
                         let result = self.fetcher.present(&repo, &oids);
                         self.core.lock().checked(entry, result, self.clock.now());
+                    }
+                    Action::ApplyRefs {
+                        event_id,
+                        repo,
+                        updates,
+                    } => {
+                        // A custom fetcher's panic must not take the scheduler down: it counts
+                        // as a failed write, retried like one.
+                        let result = catch_unwind(AssertUnwindSafe(|| {
+                            self.fetcher.apply_refs(&repo, &updates)
+                        }))
+                        .unwrap_or_else(|panic| {
+                            Err(FetchError::new(
+                                FailureKind::Panicked,
+                                panic_message(panic.as_ref()),
+                            ))
+                        });
+                        self.core
+                            .lock()
+                            .refs_applied(&event_id, result, self.clock.now());
                     }
                     Action::DropRefs { repo, oids } => {
                         if let Err(e) = self.fetcher.drop_temp_refs(&repo, &oids) {

@@ -1,0 +1,284 @@
+//! Ref updates on release, with real repositories, the default libgit2 fetcher and `git daemon`
+//! on loopback, in a fast configuration (50 ms tick).
+//!
+//! Nothing sleeps to wait for a decision: tests wait on the outcome channel, or poll `stats()`
+//! in a bounded loop. Temporary refs are checked after `shutdown`, which returns once the
+//! scheduler has carried out everything it decided.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use purgatory_sync::testkit::{self, GitDaemon};
+use purgatory_sync::{
+    Admission, Engine, EngineBuilder, ObjectId, Origin, Outcome, PendingEvent, RefUpdate, Stats,
+    TEMP_REF_PREFIX,
+};
+
+/// Far longer than any outcome here should take, even on a loaded 2-core machine.
+const GENEROUS: Duration = Duration::from_secs(30);
+
+const HOST: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+
+fn fast(thread_name: &str) -> EngineBuilder {
+    let _ = env_logger::builder().is_test(true).try_init();
+    Engine::builder()
+        .thread_name(thread_name)
+        .tick(Duration::from_millis(50))
+        .sync_delay(Duration::from_millis(0))
+        .backoff_base(Duration::from_millis(100))
+        .backoff_cap(Duration::from_millis(400))
+        .fetch_deadline(Duration::from_secs(30))
+}
+
+fn daemon(base: &Path) -> GitDaemon {
+    testkit::require_git();
+    GitDaemon::start(HOST, base).unwrap_or_else(|e| panic!("git daemon on {HOST}: {e}"))
+}
+
+fn event(id: &str, repo: &Path, oids: &[ObjectId], urls: &[String]) -> PendingEvent {
+    PendingEvent {
+        id: id.into(),
+        identifier: "alice/project".into(),
+        repo: repo.to_path_buf(),
+        oids: oids.iter().map(ObjectId::to_string).collect(),
+        clone_urls: urls.to_vec(),
+        origin: Origin::Sync,
+        ..Default::default()
+    }
+}
+
+fn expect_released(engine: &Engine, event_id: &str) {
+    match engine.outcomes().recv_timeout(GENEROUS) {
+        Ok(Outcome::Released { event_id: e, .. }) => assert_eq!(e, event_id),
+        other => panic!(
+            "expected {event_id} released, got {other:?}; {:?}",
+            engine.stats()
+        ),
+    }
+}
+
+/// An annotated tag `name` on `target` in the repository at `repo`; returns the tag object's id.
+fn annotated_tag(repo: &Path, name: &str, target: ObjectId) -> ObjectId {
+    let r = git2::Repository::open_bare(repo).unwrap();
+    let commit = r.find_object(oid(target), None).unwrap();
+    let sig = git2::Signature::new(
+        testkit::AUTHOR_NAME,
+        testkit::AUTHOR_EMAIL,
+        &git2::Time::new(testkit::COMMIT_TIME, 0),
+    )
+    .unwrap();
+    let tag = r.tag(name, &commit, &sig, "release", false).unwrap();
+    tag.to_string().parse().unwrap()
+}
+
+fn oid(o: ObjectId) -> git2::Oid {
+    git2::Oid::from_bytes(o.as_bytes()).unwrap()
+}
+
+/// Where the ref `name` of the repository at `repo` points: an object id, or `ref: <name>` for
+/// a symbolic ref. `None` when it does not exist.
+fn ref_target(repo: &Path, name: &str) -> Option<String> {
+    let r = git2::Repository::open_bare(repo).unwrap();
+    let reference = match r.find_reference(name) {
+        Ok(reference) => reference,
+        Err(e) if e.code() == git2::ErrorCode::NotFound => return None,
+        Err(e) => panic!("ref {name} of {}: {e}", repo.display()),
+    };
+    Some(match reference.symbolic_target().expect("a UTF-8 target") {
+        Some(t) => format!("ref: {t}"),
+        None => reference.target().expect("a direct ref").to_string(),
+    })
+}
+
+/// Every ref under `refs/` outside the engine's temporary namespace, sorted.
+fn own_refs(repo: &Path) -> Vec<String> {
+    testkit::refs_with_prefix(repo, "refs/")
+        .into_iter()
+        .filter(|r| !r.starts_with(TEMP_REF_PREFIX))
+        .collect()
+}
+
+fn temp_refs(repo: &Path) -> Vec<String> {
+    testkit::refs_with_prefix(repo, TEMP_REF_PREFIX)
+}
+
+/// Polls `stats()` until `done` holds, for at most [`GENEROUS`].
+fn wait_stats(engine: &Engine, done: impl Fn(&Stats) -> bool) -> Stats {
+    let start = Instant::now();
+    loop {
+        let s = engine.stats();
+        if done(&s) || start.elapsed() > GENEROUS {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// (a) A repository-state-like event: a branch, an annotated tag and `HEAD`. Once released,
+/// the target repository has exactly those refs, pointing at the right objects, and after
+/// shutdown no temporary ref is left.
+#[test]
+fn a_repository_state_event_sets_branches_tags_and_head_on_release() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("mirror");
+    let served = testkit::served_repo(&base, "alice/project.git");
+    let c1 = testkit::commit(&served, "main", &[("README", b"one\n")], "one");
+    let v1 = annotated_tag(&served, "v1", c1);
+    let c2 = testkit::commit(&served, "main", &[("README", b"two\n")], "two");
+    let mirror = daemon(&base);
+    let target = testkit::init_bare(&dir.path().join("relay/project.git"));
+
+    let engine = fast("ra").build().unwrap();
+    let ev = event(
+        "state",
+        &target,
+        &[c2, v1],
+        &[mirror.url("alice/project.git")],
+    )
+    .ref_update(RefUpdate::oid("refs/heads/main", c2.to_string()))
+    .ref_update(RefUpdate::oid("refs/tags/v1", v1.to_string()))
+    .ref_update(RefUpdate::symbolic("HEAD", "refs/heads/main"));
+    assert_eq!(engine.submit(ev).unwrap(), Admission::Pending);
+    expect_released(&engine, "state");
+
+    // The host may rely on the refs as soon as it reads `Released`.
+    assert_eq!(ref_target(&target, "refs/heads/main"), Some(c2.to_string()));
+    assert_eq!(ref_target(&target, "refs/tags/v1"), Some(v1.to_string()));
+    assert_eq!(
+        ref_target(&target, "HEAD").as_deref(),
+        Some("ref: refs/heads/main")
+    );
+    let r = git2::Repository::open_bare(&target).unwrap();
+    assert_eq!(r.head().unwrap().peel_to_commit().unwrap().id(), oid(c2));
+    let tagged = r
+        .find_reference("refs/tags/v1")
+        .unwrap()
+        .peel_to_commit()
+        .unwrap();
+    assert_eq!(tagged.id(), oid(c1));
+    let s = engine.stats();
+    assert_eq!(
+        (s.released, s.ref_updates_applied, s.ref_update_failures),
+        (1, 1, 0),
+        "{s:?}"
+    );
+    assert_eq!((s.waiting_events, s.awaiting_refs), (0, 0), "{s:?}");
+
+    engine.shutdown().unwrap();
+    assert_eq!(own_refs(&target), ["refs/heads/main", "refs/tags/v1"]);
+    assert_eq!(temp_refs(&target), Vec::<String>::new(), "no pin left");
+}
+
+/// (b) A pull-request-like event asks for `refs/nostr/<event-id>` on its tip.
+#[test]
+fn a_pull_request_event_gets_its_nostr_ref() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("mirror");
+    let served = testkit::served_repo(&base, "fork.git");
+    testkit::commit(&served, "main", &[("f", b"base\n")], "base");
+    let tip = testkit::commit(&served, "pr/topic", &[("f", b"change\n")], "change");
+    let mirror = daemon(&base);
+    let target = testkit::init_bare(&dir.path().join("relay/project.git"));
+
+    let engine = fast("rb").build().unwrap();
+    let id = "5c83da77af1dec6d7289834998ad7aafbd9e2191396d75ec3cc27f5a77226f36";
+    let name = format!("refs/nostr/{id}");
+    let ev = event(id, &target, &[tip], &[mirror.url("fork.git")])
+        .ref_update(RefUpdate::oid(name.clone(), tip.to_string().to_uppercase()));
+    assert_eq!(engine.submit(ev).unwrap(), Admission::Pending);
+    expect_released(&engine, id);
+    assert_eq!(ref_target(&target, &name), Some(tip.to_string()));
+
+    engine.shutdown().unwrap();
+    assert_eq!(own_refs(&target), [name]);
+    assert_eq!(temp_refs(&target), Vec::<String>::new());
+}
+
+/// (c) All or none: while one ref is locked by another writer none of the event's refs is
+/// written and the event is not released; once the lock goes, the next tick writes them all
+/// and releases it.
+#[test]
+fn a_locked_ref_holds_back_every_ref_of_the_event_until_it_is_free() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("mirror");
+    let served = testkit::served_repo(&base, "alice/project.git");
+    let c1 = testkit::commit(&served, "main", &[("f", b"1\n")], "one");
+    let mirror = daemon(&base);
+    let target = testkit::init_bare(&dir.path().join("relay/project.git"));
+    let head_before = ref_target(&target, "HEAD");
+    // Another writer (a push) holds refs/heads/main.
+    let lock = target.join("refs/heads/main.lock");
+    std::fs::write(&lock, format!("{c1}\n")).unwrap();
+
+    let engine = fast("rc").build().unwrap();
+    let ev = event("locked", &target, &[c1], &[mirror.url("alice/project.git")])
+        .ref_update(RefUpdate::oid("refs/tags/v1", c1.to_string()))
+        .ref_update(RefUpdate::oid("refs/heads/main", c1.to_string()))
+        .ref_update(RefUpdate::symbolic("HEAD", "refs/heads/main"));
+    assert_eq!(engine.submit(ev).unwrap(), Admission::Pending);
+
+    // Fetched, then the write fails and is retried at each tick.
+    let s = wait_stats(&engine, |s| s.ref_update_failures >= 2);
+    assert!(s.ref_update_failures >= 2, "{s:?}");
+    assert_eq!(
+        (s.waiting_events, s.awaiting_refs, s.released),
+        (1, 1, 0),
+        "{s:?}"
+    );
+    assert!(testkit::has_object(&target, c1));
+    assert!(
+        engine.outcomes().try_recv().is_err(),
+        "not released while its refs cannot be written"
+    );
+    assert_eq!(own_refs(&target), Vec::<String>::new(), "none written");
+    assert_eq!(ref_target(&target, "HEAD"), head_before, "HEAD untouched");
+
+    std::fs::remove_file(&lock).unwrap();
+    expect_released(&engine, "locked");
+    assert_eq!(ref_target(&target, "refs/heads/main"), Some(c1.to_string()));
+    assert_eq!(ref_target(&target, "refs/tags/v1"), Some(c1.to_string()));
+    assert_eq!(
+        ref_target(&target, "HEAD").as_deref(),
+        Some("ref: refs/heads/main")
+    );
+    let s = engine.stats();
+    assert_eq!((s.released, s.ref_updates_applied), (1, 1), "{s:?}");
+
+    engine.shutdown().unwrap();
+    assert_eq!(own_refs(&target), ["refs/heads/main", "refs/tags/v1"]);
+    assert_eq!(temp_refs(&target), Vec::<String>::new());
+}
+
+/// (d) Every object is already in the repository: with ref updates the event is `Pending`
+/// (the scheduler writes the refs, not the submitting thread), then released; without, it is
+/// `AlreadySatisfied` as before.
+#[test]
+fn an_event_with_refs_and_objects_already_present_is_released_once_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = testkit::init_bare(&dir.path().join("t.git"));
+    let c1 = testkit::commit(&target, "topic", &[("f", b"1")], "one");
+
+    let engine = fast("rd").build().unwrap();
+    let ev = event("here", &target, &[c1], &[])
+        .ref_update(RefUpdate::oid("refs/heads/main", c1.to_string()));
+    assert_eq!(engine.submit(ev).unwrap(), Admission::Pending);
+    expect_released(&engine, "here");
+    assert_eq!(ref_target(&target, "refs/heads/main"), Some(c1.to_string()));
+    let plain = event("plain", &target, &[c1], &[]);
+    assert_eq!(engine.submit(plain).unwrap(), Admission::AlreadySatisfied);
+
+    let s = engine.stats();
+    assert_eq!(
+        (
+            s.submitted,
+            s.already_satisfied,
+            s.released,
+            s.fetches_started
+        ),
+        (1, 1, 1, 0),
+        "{s:?}"
+    );
+    engine.shutdown().unwrap();
+    assert_eq!(own_refs(&target), ["refs/heads/main", "refs/heads/topic"]);
+}
