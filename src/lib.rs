@@ -115,7 +115,7 @@ pub use fetch::{
     StopReason, TEMP_REF_PREFIX,
 };
 pub use oid::{ObjectId, ParseObjectIdError};
-pub use stats::Stats;
+pub use stats::{FailureRecord, Stats};
 
 /// The README's examples compile as doc-tests, so that they cannot drift from the API.
 #[cfg(doctest)]

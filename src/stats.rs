@@ -55,6 +55,22 @@ pub struct Stats {
     pub fetches_failed: u64,
     /// Failed fetches by kind of failure.
     pub failures: BTreeMap<FailureKind, u64>,
+    /// The last 32 failed fetches, oldest first.
+    pub recent_failures: Vec<FailureRecord>,
     /// Expired event ids currently refused on re-submission.
     pub expired_ids_remembered: usize,
+}
+
+/// One failed fetch, as kept in [`Stats::recent_failures`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FailureRecord {
+    /// The identifier fetched for.
+    pub identifier: String,
+    /// The URL fetched from.
+    pub url: String,
+    /// The class of failure.
+    pub kind: FailureKind,
+    /// What happened, with URLs stripped.
+    pub message: String,
 }

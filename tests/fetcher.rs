@@ -276,3 +276,33 @@ fn a_shallow_fetch_brings_only_the_asked_depth() {
         "libgit2 records the shallow boundary"
     );
 }
+
+#[test]
+fn a_ref_update_clashing_with_an_existing_ref_writes_none_of_the_refs() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = target(dir.path(), "t.git");
+    let c = testkit::commit(&t, "main", &[("f", b"1")], "one");
+    // `refs/heads/a/b` exists, so `refs/heads/a` cannot be written.
+    let c2 = testkit::commit(&t, "a/b", &[("f", b"2")], "two");
+    let updates = [
+        purgatory_sync::RefUpdate::oid("refs/heads/first", c.to_string()),
+        purgatory_sync::RefUpdate::oid("refs/heads/a", c.to_string()),
+        purgatory_sync::RefUpdate::oid("refs/heads/main", c2.to_string()),
+        purgatory_sync::RefUpdate::oid("refs/tags/zz-last", c.to_string()),
+    ];
+    let err = GitFetcher::new().apply_refs(&t, &updates).unwrap_err();
+    assert_eq!(err.kind, FailureKind::LocalRepository, "{err}");
+    let repo = git2::Repository::open_bare(&t).unwrap();
+    for name in ["refs/heads/first", "refs/tags/zz-last"] {
+        assert!(repo.find_reference(name).is_err(), "{name} was written");
+    }
+    assert_eq!(
+        repo.find_reference("refs/heads/main")
+            .unwrap()
+            .target()
+            .unwrap()
+            .to_string(),
+        c.to_string(),
+        "main keeps its old target"
+    );
+}

@@ -150,6 +150,16 @@ fn one_bad_attempt(
         expected.contains(&kind),
         "{name}: failure {kind:?}, expected one of {expected:?}"
     );
+    match &s.recent_failures[..] {
+        [f] => {
+            assert_eq!(
+                (f.kind, f.url.as_str(), f.identifier.as_str()),
+                (kind, bad_url, "bad")
+            );
+            assert!(!f.message.contains("://"), "{name}: URL in {:?}", f.message);
+        }
+        other => panic!("{name}: {other:?}"),
+    }
     assert_eq!(s.in_flight, 0, "{name}: the worker is free again");
     assert_eq!(s.released, 4, "{name}");
     assert_eq!(s.waiting_events, 1, "{name}: the bad event still waits");

@@ -93,6 +93,9 @@ pub(crate) fn apply_refs(repo: &Path, updates: &[crate::RefUpdate]) -> Result<()
     for u in updates {
         tx.lock_ref(&u.name).map_err(local)?;
     }
+    // With every lock held nobody else can change these refs: remember them, so that a
+    // failure half-way through the writes below can be undone.
+    let before: Vec<Option<Previous>> = updates.iter().map(|u| previous(&repo, &u.name)).collect();
     for u in updates {
         match &u.target {
             crate::RefTarget::Oid(hex) => {
@@ -105,8 +108,42 @@ pub(crate) fn apply_refs(repo: &Path, updates: &[crate::RefUpdate]) -> Result<()
         }
         .map_err(local)?;
     }
-    // Dropping an uncommitted transaction unlocks every ref without writing any.
-    tx.commit().map_err(local)
+    // Dropping an uncommitted transaction unlocks every ref without writing any; a commit
+    // writes them one by one and may stop in the middle.
+    if let Err(e) = tx.commit() {
+        for (u, old) in updates.iter().zip(before) {
+            let restored = match old {
+                Some(Previous::Direct(oid)) => repo
+                    .reference(&u.name, oid, true, "purgatory-sync: undo")
+                    .map(drop),
+                Some(Previous::Symbolic(target)) => repo
+                    .reference_symbolic(&u.name, &target, true, "purgatory-sync: undo")
+                    .map(drop),
+                None => match repo.find_reference(&u.name) {
+                    Ok(mut r) => r.delete(),
+                    Err(_) => Ok(()),
+                },
+            };
+            if let Err(undo) = restored {
+                log::warn!("could not undo {} after a failed update: {undo}", u.name);
+            }
+        }
+        return Err(local(e));
+    }
+    Ok(())
+}
+
+enum Previous {
+    Direct(git2::Oid),
+    Symbolic(String),
+}
+
+fn previous(repo: &Repository, name: &str) -> Option<Previous> {
+    let r = repo.find_reference(name).ok()?;
+    match r.symbolic_target().ok().flatten() {
+        Some(t) => Some(Previous::Symbolic(t.to_owned())),
+        None => r.target().map(Previous::Direct),
+    }
 }
 
 fn temp_ref(oid: ObjectId) -> String {
@@ -122,7 +159,7 @@ fn local(e: git2::Error) -> FetchError {
 /// One attempt against one URL:
 /// 1. Ask for the missing ids directly. When the server lacks some of them it fails the whole
 ///    request without naming which, so the set is split in halves and retried (bounded by
-///    [`MAX_SPLIT_FETCHES`] and the deadline) until every id it has arrived.
+///    32 requests and the deadline) until every id it has arrived.
 /// 2. If the server's advertisement does not allow fetching by id (no
 ///    `allow-tip-sha1-in-want` / `allow-reachable-sha1-in-want`; libgit2 refuses such wants
 ///    itself before sending them), fetch the advertised refs whose tips are missing ids.

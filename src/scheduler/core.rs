@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use crate::config::Config;
 use crate::event::{ExpiryReason, Origin, Outcome, RefUpdate};
 use crate::fetch::{FailureKind, FetchError, FetchReport, FetchRequest};
-use crate::stats::Stats;
+use crate::stats::{FailureRecord, Stats};
 use crate::ObjectId;
 
 pub(crate) type EntryId = u64;
@@ -133,7 +133,11 @@ struct Running {
     entry: EntryId,
     repo: Arc<Path>,
     identifier: Arc<str>,
+    url: Arc<str>,
 }
+
+/// How many failures [`Stats::recent_failures`] keeps.
+const RECENT_FAILURES: usize = 32;
 
 #[derive(Default)]
 struct Counters {
@@ -148,6 +152,7 @@ struct Counters {
     fetches_succeeded: u64,
     fetches_failed: u64,
     failures: BTreeMap<FailureKind, u64>,
+    recent_failures: VecDeque<FailureRecord>,
 }
 
 /// The purgatory queue and every scheduling decision.
@@ -597,6 +602,7 @@ impl Core {
                 entry: id,
                 repo: e.repo.clone(),
                 identifier: e.identifier.clone(),
+                url: e.urls[i].clone(),
             },
         );
         self.counters.fetches_started += 1;
@@ -642,6 +648,15 @@ impl Core {
             Some(e) => {
                 self.counters.fetches_failed += 1;
                 *self.counters.failures.entry(e.kind).or_default() += 1;
+                if self.counters.recent_failures.len() == RECENT_FAILURES {
+                    self.counters.recent_failures.pop_front();
+                }
+                self.counters.recent_failures.push_back(FailureRecord {
+                    identifier: run.identifier.to_string(),
+                    url: run.url.to_string(),
+                    kind: e.kind,
+                    message: e.message.clone(),
+                });
             }
         }
         let id = run.entry;
@@ -777,6 +792,7 @@ impl Core {
             fetches_succeeded: c.fetches_succeeded,
             fetches_failed: c.fetches_failed,
             failures: c.failures.clone(),
+            recent_failures: c.recent_failures.iter().cloned().collect(),
             expired_ids_remembered: self.expired_ids.len(),
             ..Stats::default()
         }
