@@ -73,19 +73,31 @@
 //! | expired event id refused on re-submission | 24 h | [`EngineBuilder::expired_memory`] |
 //! | worker threads (fetches in flight) | 8 | [`EngineBuilder::workers`] |
 //! | hard limit on one fetch | 120 s | [`EngineBuilder::fetch_deadline`] |
+//! | most bytes one fetch may receive | 1 GiB | [`EngineBuilder::max_fetch_bytes`] |
+//! | connect timeout / longest silence on a connection | 10 s / 30 s | [`EngineBuilder::connect_timeout`], [`EngineBuilder::io_timeout`] |
+//! | shallow fetch | off | [`EngineBuilder::fetch_depth`] |
 //!
 //! An attempt tries the identifier's clone URLs one after another, each fetch asking for the
 //! objects still missing, until every waiting event is satisfied or every URL was tried; objects
 //! may come from different URLs. A new event for a queued identifier resets the backoff and
 //! moves the next attempt earlier, never later. At most one fetch runs per identifier and per
 //! repository. Fetched objects are kept reachable under [`TEMP_REF_PREFIX`] until their event
-//! leaves purgatory.
+//! leaves purgatory. An event's [`RefUpdate`]s are written in one transaction, all or none,
+//! before its [`Outcome::Released`] is sent.
+//!
+//! Each fetch is bounded: the engine registers its own socket stream with libgit2, so the
+//! deadline, the byte cap, the idle timeout and shutdown are checked on every read and write,
+//! and every failure is classified ([`FailureKind`]). See [`GitFetcher`] for how the objects to
+//! ask for are chosen when a server does not allow fetching by id.
 //!
 //! # Threads and libgit2
 //!
-//! [`EngineBuilder::build`] makes the process's first libgit2 call (which sets environment
-//! variables for OpenSSL) and sets libgit2's process-wide socket timeouts. Build the first
-//! engine early, before the host starts other threads that use libgit2 or the environment.
+//! [`EngineBuilder::build`] (or [`GitFetcher::new`]) makes the process's first libgit2 call
+//! (which sets environment variables for OpenSSL), sets libgit2's process-wide socket timeouts
+//! and registers the engine's socket stream as libgit2's standard stream for the whole
+//! process. Outside an engine's fetch that stream behaves as a plain socket (10 s connect,
+//! 30 s idle timeouts), so a host's own libgit2 use keeps working. Build the first engine
+//! early, before the host starts other threads that use libgit2 or the environment.
 
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
