@@ -38,6 +38,7 @@ fn main() -> Result<(), Box<dyn Error>> {
 
     // Build the engine first: it is the process's first libgit2 user (see the crate docs).
     let engine = Engine::builder()
+        .allow_private_addresses(true) // the test servers listen on 127.0.0.x
         .workers(4)
         .thread_name("embed")
         .tick(Duration::from_millis(100))
@@ -106,7 +107,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         .clone_url(mirror1.url("alice/hello.git"))
         .clone_url(mirror2.url("alice/hello.git"))
         .origin(Origin::Sync);
-    expect(submit(state)? == Admission::Pending, "state-alice waits")?;
+    expect(submit(state)? == Admission::pending(), "state-alice waits")?;
     expected.insert("state-alice");
 
     let pr = PendingEvent {
@@ -118,7 +119,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         origin: Origin::Sync,
         ..Default::default()
     };
-    expect(submit(pr)? == Admission::Pending, "pr-bob waits")?;
+    expect(submit(pr)? == Admission::pending(), "pr-bob waits")?;
     expected.insert("pr-bob");
 
     // Carol publishes an event to this relay and is about to push its commit here.
@@ -129,7 +130,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         .clone_url(mirror1.url("carol/notes.git"))
         .origin(Origin::User);
     expect(
-        submit(push_event)? == Admission::Pending,
+        submit(push_event)? == Admission::pending(),
         "push-carol waits",
     )?;
     expected.insert("push-carol");
@@ -138,7 +139,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         .oid("0123456789abcdef0123456789abcdef01234567")
         .clone_url(mirror1.url("dave/gone.git"))
         .origin(Origin::User);
-    expect(submit(gone)? == Admission::Pending, "gone-dave waits")?;
+    expect(submit(gone)? == Admission::pending(), "gone-dave waits")?;
 
     // Dave's event is withdrawn: no outcome will come for it.
     engine.cancel("gone-dave");

@@ -29,6 +29,75 @@ pub(crate) struct Config {
     pub max_ref_updates_per_event: usize,
     pub shutdown_timeout: Duration,
     pub thread_name: String,
+    pub domain_limits: DomainLimits,
+    pub domain_overrides: std::collections::HashMap<String, DomainLimits>,
+    pub our_domain: Option<String>,
+    pub naughty_duration: Duration,
+    pub allow_private_addresses: bool,
+    pub allowed_schemes: Vec<String>,
+}
+
+/// How politely the engine treats one domain: at most `max_concurrent` fetches in flight,
+/// and a GCRA quota of `per_minute` fetch starts a minute with bursts of up to `burst`.
+///
+/// ```
+/// use purgatory_sync::DomainLimits;
+///
+/// let slow = DomainLimits::new(1, 6).burst(1); // one at a time, one every 10 s
+/// assert_eq!((slow.max_concurrent, slow.per_minute, slow.burst), (1, 6, 1));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DomainLimits {
+    /// Most fetches in flight at once (default 5).
+    pub max_concurrent: usize,
+    /// Fetch starts a minute, on average (default 30).
+    pub per_minute: u32,
+    /// Most fetch starts at once after a quiet spell (default 5).
+    pub burst: u32,
+}
+
+impl DomainLimits {
+    /// Limits with a burst equal to `max_concurrent` (at least 1).
+    pub fn new(max_concurrent: usize, per_minute: u32) -> Self {
+        DomainLimits {
+            max_concurrent,
+            per_minute,
+            burst: u32::try_from(max_concurrent.max(1)).unwrap_or(u32::MAX),
+        }
+    }
+
+    /// Sets the burst.
+    pub fn burst(mut self, burst: u32) -> Self {
+        self.burst = burst;
+        self
+    }
+
+    fn check(&self, setting: &'static str) -> Result<(), BuildError> {
+        let bad = |reason: String| Err(BuildError::InvalidSetting { setting, reason });
+        if self.max_concurrent == 0 || self.max_concurrent > 1024 {
+            return bad(format!(
+                "max_concurrent {} is outside 1 ..= 1024",
+                self.max_concurrent
+            ));
+        }
+        if self.per_minute == 0 || self.per_minute > 600_000 {
+            return bad(format!(
+                "per_minute {} is outside 1 ..= 600000",
+                self.per_minute
+            ));
+        }
+        if self.burst == 0 || self.burst > 100_000 {
+            return bad(format!("burst {} is outside 1 ..= 100000", self.burst));
+        }
+        Ok(())
+    }
+}
+
+impl Default for DomainLimits {
+    fn default() -> Self {
+        DomainLimits::new(5, 30)
+    }
 }
 
 impl Default for Config {
@@ -53,11 +122,25 @@ impl Default for Config {
             max_ref_updates_per_event: 256,
             shutdown_timeout: Duration::from_secs(10),
             thread_name: "psync".to_owned(),
+            domain_limits: DomainLimits::default(),
+            domain_overrides: std::collections::HashMap::new(),
+            our_domain: None,
+            naughty_duration: Duration::from_secs(12 * 60 * 60),
+            allow_private_addresses: false,
+            allowed_schemes: vec!["https".to_owned(), "http".to_owned(), "git".to_owned()],
         }
     }
 }
 
 impl Config {
+    /// The limits of `domain`: its override, or the default.
+    pub fn limits_for(&self, domain: &str) -> DomainLimits {
+        self.domain_overrides
+            .get(domain)
+            .copied()
+            .unwrap_or(self.domain_limits)
+    }
+
     /// Delay before the first attempt for an event of this origin.
     pub fn first_delay(&self, origin: crate::Origin) -> Duration {
         match origin {
@@ -212,6 +295,64 @@ impl EngineBuilder {
         self
     }
 
+    /// Default per-domain limits: at most `max_concurrent` fetches in flight (default 5) and
+    /// `per_minute` fetch starts a minute (default 30, a GCRA quota). Keeps the burst.
+    pub fn domain_limits(mut self, max_concurrent: usize, per_minute: u32) -> Self {
+        let burst = self.cfg.domain_limits.burst;
+        self.cfg.domain_limits = DomainLimits::new(max_concurrent, per_minute).burst(burst);
+        self
+    }
+
+    /// Default per-domain burst: how many fetches may start at once after a quiet spell
+    /// (default 5).
+    pub fn domain_burst(mut self, burst: u32) -> Self {
+        self.cfg.domain_limits.burst = burst;
+        self
+    }
+
+    /// Limits for one domain (a host name, matched exactly, case-insensitively), instead of
+    /// the default ones.
+    pub fn domain_override(mut self, domain: &str, limits: DomainLimits) -> Self {
+        let d = domain.trim_end_matches('.').to_ascii_lowercase();
+        self.cfg.domain_overrides.insert(d, limits);
+        self
+    }
+
+    /// The relay's own domain, never fetched from (matched on the whole host, not a
+    /// substring).
+    pub fn our_domain(mut self, domain: &str) -> Self {
+        self.cfg.our_domain = Some(domain.trim_end_matches('.').to_ascii_lowercase());
+        self
+    }
+
+    /// How long a domain with DNS or TLS certificate failures is skipped (default 12 h).
+    pub fn naughty_duration(mut self, duration: Duration) -> Self {
+        self.cfg.naughty_duration = duration;
+        self
+    }
+
+    /// Whether clone URLs may point at loopback, private, link-local, multicast or
+    /// unspecified addresses (default `false`; tests and the demo, which serve git on
+    /// 127.0.0.x, set it).
+    pub fn allow_private_addresses(mut self, allow: bool) -> Self {
+        self.cfg.allow_private_addresses = allow;
+        self
+    }
+
+    /// The URL schemes that may be fetched (default `https`, `http`, `git`). `file`, `ssh`
+    /// and `ext` can be listed but never should be for URLs from other people's events.
+    pub fn allowed_schemes<I, S>(mut self, schemes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.cfg.allowed_schemes = schemes
+            .into_iter()
+            .map(|s| s.into().to_ascii_lowercase())
+            .collect();
+        self
+    }
+
     /// Most events waiting at once; further submits get
     /// [`SubmitError::QueueFull`](crate::SubmitError::QueueFull) (default 1 000 000).
     pub fn max_events(mut self, n: usize) -> Self {
@@ -320,6 +461,14 @@ impl EngineBuilder {
         if c.fetch_depth == Some(0) {
             return bad("fetch_depth", "a depth of 0 fetches nothing".to_owned());
         }
+        c.domain_limits.check("domain_limits")?;
+        for limits in c.domain_overrides.values() {
+            limits.check("domain_override")?;
+        }
+        range("naughty_duration", c.naughty_duration, Duration::ZERO, year)?;
+        if c.allowed_schemes.is_empty() {
+            return bad("allowed_schemes", "no scheme allowed".to_owned());
+        }
         let name = &c.thread_name;
         if name.is_empty()
             || name.len() > 8
@@ -382,6 +531,17 @@ mod tests {
             (EngineBuilder::new().thread_name("a b"), "thread_name"),
             (EngineBuilder::new().max_fetch_bytes(10), "max_fetch_bytes"),
             (EngineBuilder::new().fetch_depth(Some(0)), "fetch_depth"),
+            (EngineBuilder::new().domain_limits(0, 30), "domain_limits"),
+            (EngineBuilder::new().domain_limits(5, 0), "domain_limits"),
+            (EngineBuilder::new().domain_burst(0), "domain_limits"),
+            (
+                EngineBuilder::new().domain_override("x.example", DomainLimits::new(1, 0)),
+                "domain_override",
+            ),
+            (
+                EngineBuilder::new().allowed_schemes(Vec::<String>::new()),
+                "allowed_schemes",
+            ),
         ];
         for (b, name) in cases {
             match b.validate() {

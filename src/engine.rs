@@ -168,7 +168,7 @@ impl Engine {
                 });
             }
             if core.is_waiting(&event.id) {
-                return Ok(Admission::Pending);
+                return Ok(Admission::pending());
             }
         }
         let repo = validate::repository(&event.repo)?;
@@ -209,7 +209,7 @@ impl Engine {
         self.send(Command::Submit(valid)).inspect_err(|_| {
             self.admitted.fetch_sub(1, Ordering::SeqCst);
         })?;
-        Ok(Admission::Pending)
+        Ok(Admission::pending())
     }
 
     /// Tells the engine that git data for `identifier` arrived by other means (a push to the

@@ -146,10 +146,97 @@ pub enum Admission {
     /// The event waits in purgatory; an [`Outcome`] will follow unless it is cancelled.
     /// Submitting an event id that is already waiting is accepted again as `Pending` and
     /// changes nothing.
-    Pending,
+    ///
+    /// `refused_urls` lists the clone URLs the URL policy refused (which and why): they are
+    /// never fetched. The event waits even when every URL was refused, because a push may
+    /// still bring its data.
+    #[non_exhaustive]
+    Pending {
+        /// The refused clone URLs, in the order given.
+        refused_urls: Vec<RefusedUrl>,
+    },
     /// Every object id is already in the repository and the event has no ref updates: nothing
     /// was queued and no [`Outcome`] will follow.
     AlreadySatisfied,
+}
+
+impl Admission {
+    /// `Pending` with no refused URL.
+    pub fn pending() -> Self {
+        Admission::Pending {
+            refused_urls: Vec::new(),
+        }
+    }
+
+    /// `Pending` with these refused URLs.
+    pub fn pending_with(refused_urls: Vec<RefusedUrl>) -> Self {
+        Admission::Pending { refused_urls }
+    }
+
+    /// Whether the event waits in purgatory.
+    pub fn is_pending(&self) -> bool {
+        matches!(self, Admission::Pending { .. })
+    }
+
+    /// The clone URLs the URL policy refused (empty unless `Pending`).
+    pub fn refused_urls(&self) -> &[RefusedUrl] {
+        match self {
+            Admission::Pending { refused_urls } => refused_urls,
+            _ => &[],
+        }
+    }
+}
+
+/// A clone URL the URL policy refused at submit; it is never fetched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RefusedUrl {
+    /// Its position in [`PendingEvent::clone_urls`].
+    pub index: usize,
+    /// The URL as given.
+    pub url: String,
+    /// Why it was refused.
+    pub reason: UrlRefusal,
+}
+
+impl RefusedUrl {
+    /// A refusal of `url` at `index` for `reason`.
+    pub fn new(index: usize, url: impl Into<String>, reason: UrlRefusal) -> Self {
+        RefusedUrl {
+            index,
+            url: url.into(),
+            reason,
+        }
+    }
+}
+
+/// Why the URL policy refused a clone URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum UrlRefusal {
+    /// The URL could not be parsed or has no host (a local path, say).
+    Invalid(String),
+    /// Its scheme is not in the allow-list (default `https`, `http`, `git`).
+    Scheme(String),
+    /// It embeds credentials (`user:password@`).
+    Credentials,
+    /// Its host is, or resolves to, a loopback, private, link-local, multicast or unspecified
+    /// address, and the engine does not allow private addresses.
+    PrivateAddress(String),
+    /// Its host is the relay's own domain.
+    OwnDomain,
+}
+
+impl std::fmt::Display for UrlRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UrlRefusal::Invalid(why) => write!(f, "not a usable URL: {why}"),
+            UrlRefusal::Scheme(s) => write!(f, "scheme {s:?} is not allowed"),
+            UrlRefusal::Credentials => f.write_str("URLs with credentials are not allowed"),
+            UrlRefusal::PrivateAddress(a) => write!(f, "{a} is a private or local address"),
+            UrlRefusal::OwnDomain => f.write_str("the relay's own domain is never fetched from"),
+        }
+    }
 }
 
 /// Why an event left purgatory without its data.

@@ -47,7 +47,7 @@
 //!     .oid(&hello)
 //!     .clone_url("https://git.example.com/alice/hello.git")
 //!     .origin(Origin::Sync);
-//! assert_eq!(engine.submit(event)?, Admission::Pending);
+//! assert_eq!(engine.submit(event)?, Admission::pending());
 //!
 //! // Sync-received events are first tried after 500 ms; advancing the fake clock wakes the
 //! // scheduler at once.
@@ -111,6 +111,7 @@ mod event;
 mod fetch;
 mod ffi;
 mod oid;
+mod policy;
 mod scheduler;
 mod stats;
 #[cfg(feature = "testkit")]
@@ -118,16 +119,20 @@ pub mod testkit;
 mod validate;
 
 pub use clock::{Clock, FakeClock, SystemClock};
-pub use config::EngineBuilder;
+pub use config::{DomainLimits, EngineBuilder};
 pub use engine::Engine;
 pub use error::{BuildError, ShutdownError, SubmitError};
-pub use event::{Admission, ExpiryReason, Origin, Outcome, PendingEvent, RefTarget, RefUpdate};
+pub use event::{
+    Admission, ExpiryReason, Origin, Outcome, PendingEvent, RefTarget, RefUpdate, RefusedUrl,
+    UrlRefusal,
+};
 pub use fetch::{
     FailureKind, FetchControl, FetchError, FetchReport, FetchRequest, Fetcher, GitFetcher,
     StopReason, TEMP_REF_PREFIX,
 };
 pub use oid::{ObjectId, ParseObjectIdError};
-pub use stats::{FailureRecord, Stats};
+pub use policy::domain_of;
+pub use stats::{DomainStats, FailureRecord, NaughtyCategory, NaughtyEntry, Stats};
 
 /// The README's examples compile as doc-tests, so that they cannot drift from the API.
 #[cfg(doctest)]

@@ -55,6 +55,10 @@ pub struct Stats {
     pub fetches_failed: u64,
     /// Failed fetches by kind of failure.
     pub failures: BTreeMap<FailureKind, u64>,
+    /// Per-domain counters and state, by domain.
+    pub domains: BTreeMap<String, DomainStats>,
+    /// Domains skipped for a while because of DNS or TLS failures.
+    pub naughty: Vec<NaughtyEntry>,
     /// The last 32 failed fetches, oldest first.
     pub recent_failures: Vec<FailureRecord>,
     /// Expired event ids currently refused on re-submission.
@@ -73,4 +77,52 @@ pub struct FailureRecord {
     pub kind: FailureKind,
     /// What happened, with URLs stripped.
     pub message: String,
+}
+
+/// One domain's state and counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DomainStats {
+    /// Fetches in flight to this domain.
+    pub in_flight: usize,
+    /// Identifiers waiting for this domain's capacity.
+    pub queued_identifiers: usize,
+    /// Fetches started.
+    pub requests_started: u64,
+    /// Fetches that ended without an error.
+    pub succeeded: u64,
+    /// Failed fetches by kind.
+    pub failed: BTreeMap<FailureKind, u64>,
+    /// How long until the rate quota allows the next fetch start; zero when it allows one now.
+    pub next_cell_in: std::time::Duration,
+}
+
+/// Why a domain is on the naughty list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum NaughtyCategory {
+    /// Its host name did not resolve.
+    Dns,
+    /// Its TLS handshake or certificate failed.
+    Tls,
+}
+
+/// A domain skipped for a while: its URLs are not fetched until `until`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct NaughtyEntry {
+    /// The domain.
+    pub domain: String,
+    /// Why.
+    pub category: NaughtyCategory,
+    /// The last failure's message.
+    pub reason: String,
+    /// When the first failure of this spell was seen.
+    pub first_seen: std::time::SystemTime,
+    /// When the last one was seen.
+    pub last_seen: std::time::SystemTime,
+    /// Failures seen in this spell.
+    pub count: u64,
+    /// When the domain is tried again.
+    pub until: std::time::SystemTime,
 }

@@ -17,7 +17,7 @@ pub(crate) const MAX_REF_NAME_BYTES: usize = 1024;
 
 pub(crate) struct Checked {
     pub oids: Vec<ObjectId>,
-    pub urls: Vec<Arc<str>>,
+    pub urls: Vec<crate::policy::CloneUrl>,
     /// The ref updates in the order given, oid targets in lower case.
     pub refs: Vec<RefUpdate>,
 }
@@ -71,7 +71,7 @@ pub(crate) fn event(ev: &PendingEvent, cfg: &Config) -> Result<Checked, SubmitEr
             max: cfg.max_urls_per_event,
         });
     }
-    let mut urls: Vec<Arc<str>> = Vec::with_capacity(ev.clone_urls.len());
+    let mut urls: Vec<crate::policy::CloneUrl> = Vec::with_capacity(ev.clone_urls.len());
     for (index, value) in ev.clone_urls.iter().enumerate() {
         let bad = |reason| SubmitError::InvalidCloneUrl {
             index,
@@ -87,8 +87,12 @@ pub(crate) fn event(ev: &PendingEvent, cfg: &Config) -> Result<Checked, SubmitEr
         if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(bad("contains whitespace or control characters"));
         }
-        if !urls.iter().any(|u| **u == **value) {
-            urls.push(Arc::from(value.as_str()));
+        let domain = crate::policy::domain_of(value).ok_or_else(|| bad("has no host"))?;
+        if !urls.iter().any(|u| *u.url == **value) {
+            urls.push(crate::policy::CloneUrl {
+                url: Arc::from(value.as_str()),
+                domain: Arc::from(domain),
+            });
         }
     }
     let refs = ref_updates(ev, &oids, cfg)?;

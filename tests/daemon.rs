@@ -30,6 +30,7 @@ fn fast(thread_name: &str) -> EngineBuilder {
     let _ = env_logger::builder().is_test(true).try_init();
     testkit::require_git();
     Engine::builder()
+        .allow_private_addresses(true) // the test servers listen on 127.0.0.x
         .thread_name(thread_name)
         .tick(Duration::from_millis(50))
         .sync_delay(Duration::from_millis(0))
@@ -131,7 +132,7 @@ fn one_event_is_released_from_one_mirror() {
         &[tip],
         &[mirror.url("alice/hello.git")],
     );
-    assert_eq!(engine.submit(ev).unwrap(), Admission::Pending);
+    assert_eq!(engine.submit(ev).unwrap(), Admission::pending());
     expect_released(&engine, "a1", "alice/hello", &target);
 
     assert!(testkit::has_object(&target, tip));
@@ -170,9 +171,9 @@ fn fetched_objects_stay_pinned_while_an_event_still_needs_them() {
         .unwrap();
     // `keep` also needs a commit nobody has, so it keeps waiting.
     let keep = event("keep", "pin", &target, &[c1, nowhere()], &urls);
-    assert_eq!(engine.submit(keep).unwrap(), Admission::Pending);
+    assert_eq!(engine.submit(keep).unwrap(), Admission::pending());
     let quick = event("quick", "pin", &target, &[c1], &urls);
-    assert_eq!(engine.submit(quick).unwrap(), Admission::Pending);
+    assert_eq!(engine.submit(quick).unwrap(), Admission::pending());
     expect_released(&engine, "quick", "pin", &target);
 
     assert!(testkit::has_object(&target, c1));
@@ -212,7 +213,7 @@ fn objects_from_two_mirrors_on_two_domains_add_up() {
         &[only_a, only_b],
         &[mirror_a.url("r.git"), mirror_b.url("r.git")],
     );
-    assert_eq!(engine.submit(ev).unwrap(), Admission::Pending);
+    assert_eq!(engine.submit(ev).unwrap(), Admission::pending());
     expect_released(&engine, "b1", "bob/r", &target);
 
     assert!(testkit::has_object(&target, only_a) && testkit::has_object(&target, only_b));
@@ -250,7 +251,7 @@ fn a_mirror_lacking_the_commit_costs_one_fetch() {
         &[wanted],
         &[bad.url("r.git"), good.url("r.git")],
     );
-    assert_eq!(engine.submit(ev).unwrap(), Admission::Pending);
+    assert_eq!(engine.submit(ev).unwrap(), Admission::pending());
     expect_released(&engine, "c1", "carol/r", &target);
 
     assert!(testkit::has_object(&target, wanted));
@@ -287,7 +288,7 @@ fn a_commit_found_nowhere_is_retried_then_expires() {
         &[mirror.url("r.git")],
     );
     let started = Instant::now();
-    assert_eq!(engine.submit(ev.clone()).unwrap(), Admission::Pending);
+    assert_eq!(engine.submit(ev.clone()).unwrap(), Admission::pending());
     match recv(&engine) {
         Outcome::Expired {
             event_id,
@@ -354,7 +355,7 @@ fn a_push_and_git_data_arrived_release_a_user_event_without_a_fetch() {
         &["git://127.0.0.4:9/erin/notes.git".to_owned()],
     );
     ev.origin = Origin::User;
-    assert_eq!(engine.submit(ev).unwrap(), Admission::Pending);
+    assert_eq!(engine.submit(ev).unwrap(), Admission::pending());
     engine.git_data_arrived("somebody/else");
 
     testkit::push_all(&user, &target); // the user's `git push` reaches the relay
@@ -400,7 +401,7 @@ fn objects_already_present_are_already_satisfied() {
     let c3 = testkit::commit(&user, "topic", &[("g", b"3")], "three");
     let mut partly = event("s3", "sat", &target, &[c1, c3], &urls);
     partly.origin = Origin::User;
-    assert_eq!(engine.submit(partly).unwrap(), Admission::Pending);
+    assert_eq!(engine.submit(partly).unwrap(), Admission::pending());
     testkit::push_all(&user, &target);
     engine.git_data_arrived("sat");
     expect_released(&engine, "s3", "sat", &target);
@@ -482,7 +483,7 @@ fn two_hundred_events_over_fifty_identifiers_and_three_mirrors() {
                 &[ids[j], ids[(j + 1) % PER_IDENTIFIER]],
                 &urls,
             );
-            assert_eq!(engine.submit(ev).unwrap(), Admission::Pending, "{id}");
+            assert_eq!(engine.submit(ev).unwrap(), Admission::pending(), "{id}");
             expected.insert(id);
         }
         targets.push(target);
@@ -563,9 +564,9 @@ fn pins_of_an_event_released_by_a_recheck_are_removed_by_shutdown() {
         .build()
         .unwrap();
     let slow = event("slow", "rc", &target, &[c1, c2], &urls);
-    assert_eq!(engine.submit(slow).unwrap(), Admission::Pending);
+    assert_eq!(engine.submit(slow).unwrap(), Admission::pending());
     let quick = event("quick", "rc", &target, &[c1], &urls);
-    assert_eq!(engine.submit(quick).unwrap(), Admission::Pending);
+    assert_eq!(engine.submit(quick).unwrap(), Admission::pending());
     expect_released(&engine, "quick", "rc", &target);
     assert_eq!(temp_refs(&target), [format!("{TEMP_REF_PREFIX}{c1}")]);
 

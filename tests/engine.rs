@@ -76,6 +76,7 @@ impl Fetcher for FakeServers {
 
 fn builder(name: &str, clock: &FakeClock) -> EngineBuilder {
     Engine::builder()
+        .allow_private_addresses(true) // the test servers listen on 127.0.0.x
         .thread_name(name)
         .clock(clock.clone())
         .tick(NEVER_TICK)
@@ -224,7 +225,7 @@ fn git_data_arrived_releases_without_a_fetch_and_without_waiting_for_a_tick() {
         .unwrap();
     let mut ev = event("e", "id", &repo, &[&a], &["git://m/r"]);
     ev.origin = Origin::User;
-    assert_eq!(engine.submit(ev).unwrap(), Admission::Pending);
+    assert_eq!(engine.submit(ev).unwrap(), Admission::pending());
     write_blob(&repo, &a_text); // the user's push
     let start = Instant::now();
     engine.git_data_arrived("id");
@@ -649,7 +650,7 @@ fn a_full_queue_refuses_and_frees_up_when_events_leave() {
             other => break other,
         }
     };
-    assert_eq!(result, Ok(Admission::Pending));
+    assert_eq!(result, Ok(Admission::pending()));
     let start = Instant::now();
     while engine.stats().waiting_events != 2 && start.elapsed() < WAIT {
         std::thread::yield_now();
@@ -716,7 +717,7 @@ fn many_events_from_many_threads_are_all_accounted_for() {
                         &[&oid],
                         &["git://m/r"],
                     );
-                    assert_eq!(engine.submit(ev).unwrap(), Admission::Pending);
+                    assert_eq!(engine.submit(ev).unwrap(), Admission::pending());
                 }
             })
         })
@@ -764,7 +765,7 @@ fn every_bad_ref_update_gets_its_own_error_and_changes_nothing() {
     let good = event("good", "id", &repo, &[&a], &["git://m/r"])
         .ref_update(main(&a))
         .ref_update(RefUpdate::symbolic("HEAD", "refs/heads/main"));
-    assert_eq!(engine.submit(good).unwrap(), Admission::Pending);
+    assert_eq!(engine.submit(good).unwrap(), Admission::pending());
     let with = |refs: Vec<RefUpdate>| PendingEvent {
         ref_updates: refs,
         ..event("e", "id", &repo, &[&a], &["git://m/r"])
@@ -968,7 +969,7 @@ fn an_event_with_refs_and_every_object_present_is_pending_until_its_refs_are_wri
         .ref_update(RefUpdate::oid("refs/heads/main", a.to_uppercase()))
         .ref_update(RefUpdate::symbolic("HEAD", "refs/heads/main"));
     // Not `AlreadySatisfied`: the refs are written by the scheduler, and `Released` follows.
-    assert_eq!(engine.submit(ev).unwrap(), Admission::Pending);
+    assert_eq!(engine.submit(ev).unwrap(), Admission::pending());
     let o = engine.outcomes().recv_timeout(WAIT).expect("released");
     assert!(o.is_released(), "{o:?}");
     // Written before the outcome was sent, with the target in lower case.
@@ -1017,7 +1018,7 @@ fn a_failed_or_panicking_ref_write_is_retried_a_tick_later() {
     let outcomes = engine.outcomes();
     let ev = event("e", "id", &repo, &[&a], &[])
         .ref_update(RefUpdate::oid("refs/heads/main", a.clone()));
-    assert_eq!(engine.submit(ev).unwrap(), Admission::Pending);
+    assert_eq!(engine.submit(ev).unwrap(), Admission::pending());
     assert_eq!(wait_ref_failures(&engine, 1), 1);
     assert!(outcomes.try_recv().is_err(), "not released");
     let s = engine.stats();

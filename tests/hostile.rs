@@ -94,6 +94,7 @@ fn one_bad_attempt(
     let dir = tempfile::tempdir().unwrap();
     let good = good(dir.path());
     let engine = Engine::builder()
+        .allow_private_addresses(true) // the test servers listen on 127.0.0.x
         .thread_name(name)
         .workers(2)
         .tick(Duration::from_millis(50))

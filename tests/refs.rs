@@ -23,6 +23,7 @@ const HOST: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 fn fast(thread_name: &str) -> EngineBuilder {
     let _ = env_logger::builder().is_test(true).try_init();
     Engine::builder()
+        .allow_private_addresses(true) // the test servers listen on 127.0.0.x
         .thread_name(thread_name)
         .tick(Duration::from_millis(50))
         .sync_delay(Duration::from_millis(0))
@@ -139,7 +140,7 @@ fn a_repository_state_event_sets_branches_tags_and_head_on_release() {
     .ref_update(RefUpdate::oid("refs/heads/main", c2.to_string()))
     .ref_update(RefUpdate::oid("refs/tags/v1", v1.to_string()))
     .ref_update(RefUpdate::symbolic("HEAD", "refs/heads/main"));
-    assert_eq!(engine.submit(ev).unwrap(), Admission::Pending);
+    assert_eq!(engine.submit(ev).unwrap(), Admission::pending());
     expect_released(&engine, "state");
 
     // The host may rely on the refs as soon as it reads `Released`.
@@ -186,7 +187,7 @@ fn a_pull_request_event_gets_its_nostr_ref() {
     let name = format!("refs/nostr/{id}");
     let ev = event(id, &target, &[tip], &[mirror.url("fork.git")])
         .ref_update(RefUpdate::oid(name.clone(), tip.to_string().to_uppercase()));
-    assert_eq!(engine.submit(ev).unwrap(), Admission::Pending);
+    assert_eq!(engine.submit(ev).unwrap(), Admission::pending());
     expect_released(&engine, id);
     assert_eq!(ref_target(&target, &name), Some(tip.to_string()));
 
@@ -216,7 +217,7 @@ fn a_locked_ref_holds_back_every_ref_of_the_event_until_it_is_free() {
         .ref_update(RefUpdate::oid("refs/tags/v1", c1.to_string()))
         .ref_update(RefUpdate::oid("refs/heads/main", c1.to_string()))
         .ref_update(RefUpdate::symbolic("HEAD", "refs/heads/main"));
-    assert_eq!(engine.submit(ev).unwrap(), Admission::Pending);
+    assert_eq!(engine.submit(ev).unwrap(), Admission::pending());
 
     // Fetched, then the write fails and is retried at each tick.
     let s = wait_stats(&engine, |s| s.ref_update_failures >= 2);
@@ -262,7 +263,7 @@ fn an_event_with_refs_and_objects_already_present_is_released_once_written() {
     let engine = fast("rd").build().unwrap();
     let ev = event("here", &target, &[c1], &[])
         .ref_update(RefUpdate::oid("refs/heads/main", c1.to_string()));
-    assert_eq!(engine.submit(ev).unwrap(), Admission::Pending);
+    assert_eq!(engine.submit(ev).unwrap(), Admission::pending());
     expect_released(&engine, "here");
     assert_eq!(ref_target(&target, "refs/heads/main"), Some(c1.to_string()));
     let plain = event("plain", &target, &[c1], &[]);

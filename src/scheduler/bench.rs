@@ -38,10 +38,10 @@ impl QueueBench {
                 repo: Arc::from(PathBuf::from(format!("/srv/git/{i}.git")).as_path()),
                 oids: vec![ObjectId::from_bytes(bytes)],
                 missing: vec![ObjectId::from_bytes(bytes)],
-                urls: vec![Arc::from(format!(
-                    "https://git{}.example.com/{i}.git",
-                    i % 50
-                ))],
+                urls: vec![crate::policy::CloneUrl {
+                    url: Arc::from(format!("https://git{}.example.com/{i}.git", i % 50)),
+                    domain: Arc::from(format!("git{}.example.com", i % 50)),
+                }],
                 refs: Arc::from([]),
                 origin: Origin::User,
                 submitted,

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use crate::config::Config;
 use crate::event::{ExpiryReason, Origin, Outcome, RefUpdate};
 use crate::fetch::{FailureKind, FetchError, FetchReport, FetchRequest};
+use crate::policy::CloneUrl;
 use crate::stats::{FailureRecord, Stats};
 use crate::ObjectId;
 
@@ -35,7 +36,7 @@ pub(crate) struct ValidEvent {
     pub oids: Vec<ObjectId>,
     /// The ids not in the repository when the host submitted the event.
     pub missing: Vec<ObjectId>,
-    pub urls: Vec<Arc<str>>,
+    pub urls: Vec<CloneUrl>,
     /// Refs to write, all or none, before the event is released; validated, oid targets in
     /// lower case.
     pub refs: Arc<[RefUpdate]>,
@@ -91,7 +92,7 @@ struct Entry {
     identifier: Arc<str>,
     repo: Arc<Path>,
     events: Vec<Arc<str>>,
-    urls: Vec<Arc<str>>,
+    urls: Vec<CloneUrl>,
     /// Parallel to `urls`: tried in the current attempt.
     tried: Vec<bool>,
     in_attempt: bool,
@@ -591,7 +592,7 @@ impl Core {
         let request = FetchRequest::new(
             e.identifier.to_string(),
             e.repo.to_path_buf(),
-            e.urls[i].to_string(),
+            e.urls[i].url.to_string(),
             self.wanted(e),
         );
         self.busy_repos.insert(e.repo.clone());
@@ -602,7 +603,7 @@ impl Core {
                 entry: id,
                 repo: e.repo.clone(),
                 identifier: e.identifier.clone(),
-                url: e.urls[i].clone(),
+                url: e.urls[i].url.clone(),
             },
         );
         self.counters.fetches_started += 1;

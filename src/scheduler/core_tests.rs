@@ -92,7 +92,13 @@ impl Harness {
             repo: Arc::from(PathBuf::from(repo).as_path()),
             oids: oids.to_vec(),
             missing: missing.to_vec(),
-            urls: urls.iter().map(|u| Arc::from(*u)).collect(),
+            urls: urls
+                .iter()
+                .map(|u| crate::policy::CloneUrl {
+                    url: Arc::from(*u),
+                    domain: Arc::from(crate::policy::domain_of(u).expect("test URLs have hosts")),
+                })
+                .collect(),
             refs: refs.into(),
             origin,
             submitted: self.now(),
