@@ -233,7 +233,10 @@ impl Engine {
 
     /// A snapshot of the queue and the counters.
     pub fn stats(&self) -> Stats {
-        let mut s = self.core.lock().stats();
+        let mut s = self
+            .core
+            .lock()
+            .stats_at(self.clock.now(), self.clock.wall());
         s.already_satisfied = self.counters.already_satisfied.load(Ordering::Relaxed);
         s.refused = self.counters.refused.load(Ordering::Relaxed);
         s.commands_pending = self.commands.as_ref().map_or(0, Sender::len);

@@ -95,6 +95,9 @@ fn one_bad_attempt(
     let good = good(dir.path());
     let engine = Engine::builder()
         .allow_private_addresses(true) // the test servers listen on 127.0.0.x
+        // Politeness is tested in tests/politeness.rs; here it must not slow things down.
+        .domain_limits(1024, 600_000)
+        .domain_burst(100_000)
         .thread_name(name)
         .workers(2)
         .tick(Duration::from_millis(50))

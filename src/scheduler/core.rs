@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::domains::Domains;
 use crate::config::Config;
 use crate::event::{ExpiryReason, Origin, Outcome, RefUpdate};
 use crate::fetch::{FailureKind, FetchError, FetchReport, FetchRequest};
@@ -103,6 +104,11 @@ struct Entry {
     running: Option<JobId>,
     /// Earliest first-attempt time asked for by events that arrived during an attempt.
     requested: Option<Instant>,
+    /// Waiting in the queues of the domains of its untried URLs for their capacity (and so
+    /// not in `Core::schedule`).
+    parked: bool,
+    /// Tells this parking from earlier ones in the domain queues.
+    park_gen: u64,
 }
 
 struct EventState {
@@ -135,6 +141,7 @@ struct Running {
     repo: Arc<Path>,
     identifier: Arc<str>,
     url: Arc<str>,
+    domain: Arc<str>,
 }
 
 /// How many failures [`Stats::recent_failures`] keeps.
@@ -184,10 +191,14 @@ pub(crate) struct Core {
     next_job: JobId,
     stopping: bool,
     counters: Counters,
+    domains: Domains,
+    /// The latest `now` given to the core.
+    last_now: Instant,
 }
 
 impl Core {
     pub fn new(cfg: Arc<Config>, admitted: Arc<AtomicUsize>) -> Self {
+        let cfg_for_domains = cfg.clone();
         Core {
             cfg,
             admitted,
@@ -211,6 +222,8 @@ impl Core {
             next_job: 0,
             stopping: false,
             counters: Counters::default(),
+            domains: Domains::new(cfg_for_domains),
+            last_now: Instant::now(),
         }
     }
 
@@ -240,6 +253,8 @@ impl Core {
     }
 
     pub fn command(&mut self, command: Command, now: Instant) {
+        self.domains.set_now(now);
+        self.last_now = self.last_now.max(now);
         match command {
             Command::Submit(ev) => self.submit(ev, now),
             Command::GitDataArrived(identifier) => self.recheck(&identifier),
@@ -287,7 +302,7 @@ impl Core {
                     if e.in_attempt {
                         e.requested = Some(e.requested.map_or(target, |r| r.min(target)));
                     }
-                    if e.running.is_none() && (idle || target < e.next_attempt) {
+                    if e.running.is_none() && !e.parked && (idle || target < e.next_attempt) {
                         self.schedule.remove(&(e.next_attempt, id));
                         e.next_attempt = target;
                         self.schedule.insert((target, id));
@@ -312,6 +327,8 @@ impl Core {
                         next_attempt: target,
                         running: None,
                         requested: None,
+                        parked: false,
+                        park_gen: 0,
                     },
                 );
                 self.by_key.insert(key, id);
@@ -410,6 +427,9 @@ impl Core {
     /// ref updates of satisfied events in idle repositories, dispatch ready entries to free
     /// workers.
     pub fn pass(&mut self, now: Instant) {
+        self.domains.set_now(now);
+        self.last_now = self.last_now.max(now);
+        self.domains.prune(now);
         self.expire(now);
         while let Some((until, _)) = self.expired_order.front() {
             if *until > now {
@@ -539,6 +559,8 @@ impl Core {
         if self.stopping {
             return;
         }
+        // Identifiers waiting for a domain's capacity come before newly ready ones.
+        self.serve_domain_queues(now);
         // Entries whose repository or identifier is busy stay at the front; step past them.
         let mut after: Option<(Instant, EntryId)> = None;
         while self.running.len() < self.cfg.workers {
@@ -572,7 +594,8 @@ impl Core {
         }
     }
 
-    /// Dispatches the entry's next untried URL, or ends its attempt when none is left.
+    /// Dispatches the entry's next untried URL whose domain has capacity; parks the entry in
+    /// its domains' queues when none has; ends its attempt when no usable URL is left.
     fn start_next_fetch(&mut self, id: EntryId, now: Instant) {
         let e = self.entries.get_mut(&id).expect("scheduled entry exists");
         if !e.in_attempt {
@@ -580,11 +603,117 @@ impl Core {
             e.requested = None;
             e.tried.iter_mut().for_each(|t| *t = false);
         }
-        let Some(i) = e.tried.iter().position(|t| !t) else {
+        // URLs of our own or naughty domains count as tried: they are not fetched.
+        for (i, url) in e.urls.iter().enumerate() {
+            if !e.tried[i] && !self.domains.usable(&url.domain, now) {
+                e.tried[i] = true;
+            }
+        }
+        let untried: Vec<usize> = (0..e.urls.len()).filter(|i| !e.tried[*i]).collect();
+        if untried.is_empty() {
             self.finish_attempt(id, now);
             return;
-        };
+        }
+        for &i in &untried {
+            let domain = self.entries[&id].urls[i].domain.clone();
+            // Nobody jumps a domain's queue.
+            if self.first_waiting(&domain).is_some() {
+                continue;
+            }
+            if self.domains.try_acquire(&domain, now).is_ok() {
+                self.launch(id, i);
+                return;
+            }
+        }
+        let e = self.entries.get_mut(&id).expect("entry exists");
+        e.parked = true;
+        e.park_gen += 1;
+        let generation = e.park_gen;
+        let mut domains: Vec<Arc<str>> =
+            untried.iter().map(|i| e.urls[*i].domain.clone()).collect();
+        domains.sort();
+        domains.dedup();
+        for d in domains {
+            self.domains.park(&d, id, generation);
+        }
+    }
+
+    /// Whether a queued (entry, generation) still waits.
+    fn still_parked(&self, id: EntryId, generation: u64) -> bool {
+        self.entries
+            .get(&id)
+            .is_some_and(|e| e.parked && e.park_gen == generation)
+    }
+
+    /// The first entry still waiting in `domain`'s queue, dropping stale ones in front of it.
+    fn first_waiting(&mut self, domain: &Arc<str>) -> Option<EntryId> {
+        loop {
+            let &(id, generation) = self.domains.queue(domain).front()?;
+            if self.still_parked(id, generation) {
+                return Some(id);
+            }
+            self.domains.queue(domain).pop_front();
+        }
+    }
+
+    /// Serves the identifiers waiting in domain queues, oldest first in each domain, while the
+    /// domain has capacity and workers are free. Runs at every pass, so capacity that returns
+    /// by a completed fetch or by the rate quota refilling (with nothing in flight) is used.
+    fn serve_domain_queues(&mut self, now: Instant) {
+        for domain in self.domains.with_queues() {
+            while self.running.len() < self.cfg.workers && self.domains.has_slot(&domain) {
+                // The oldest waiting entry whose repository and identifier are free.
+                let queue: Vec<(EntryId, u64)> =
+                    self.domains.queue(&domain).iter().copied().collect();
+                let mut pick = None;
+                for (pos, (id, generation)) in queue.iter().enumerate() {
+                    if !self.still_parked(*id, *generation) {
+                        continue;
+                    }
+                    let e = &self.entries[id];
+                    if self.busy_repos.contains(&e.repo)
+                        || self.busy_identifiers.contains(&e.identifier)
+                    {
+                        continue;
+                    }
+                    let url =
+                        (0..e.urls.len()).find(|i| !e.tried[*i] && e.urls[*i].domain == domain);
+                    pick = Some((pos, *id, url));
+                    break;
+                }
+                let Some((pos, id, url)) = pick else {
+                    break;
+                };
+                let Some(i) = url else {
+                    // Nothing left for this domain; it may still wait for another one.
+                    self.domains.queue(&domain).remove(pos);
+                    continue;
+                };
+                if self.domains.try_acquire(&domain, now).is_err() {
+                    break;
+                }
+                self.domains.queue(&domain).remove(pos);
+                self.entries
+                    .get_mut(&id)
+                    .expect("parked entry exists")
+                    .parked = false;
+                self.launch(id, i);
+            }
+            // Drop what went stale, so that the queue's length means something.
+            let queued: Vec<(EntryId, u64)> = self.domains.queue(&domain).iter().copied().collect();
+            let valid: VecDeque<(EntryId, u64)> = queued
+                .into_iter()
+                .filter(|(id, g)| self.still_parked(*id, *g))
+                .collect();
+            *self.domains.queue(&domain) = valid;
+        }
+    }
+
+    /// Starts the fetch of the entry's URL `i`; the domain's permit is taken.
+    fn launch(&mut self, id: EntryId, i: usize) {
+        let e = self.entries.get_mut(&id).expect("entry exists");
         e.tried[i] = true;
+        e.parked = false;
         let job_id = self.next_job;
         self.next_job += 1;
         e.running = Some(job_id);
@@ -604,6 +733,7 @@ impl Core {
                 repo: e.repo.clone(),
                 identifier: e.identifier.clone(),
                 url: e.urls[i].url.clone(),
+                domain: e.urls[i].domain.clone(),
             },
         );
         self.counters.fetches_started += 1;
@@ -613,9 +743,32 @@ impl Core {
         }));
     }
 
+    /// When the scheduler must wake by itself: the next scheduled attempt, expiry, expired-id
+    /// pruning or rate-quota refill after `now`. Entries that are ready but wait for a worker
+    /// or a busy repository are not included: a job result wakes the scheduler for those.
+    pub fn next_wake(&self, now: Instant) -> Option<Instant> {
+        let after = (now, EntryId::MAX);
+        [
+            self.schedule
+                .range((Excluded(after), Unbounded))
+                .next()
+                .map(|(t, _)| *t),
+            self.expiries.first().map(|(t, _)| *t).filter(|t| *t > now),
+            self.expired_order
+                .front()
+                .map(|(t, _)| *t)
+                .filter(|t| *t > now),
+            self.domains.next_wake(now),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
     fn finish_attempt(&mut self, id: EntryId, now: Instant) {
         let e = self.entries.get_mut(&id).expect("entry exists");
         e.in_attempt = false;
+        e.parked = false;
         e.attempts = e.attempts.saturating_add(1);
         let mut next = now + self.cfg.backoff(e.attempts);
         if let Some(r) = e.requested.take() {
@@ -639,11 +792,18 @@ impl Core {
 
     /// The report of a dispatched fetch.
     pub fn job_done(&mut self, job: JobId, report: FetchReport, now: Instant) {
+        self.domains.set_now(now);
+        self.last_now = self.last_now.max(now);
         let Some(run) = self.running.remove(&job) else {
             return;
         };
         self.busy_repos.remove(&run.repo);
         self.busy_identifiers.remove(&run.identifier);
+        self.domains.release(
+            &run.domain,
+            report.error.as_ref().map(|e| (e.kind, e.message.as_str())),
+            now,
+        );
         match &report.error {
             None => self.counters.fetches_succeeded += 1,
             Some(e) => {
@@ -774,9 +934,22 @@ impl Core {
     }
 
     /// The core's part of [`Stats`].
+    /// The core's part of [`Stats`] as of the last `now` it was given.
+    #[cfg(test)]
     pub fn stats(&self) -> Stats {
+        self.stats_at(self.last_now, std::time::SystemTime::now())
+    }
+
+    /// The core's part of [`Stats`]; `now` and `wall` are the same instant on the engine's
+    /// clock, for the naughty list's calendar times.
+    pub fn stats_at(&self, now: Instant, wall: std::time::SystemTime) -> Stats {
         let c = &self.counters;
+        let (domains, naughty) = self
+            .domains
+            .stats(now, wall, |id, g| self.still_parked(id, g));
         Stats {
+            domains,
+            naughty,
             queued_identifiers: self.entries.len(),
             waiting_events: self.events.len(),
             awaiting_refs: self.awaiting_refs.len(),

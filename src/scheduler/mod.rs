@@ -7,6 +7,7 @@
 
 pub(crate) mod bench;
 pub(crate) mod core;
+pub(crate) mod domains;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,9 +49,17 @@ impl Scheduler {
     /// Runs until every command sender is gone, then cancels fetches in flight, waits for them
     /// up to the shutdown timeout and returns, dropping the pool.
     pub fn run(self) {
-        let ticker = crossbeam_channel::tick(self.cfg.tick);
         let wake = self.wake.clone();
         loop {
+            // Sleep until the tick, or earlier when a delay, backoff, expiry or rate-quota
+            // refill falls due before it.
+            let now = self.clock.now();
+            let wait = self
+                .core
+                .lock()
+                .next_wake(now)
+                .map_or(self.cfg.tick, |t| t.saturating_duration_since(now))
+                .min(self.cfg.tick);
             select! {
                 recv(self.commands) -> cmd => match cmd {
                     Ok(cmd) => self.take_commands(cmd),
@@ -61,7 +70,7 @@ impl Scheduler {
                     self.core.lock().job_done(job, report, self.clock.now());
                 },
                 recv(wake) -> _ => {},
-                recv(ticker) -> _ => {},
+                default(wait) => {},
             }
             self.core.lock().pass(self.clock.now());
             self.carry_out();

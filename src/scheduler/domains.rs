@@ -1,0 +1,353 @@
+//! Politeness toward remote hosts: per-domain concurrency caps, `governor` rate quotas, the
+//! queues of identifiers waiting for a domain's capacity, and the naughty list.
+//!
+//! Only the scheduler thread touches this table, so taking a permit (a concurrency slot and a
+//! rate cell) is one step with no check-then-act race. The limiters read a clock that the core
+//! sets to the `now` of each call, so a fake clock drives them in tests.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use governor::{Quota, RateLimiter};
+
+use crate::config::{Config, DomainLimits};
+use crate::fetch::FailureKind;
+use crate::stats::{DomainStats, NaughtyCategory, NaughtyEntry};
+
+use super::core::EntryId;
+
+/// The time the core last gave, as governor's clock.
+#[derive(Debug, Clone)]
+pub(crate) struct CoreClock {
+    origin: Instant,
+    nanos: Arc<AtomicU64>,
+}
+
+/// Nanoseconds since the [`CoreClock`]'s origin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Tick(u64);
+
+impl std::ops::Add<governor::nanos::Nanos> for Tick {
+    type Output = Tick;
+
+    fn add(self, other: governor::nanos::Nanos) -> Tick {
+        Tick(self.0.saturating_add(other.as_u64()))
+    }
+}
+
+impl governor::clock::Reference for Tick {
+    fn duration_since(&self, earlier: Self) -> governor::nanos::Nanos {
+        self.0.saturating_sub(earlier.0).into()
+    }
+
+    fn saturating_sub(&self, duration: governor::nanos::Nanos) -> Self {
+        Tick(self.0.saturating_sub(duration.as_u64()))
+    }
+}
+
+impl governor::clock::Clock for CoreClock {
+    type Instant = Tick;
+
+    fn now(&self) -> Tick {
+        Tick(self.nanos.load(Ordering::Relaxed))
+    }
+}
+
+impl CoreClock {
+    fn new(origin: Instant) -> Self {
+        CoreClock {
+            origin,
+            nanos: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn set(&self, now: Instant) {
+        let n = u64::try_from(now.saturating_duration_since(self.origin).as_nanos())
+            .unwrap_or(u64::MAX);
+        self.nanos.fetch_max(n, Ordering::Relaxed);
+    }
+
+    fn instant(&self, t: Tick) -> Instant {
+        self.origin + Duration::from_nanos(t.0)
+    }
+}
+
+type Limiter = RateLimiter<
+    governor::state::NotKeyed,
+    governor::state::InMemoryState,
+    CoreClock,
+    governor::middleware::NoOpMiddleware<Tick>,
+>;
+
+struct Domain {
+    limits: DomainLimits,
+    limiter: Limiter,
+    in_flight: usize,
+    /// Entries waiting for capacity, oldest first, with the park generation that queued them
+    /// (a stale generation means the entry moved on).
+    queue: VecDeque<(EntryId, u64)>,
+    /// When the quota allows the next start, after a refused one.
+    blocked_until: Option<Instant>,
+    started: u64,
+    succeeded: u64,
+    failed: BTreeMap<FailureKind, u64>,
+}
+
+struct Naughty {
+    category: NaughtyCategory,
+    reason: String,
+    first: Instant,
+    last: Instant,
+    count: u64,
+    until: Instant,
+}
+
+/// Why a permit could not be taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Blocked {
+    /// `max_concurrent` fetches are in flight.
+    Full,
+    /// The quota has no cell before this instant.
+    Rate(Instant),
+}
+
+/// Every domain the engine has fetched from or queued for.
+pub(crate) struct Domains {
+    cfg: Arc<Config>,
+    clock: Option<CoreClock>,
+    table: HashMap<Arc<str>, Domain>,
+    naughty: HashMap<Arc<str>, Naughty>,
+}
+
+impl Domains {
+    pub fn new(cfg: Arc<Config>) -> Self {
+        Domains {
+            cfg,
+            clock: None,
+            table: HashMap::new(),
+            naughty: HashMap::new(),
+        }
+    }
+
+    /// Sets the limiters' clock to `now`; called at every entry point of the core.
+    pub fn set_now(&mut self, now: Instant) {
+        self.clock
+            .get_or_insert_with(|| CoreClock::new(now))
+            .set(now);
+    }
+
+    fn clock(&self) -> &CoreClock {
+        self.clock
+            .as_ref()
+            .expect("set_now is called before any use")
+    }
+
+    fn domain(&mut self, name: &Arc<str>) -> &mut Domain {
+        if !self.table.contains_key(name) {
+            let limits = self.cfg.limits_for(name);
+            let period = Duration::from_nanos(60_000_000_000 / u64::from(limits.per_minute));
+            let quota = Quota::with_period(period)
+                .expect("per_minute is validated to be positive")
+                .allow_burst(NonZeroU32::new(limits.burst).expect("burst is validated"));
+            let limiter = RateLimiter::direct_with_clock(quota, self.clock().clone());
+            self.table.insert(
+                name.clone(),
+                Domain {
+                    limits,
+                    limiter,
+                    in_flight: 0,
+                    queue: VecDeque::new(),
+                    blocked_until: None,
+                    started: 0,
+                    succeeded: 0,
+                    failed: BTreeMap::new(),
+                },
+            );
+        }
+        self.table.get_mut(name).expect("inserted above")
+    }
+
+    /// Whether URLs on `domain` may be fetched at all now: not the relay's own domain and not
+    /// on the naughty list.
+    pub fn usable(&self, domain: &str, now: Instant) -> bool {
+        if self.cfg.our_domain.as_deref() == Some(domain) {
+            return false;
+        }
+        !self.naughty.get(domain).is_some_and(|n| n.until > now)
+    }
+
+    /// Takes a concurrency slot and a rate cell of `domain`, both or neither.
+    pub fn try_acquire(&mut self, domain: &Arc<str>, now: Instant) -> Result<(), Blocked> {
+        let clock = self.clock().clone();
+        let d = self.domain(domain);
+        if d.in_flight >= d.limits.max_concurrent {
+            return Err(Blocked::Full);
+        }
+        match d.limiter.check() {
+            Ok(()) => {
+                d.in_flight += 1;
+                d.started += 1;
+                d.blocked_until = None;
+                Ok(())
+            }
+            Err(not_until) => {
+                let at = clock.instant(not_until.earliest_possible()).max(now);
+                d.blocked_until = Some(at);
+                Err(Blocked::Rate(at))
+            }
+        }
+    }
+
+    /// Gives back the slot of a fetch that ended, counts it, and puts the domain on the
+    /// naughty list after a DNS or TLS failure.
+    pub fn release(
+        &mut self,
+        domain: &Arc<str>,
+        failure: Option<(FailureKind, &str)>,
+        now: Instant,
+    ) {
+        let d = self.domain(domain);
+        d.in_flight = d.in_flight.saturating_sub(1);
+        match failure {
+            None => d.succeeded += 1,
+            Some((kind, _)) => *d.failed.entry(kind).or_default() += 1,
+        }
+        let category = match failure {
+            Some((FailureKind::Dns, _)) => NaughtyCategory::Dns,
+            Some((FailureKind::Tls, _)) => NaughtyCategory::Tls,
+            _ => return,
+        };
+        let reason = failure.map(|f| f.1.to_owned()).unwrap_or_default();
+        let until = now + self.cfg.naughty_duration;
+        match self.naughty.get_mut(domain) {
+            Some(n) if n.until > now => {
+                n.category = category;
+                n.reason = reason;
+                n.last = now;
+                n.count += 1;
+                n.until = until;
+            }
+            _ => {
+                log::warn!(
+                    "skipping {domain} for {:?}: {reason}",
+                    self.cfg.naughty_duration
+                );
+                self.naughty.insert(
+                    domain.clone(),
+                    Naughty {
+                        category,
+                        reason,
+                        first: now,
+                        last: now,
+                        count: 1,
+                        until,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Queues `entry` for `domain`'s capacity.
+    pub fn park(&mut self, domain: &Arc<str>, entry: EntryId, generation: u64) {
+        self.domain(domain).queue.push_back((entry, generation));
+    }
+
+    /// Domains with entries waiting, in a stable order.
+    pub fn with_queues(&self) -> Vec<Arc<str>> {
+        let mut v: Vec<Arc<str>> = self
+            .table
+            .iter()
+            .filter(|(_, d)| !d.queue.is_empty())
+            .map(|(k, _)| k.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The queue of `domain`.
+    pub fn queue(&mut self, domain: &Arc<str>) -> &mut VecDeque<(EntryId, u64)> {
+        &mut self.domain(domain).queue
+    }
+
+    /// Whether `domain` has a free slot (the quota is only known by trying).
+    pub fn has_slot(&mut self, domain: &Arc<str>) -> bool {
+        let d = self.domain(domain);
+        d.in_flight < d.limits.max_concurrent
+    }
+
+    /// The earliest instant after `now` at which a rate-limited domain with waiting entries
+    /// gets a cell, so that the scheduler wakes then rather than at the next tick.
+    pub fn next_wake(&self, now: Instant) -> Option<Instant> {
+        self.table
+            .values()
+            .filter(|d| !d.queue.is_empty() && d.in_flight < d.limits.max_concurrent)
+            .filter_map(|d| d.blocked_until)
+            .filter(|t| *t > now)
+            .min()
+    }
+
+    /// Forgets naughty entries whose time is up.
+    pub fn prune(&mut self, now: Instant) {
+        self.naughty.retain(|_, n| n.until > now);
+    }
+
+    /// Per-domain stats and the naughty list; `valid` tells which queued entries still wait.
+    pub fn stats(
+        &self,
+        now: Instant,
+        wall: SystemTime,
+        valid: impl Fn(EntryId, u64) -> bool,
+    ) -> (BTreeMap<String, DomainStats>, Vec<NaughtyEntry>) {
+        let to_wall = |t: Instant| {
+            if t >= now {
+                wall + (t - now)
+            } else {
+                wall.checked_sub(now - t).unwrap_or(SystemTime::UNIX_EPOCH)
+            }
+        };
+        let domains = self
+            .table
+            .iter()
+            .map(|(name, d)| {
+                let mut queued: Vec<EntryId> = d
+                    .queue
+                    .iter()
+                    .filter(|(e, g)| valid(*e, *g))
+                    .map(|(e, _)| *e)
+                    .collect();
+                queued.sort_unstable();
+                queued.dedup();
+                let stats = DomainStats {
+                    in_flight: d.in_flight,
+                    queued_identifiers: queued.len(),
+                    requests_started: d.started,
+                    succeeded: d.succeeded,
+                    failed: d.failed.clone(),
+                    next_cell_in: d
+                        .blocked_until
+                        .map_or(Duration::ZERO, |t| t.saturating_duration_since(now)),
+                };
+                (name.to_string(), stats)
+            })
+            .collect();
+        let mut naughty: Vec<NaughtyEntry> = self
+            .naughty
+            .iter()
+            .filter(|(_, n)| n.until > now)
+            .map(|(domain, n)| NaughtyEntry {
+                domain: domain.to_string(),
+                category: n.category,
+                reason: n.reason.clone(),
+                first_seen: to_wall(n.first),
+                last_seen: to_wall(n.last),
+                count: n.count,
+                until: to_wall(n.until),
+            })
+            .collect();
+        naughty.sort_by(|a, b| a.domain.cmp(&b.domain));
+        (domains, naughty)
+    }
+}
