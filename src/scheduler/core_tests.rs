@@ -1027,3 +1027,314 @@ fn a_cancelled_event_awaiting_refs_is_forgotten() {
     assert_eq!((s.waiting_events, s.awaiting_refs, s.cancelled), (0, 0, 1));
     assert_eq!(h.drops.len(), 1);
 }
+
+// ---- politeness: per-domain limits, domain queues, naughty list, our own domain ----
+
+fn polite(limits: crate::config::DomainLimits) -> Harness {
+    Harness::with(Config {
+        domain_limits: limits,
+        sync_delay: Duration::ZERO,
+        ..Config::default()
+    })
+}
+
+fn limits(max_concurrent: usize, per_minute: u32, burst: u32) -> crate::config::DomainLimits {
+    crate::config::DomainLimits::new(max_concurrent, per_minute).burst(burst)
+}
+
+impl Harness {
+    /// Completes the running job of `identifier` with a failure of `kind`.
+    fn fail_ident(&mut self, identifier: &str, kind: FailureKind) -> Job {
+        let pos = self
+            .jobs
+            .iter()
+            .position(|j| j.request.identifier == identifier)
+            .unwrap_or_else(|| panic!("no job for {identifier}: {:?}", self.jobs));
+        let job = self.jobs.remove(pos);
+        let now = self.now();
+        self.core.job_done(
+            job.id,
+            FetchReport::failed(FetchError::new(kind, "test")),
+            now,
+        );
+        self.pass();
+        job
+    }
+
+    fn running_identifiers(&self) -> Vec<String> {
+        self.jobs
+            .iter()
+            .map(|j| j.request.identifier.clone())
+            .collect()
+    }
+}
+
+#[test]
+fn a_domain_never_has_more_fetches_in_flight_than_its_cap() {
+    let mut h = polite(limits(2, 600, 100));
+    for i in 0..5u8 {
+        let id = format!("id{i}");
+        h.submit(
+            &id,
+            &id,
+            &format!("/r{i}"),
+            &[oid(i)],
+            &["https://host.example/r"],
+            Origin::Sync,
+        );
+    }
+    assert_eq!(h.running_identifiers(), ["id0", "id1"]);
+    let s = h.core.stats();
+    assert_eq!(s.domains["host.example"].in_flight, 2);
+    assert_eq!(s.domains["host.example"].queued_identifiers, 3);
+    h.fail_ident("id1", FailureKind::NotFound);
+    assert_eq!(
+        h.running_identifiers(),
+        ["id0", "id2"],
+        "the oldest waiting one is next"
+    );
+    h.fail_ident("id0", FailureKind::NotFound);
+    h.fail_ident("id2", FailureKind::NotFound);
+    assert_eq!(h.running_identifiers(), ["id3", "id4"]);
+}
+
+#[test]
+fn domains_do_not_hold_each_other_up() {
+    let mut h = polite(limits(1, 600, 100));
+    h.submit(
+        "a",
+        "a",
+        "/a",
+        &[oid(1)],
+        &["https://busy.example/r"],
+        Origin::Sync,
+    );
+    h.submit(
+        "b",
+        "b",
+        "/b",
+        &[oid(2)],
+        &["https://busy.example/r"],
+        Origin::Sync,
+    );
+    h.submit(
+        "c",
+        "c",
+        "/c",
+        &[oid(3)],
+        &["https://other.example/r"],
+        Origin::Sync,
+    );
+    assert_eq!(h.running_identifiers(), ["a", "c"]);
+}
+
+#[test]
+fn a_rate_limited_idle_domain_is_served_when_its_quota_refills_without_any_completion() {
+    // One start every 10 s, burst 1.
+    let mut h = polite(limits(5, 6, 1));
+    h.submit(
+        "a",
+        "a",
+        "/a",
+        &[oid(1)],
+        &["https://slow.example/r"],
+        Origin::Sync,
+    );
+    h.submit(
+        "b",
+        "b",
+        "/b",
+        &[oid(2)],
+        &["https://slow.example/r"],
+        Origin::Sync,
+    );
+    assert_eq!(h.running_identifiers(), ["a"]);
+    h.fail_ident("a", FailureKind::NotFound);
+    assert!(
+        h.jobs.is_empty(),
+        "b waits for a cell with nothing in flight"
+    );
+    let s = h.core.stats();
+    assert_eq!(
+        s.domains["slow.example"].next_cell_in,
+        Duration::from_secs(10)
+    );
+    // The scheduler is told when to wake: the refill, not the next tick.
+    assert_eq!(
+        h.core.next_wake(h.now()),
+        Some(h.now() + Duration::from_secs(10))
+    );
+    h.advance(Duration::from_millis(9_900));
+    assert!(h.jobs.is_empty());
+    h.advance(Duration::from_millis(100));
+    assert_eq!(
+        h.running_identifiers(),
+        ["b"],
+        "served by a pass, no completion needed"
+    );
+}
+
+#[test]
+fn identifiers_on_one_capped_domain_are_served_round_robin() {
+    let mut h = polite(limits(1, 600_000, 1000));
+    for id in ["A", "B", "C"] {
+        let urls = [
+            format!("https://one.example/{id}1"),
+            format!("https://one.example/{id}2"),
+        ];
+        let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+        h.submit(
+            id,
+            id,
+            &format!("/{id}"),
+            &[oid(id.as_bytes()[0])],
+            &urls,
+            Origin::Sync,
+        );
+    }
+    let mut order = Vec::new();
+    for _ in 0..6 {
+        assert_eq!(h.jobs.len(), 1, "cap 1");
+        let job = h.jobs[0].clone();
+        order.push(job.request.url.rsplit('/').next().unwrap().to_owned());
+        h.fail_ident(&job.request.identifier, FailureKind::NotFound);
+    }
+    assert_eq!(order, ["A1", "B1", "C1", "A2", "B2", "C2"]);
+}
+
+#[test]
+fn dns_and_tls_failures_put_a_domain_on_the_naughty_list_for_12_hours() {
+    for kind in [FailureKind::Dns, FailureKind::Tls] {
+        let mut h = Harness::with(Config {
+            domain_limits: limits(5, 600_000, 1000),
+            sync_delay: Duration::ZERO,
+            event_lifetime: Duration::from_secs(24 * 3600),
+            ..Config::default()
+        });
+        h.submit(
+            "a",
+            "a",
+            "/a",
+            &[oid(1)],
+            &["https://bad.example/r"],
+            Origin::Sync,
+        );
+        h.fail_ident("a", kind);
+        let s = h.core.stats();
+        assert_eq!(s.naughty.len(), 1, "{kind:?}");
+        assert_eq!(s.naughty[0].domain, "bad.example");
+        assert_eq!(s.naughty[0].count, 1);
+        // Another identifier with a URL there and one elsewhere: only elsewhere is fetched.
+        h.submit(
+            "b",
+            "b",
+            "/b",
+            &[oid(2)],
+            &["https://bad.example/r", "https://good.example/r"],
+            Origin::Sync,
+        );
+        assert_eq!(h.jobs.len(), 1);
+        assert_eq!(h.jobs[0].request.url, "https://good.example/r", "{kind:?}");
+        h.fail_ident("b", FailureKind::NotFound);
+        // 12 hours later the domain is tried again.
+        h.advance(Duration::from_secs(12 * 3600));
+        assert!(h.core.stats().naughty.is_empty());
+        let urls: Vec<String> = h.jobs.iter().map(|j| j.request.url.clone()).collect();
+        assert!(
+            urls.contains(&"https://bad.example/r".to_owned()),
+            "{kind:?}: {urls:?}"
+        );
+    }
+}
+
+#[test]
+fn timeouts_refusals_and_missing_objects_do_not_make_a_domain_naughty() {
+    for kind in [
+        FailureKind::Timeout,
+        FailureKind::ConnectionRefused,
+        FailureKind::NotFound,
+        FailureKind::Deadline,
+        FailureKind::Protocol,
+    ] {
+        let mut h = polite(limits(5, 600_000, 1000));
+        h.submit(
+            "a",
+            "a",
+            "/a",
+            &[oid(1)],
+            &["https://flaky.example/r"],
+            Origin::Sync,
+        );
+        h.fail_ident("a", kind);
+        assert!(h.core.stats().naughty.is_empty(), "{kind:?}");
+        h.submit(
+            "b",
+            "b",
+            "/b",
+            &[oid(2)],
+            &["https://flaky.example/r"],
+            Origin::Sync,
+        );
+        assert_eq!(h.running_identifiers(), ["b"], "{kind:?}");
+    }
+}
+
+#[test]
+fn our_own_domain_is_never_fetched_and_matched_on_the_whole_host() {
+    let mut h = Harness::with(Config {
+        our_domain: Some("relay.example.com".into()),
+        sync_delay: Duration::ZERO,
+        ..Config::default()
+    });
+    h.submit(
+        "e",
+        "id",
+        "/r",
+        &[oid(1)],
+        &[
+            "https://relay.example.com/r",
+            "https://notrelay.example.com.evil/r",
+        ],
+        Origin::Sync,
+    );
+    assert_eq!(h.jobs.len(), 1);
+    assert_eq!(h.jobs[0].request.url, "https://notrelay.example.com.evil/r");
+    h.fail_ident("id", FailureKind::NotFound);
+    assert!(h.jobs.is_empty(), "our own URL counts as tried");
+}
+
+#[test]
+fn a_domain_override_replaces_the_default_limits() {
+    let mut cfg = Config {
+        domain_limits: limits(1, 600_000, 1000),
+        sync_delay: Duration::ZERO,
+        ..Config::default()
+    };
+    cfg.domain_overrides
+        .insert("big.example".into(), limits(3, 600_000, 1000));
+    let mut h = Harness::with(cfg);
+    for i in 0..4u8 {
+        let id = format!("big{i}");
+        h.submit(
+            &id,
+            &id,
+            &format!("/b{i}"),
+            &[oid(i)],
+            &["https://big.example/r"],
+            Origin::Sync,
+        );
+        let id = format!("small{i}");
+        h.submit(
+            &id,
+            &id,
+            &format!("/s{i}"),
+            &[oid(i + 10)],
+            &["https://small.example/r"],
+            Origin::Sync,
+        );
+    }
+    let s = h.core.stats();
+    assert_eq!(s.domains["big.example"].in_flight, 3);
+    assert_eq!(s.domains["small.example"].in_flight, 1);
+    assert_eq!(s.domains["big.example"].requests_started, 3);
+}
