@@ -147,6 +147,14 @@ impl Engine {
     /// the refs (this thread never writes to the repository). Object ids are normalised to
     /// lower case and de-duplicated.
     ///
+    /// Each clone URL is checked against the URL policy ([`UrlPolicy`](crate::UrlPolicy), from
+    /// the builder's `allowed_schemes`, `allow_private_addresses` and `our_domain`). A refused
+    /// URL is not an error: it is left out, never fetched, and listed with its index and reason
+    /// in [`Admission::Pending`]'s `refused_urls`. The event waits even when every URL is
+    /// refused, since a push may still bring its data. A URL that is not even a string a URL
+    /// could be (empty, over 2048 bytes, with whitespace) is a
+    /// [`SubmitError::InvalidCloneUrl`].
+    ///
     /// # Errors
     /// A [`SubmitError`] naming the field at fault; a refused event changes nothing.
     pub fn submit(&self, event: PendingEvent) -> Result<Admission, SubmitError> {
@@ -168,7 +176,7 @@ impl Engine {
                 });
             }
             if core.is_waiting(&event.id) {
-                return Ok(Admission::pending());
+                return Ok(Admission::pending_with(checked.refused));
             }
         }
         let repo = validate::repository(&event.repo)?;
@@ -209,7 +217,7 @@ impl Engine {
         self.send(Command::Submit(valid)).inspect_err(|_| {
             self.admitted.fetch_sub(1, Ordering::SeqCst);
         })?;
-        Ok(Admission::pending())
+        Ok(Admission::pending_with(checked.refused))
     }
 
     /// Tells the engine that git data for `identifier` arrived by other means (a push to the

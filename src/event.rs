@@ -216,7 +216,8 @@ impl RefusedUrl {
 pub enum UrlRefusal {
     /// The URL could not be parsed or has no host (a local path, say).
     Invalid(String),
-    /// Its scheme is not in the allow-list (default `https`, `http`, `git`).
+    /// Its scheme is not in the allow-list (default `https`, `http`, `git`), in lower case;
+    /// for git's `<transport>::<address>` form (`ext::…`), the transport with `::`.
     Scheme(String),
     /// It embeds credentials (`user:password@`).
     Credentials,

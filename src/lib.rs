@@ -131,7 +131,7 @@ pub use fetch::{
     StopReason, TEMP_REF_PREFIX,
 };
 pub use oid::{ObjectId, ParseObjectIdError};
-pub use policy::domain_of;
+pub use policy::{domain_of, UrlPolicy};
 pub use stats::{DomainStats, FailureRecord, NaughtyCategory, NaughtyEntry, Stats};
 
 /// The README's examples compile as doc-tests, so that they cannot drift from the API.

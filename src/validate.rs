@@ -2,10 +2,11 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use crate::config::Config;
 use crate::error::SubmitError;
+use crate::event::RefusedUrl;
+use crate::policy::{CloneUrl, UrlPolicy};
 use crate::{ObjectId, PendingEvent, RefTarget, RefUpdate, TEMP_REF_PREFIX};
 
 /// Longest event id or identifier accepted, in bytes.
@@ -17,7 +18,10 @@ pub(crate) const MAX_REF_NAME_BYTES: usize = 1024;
 
 pub(crate) struct Checked {
     pub oids: Vec<ObjectId>,
-    pub urls: Vec<crate::policy::CloneUrl>,
+    /// The URLs the policy accepted, in the order given, without duplicates.
+    pub urls: Vec<CloneUrl>,
+    /// The URLs the policy refused, in the order given: returned to the host, never fetched.
+    pub refused: Vec<RefusedUrl>,
     /// The ref updates in the order given, oid targets in lower case.
     pub refs: Vec<RefUpdate>,
 }
@@ -34,7 +38,9 @@ fn name(value: &str) -> Result<(), &'static str> {
     }
 }
 
-/// Checks the event's fields that need no I/O.
+/// Checks the event's fields that need no I/O. A clone URL that is malformed as a string
+/// (empty, over-long, with whitespace) is an error; one the URL policy refuses is listed in
+/// [`Checked::refused`] and left out, and the event is still valid.
 pub(crate) fn event(ev: &PendingEvent, cfg: &Config) -> Result<Checked, SubmitError> {
     name(&ev.id).map_err(|reason| SubmitError::InvalidEventId {
         value: ev.id.clone(),
@@ -71,7 +77,9 @@ pub(crate) fn event(ev: &PendingEvent, cfg: &Config) -> Result<Checked, SubmitEr
             max: cfg.max_urls_per_event,
         });
     }
-    let mut urls: Vec<crate::policy::CloneUrl> = Vec::with_capacity(ev.clone_urls.len());
+    let policy = UrlPolicy::from_config(cfg);
+    let mut urls: Vec<CloneUrl> = Vec::with_capacity(ev.clone_urls.len());
+    let mut refused = Vec::new();
     for (index, value) in ev.clone_urls.iter().enumerate() {
         let bad = |reason| SubmitError::InvalidCloneUrl {
             index,
@@ -87,16 +95,22 @@ pub(crate) fn event(ev: &PendingEvent, cfg: &Config) -> Result<Checked, SubmitEr
         if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(bad("contains whitespace or control characters"));
         }
-        let domain = crate::policy::domain_of(value).ok_or_else(|| bad("has no host"))?;
-        if !urls.iter().any(|u| *u.url == **value) {
-            urls.push(crate::policy::CloneUrl {
-                url: Arc::from(value.as_str()),
-                domain: Arc::from(domain),
-            });
+        match policy.check(value) {
+            Ok(url) => {
+                if !urls.iter().any(|u| u.url == url.url) {
+                    urls.push(url);
+                }
+            }
+            Err(reason) => refused.push(RefusedUrl::new(index, value.as_str(), reason)),
         }
     }
     let refs = ref_updates(ev, &oids, cfg)?;
-    Ok(Checked { oids, urls, refs })
+    Ok(Checked {
+        oids,
+        urls,
+        refused,
+        refs,
+    })
 }
 
 /// Checks the event's ref updates against its (sorted) object ids.

@@ -70,6 +70,8 @@ fn upstream(base: &Path, name: &str, policy: Policy) -> Upstream {
 
 fn control(deadline: Duration) -> FetchControl {
     FetchControl::new(Instant::now() + deadline, Arc::new(AtomicBool::new(false)))
+        // The test servers listen on 127.0.0.x.
+        .with_url_policy(purgatory_sync::UrlPolicy::new().allow_private_addresses(true))
 }
 
 fn fetch(target: &Path, url: &str, wanted: &[ObjectId]) -> FetchReport {

@@ -14,7 +14,7 @@ use git2::{
     RepositoryOpenFlags,
 };
 
-use super::net::{self, NetContext};
+use super::net::{self, Guard, NetContext};
 use super::{
     FailureKind, FetchControl, FetchError, FetchReport, FetchRequest, Fetcher, StopReason,
 };
@@ -189,7 +189,49 @@ impl Default for GitFetcher {
 }
 
 impl Fetcher for GitFetcher {
+    /// Checks the URL with the control's [`UrlPolicy`](crate::UrlPolicy) first (a refused URL
+    /// is a [`FailureKind::Refused`] failure, without any traffic), then fetches; every
+    /// connection of the fetch goes only to the URL's host, and, unless the policy allows
+    /// private addresses, only to public addresses.
     fn fetch(&self, request: &FetchRequest, control: &FetchControl) -> FetchReport {
+        let policy = control.url_policy();
+        match policy.check(&request.url) {
+            Ok(checked) => self.fetch_guarded(
+                request,
+                control,
+                Guard::new(&checked.domain, policy.private_addresses_allowed()),
+            ),
+            Err(reason) => {
+                let error = FetchError::new(
+                    FailureKind::Refused,
+                    format!("refused by the URL policy: {reason}"),
+                );
+                let present = present(&request.repo, &request.wanted).unwrap_or_default();
+                let missing = request
+                    .wanted
+                    .iter()
+                    .copied()
+                    .filter(|o| !present.contains(o))
+                    .collect();
+                FetchReport {
+                    present,
+                    missing,
+                    error: Some(error),
+                    bytes_received: 0,
+                }
+            }
+        }
+    }
+}
+
+impl GitFetcher {
+    /// The fetch of a URL that passed the policy: every connection is checked by `guard`.
+    fn fetch_guarded(
+        &self,
+        request: &FetchRequest,
+        control: &FetchControl,
+        guard: Guard,
+    ) -> FetchReport {
         let repo = match open(&request.repo) {
             Ok(r) => r,
             Err(e) => {
@@ -198,13 +240,16 @@ impl Fetcher for GitFetcher {
                 return report;
             }
         };
-        let ctx = Arc::new(NetContext::new(
-            control.deadline(),
-            control.cancel_flag(),
-            control.max_bytes(),
-            control.connect_timeout(),
-            control.io_timeout(),
-        ));
+        let ctx = Arc::new(
+            NetContext::new(
+                control.deadline(),
+                control.cancel_flag(),
+                control.max_bytes(),
+                control.connect_timeout(),
+                control.io_timeout(),
+            )
+            .with_guard(guard),
+        );
         let mut job = Job {
             repo: &repo,
             control,
@@ -496,7 +541,8 @@ fn classify(
     let lower = message.to_ascii_lowercase();
     if e.class() == ErrorClass::Ssl
         || lower.contains("certificate")
-        || lower.contains("tls") && lower.contains("handshake")
+        || lower.contains("ssl error")
+        || (lower.contains("tls") && lower.contains("handshake"))
     {
         return FetchError::new(FailureKind::Tls, message);
     }
@@ -579,6 +625,90 @@ mod tests {
         );
         assert_eq!(strip_urls("no url here"), "no url here");
         assert_eq!(strip_urls("from git://h:9418/r.git: EOF"), "from <url> EOF");
+    }
+
+    /// The connect-time checks hold under libgit2, for every transport, even for a URL the
+    /// policy would pass (a name that resolves to a private address, a redirect, a rewrite).
+    #[test]
+    fn connections_go_only_to_the_urls_host_and_public_addresses() {
+        use std::net::TcpListener;
+        use std::sync::atomic::AtomicBool;
+        use std::time::Instant;
+
+        let fetcher = GitFetcher::new();
+        let dir = tempfile::tempdir().unwrap();
+        Repository::init_bare(dir.path()).unwrap();
+        let listener = TcpListener::bind("127.0.0.2:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let control = FetchControl::new(
+            Instant::now() + Duration::from_secs(10),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let wanted: Vec<ObjectId> =
+            vec!["e92758a50bbf13ea1fe986bbe254a709b0bf741c".parse().unwrap()];
+        for scheme in ["git", "http", "https"] {
+            let url = format!("{scheme}://127.0.0.2:{port}/r.git");
+            let request = FetchRequest::new("id", dir.path(), url, wanted.clone());
+            for (guard, says) in [
+                (Guard::new("127.0.0.2", false), "resolves to 127.0.0.2"),
+                (
+                    Guard::new("127.0.0.3", true),
+                    "the fetch is for host 127.0.0.3",
+                ),
+            ] {
+                let report = fetcher.fetch_guarded(&request, &control, guard);
+                let error = report.error.expect("refused");
+                assert_eq!(error.kind, FailureKind::Refused, "{scheme}: {error}");
+                assert!(error.message.contains(says), "{scheme}: {error}");
+                assert_eq!(report.missing, wanted);
+            }
+        }
+        match listener.accept() {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            other => panic!("a connection reached the server: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_refused_url_is_not_fetched() {
+        use std::sync::atomic::AtomicBool;
+        use std::time::Instant;
+
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init_bare(dir.path()).unwrap();
+        let have = ObjectId::from_git(repo.blob(b"hello").unwrap());
+        let lack: ObjectId = "e92758a50bbf13ea1fe986bbe254a709b0bf741c".parse().unwrap();
+        let control = FetchControl::new(
+            Instant::now() + Duration::from_secs(10),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let mut wanted = vec![have, lack];
+        wanted.sort_unstable();
+        for url in [
+            "file:///srv/x.git",
+            "/srv/x.git",
+            "ext::sh -c id",
+            "https://u:p@git.example.com/x.git",
+            "git://127.0.0.1/x.git",
+            "http://localhost/x.git",
+        ] {
+            let request = FetchRequest::new("id", dir.path(), url, wanted.clone());
+            let report = GitFetcher::new().fetch(&request, &control);
+            let error = report.error.expect("refused");
+            assert_eq!(error.kind, FailureKind::Refused, "{url}: {error}");
+            assert!(
+                error.message.starts_with("refused by the URL policy"),
+                "{error}"
+            );
+            assert!(!error.message.contains("://"), "no URL in {error}");
+            assert_eq!(report.present, [have], "{url}");
+            assert_eq!(report.missing, [lack], "{url}");
+        }
+        let owned = control.with_url_policy(crate::UrlPolicy::new().our_domain("git.example.com"));
+        let request = FetchRequest::new("id", dir.path(), "https://git.example.com/x", wanted);
+        let error = GitFetcher::new().fetch(&request, &owned).error.unwrap();
+        assert_eq!(error.kind, FailureKind::Refused, "{error}");
     }
 
     #[test]

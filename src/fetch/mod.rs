@@ -18,6 +18,7 @@ pub use git::GitFetcher;
 pub use git::TEMP_REF_PREFIX;
 pub(crate) use git::{init, open_bare};
 
+use crate::policy::UrlPolicy;
 use crate::ObjectId;
 
 /// One fetch: the objects an identifier still misses, from one URL, into one repository.
@@ -52,7 +53,8 @@ impl FetchRequest {
 }
 
 /// Tells a running fetch when to give up and how much it may take: its deadline (real time,
-/// because it bounds real I/O), the engine's cancel flag, and the per-attempt limits.
+/// because it bounds real I/O), the engine's cancel flag, the per-attempt limits, and the
+/// [`UrlPolicy`] the URL must pass right before the fetch (and every address it connects to).
 #[derive(Debug, Clone)]
 pub struct FetchControl {
     deadline: Instant,
@@ -61,6 +63,7 @@ pub struct FetchControl {
     depth: Option<u32>,
     connect_timeout: Duration,
     io_timeout: Duration,
+    url_policy: UrlPolicy,
 }
 
 /// Why a fetch should stop now.
@@ -74,7 +77,9 @@ pub enum StopReason {
 
 impl FetchControl {
     /// A control with the given real-time deadline and shared cancel flag, and default limits
-    /// (1 GiB, full history, 10 s connect and 30 s idle timeouts).
+    /// (1 GiB, full history, 10 s connect and 30 s idle timeouts) and the strict
+    /// [`UrlPolicy::new`] (no private addresses: set
+    /// [`with_url_policy`](Self::with_url_policy) to fetch from loopback).
     pub fn new(deadline: Instant, cancel: Arc<AtomicBool>) -> Self {
         FetchControl {
             deadline,
@@ -83,7 +88,14 @@ impl FetchControl {
             depth: None,
             connect_timeout: Duration::from_secs(10),
             io_timeout: Duration::from_secs(30),
+            url_policy: UrlPolicy::new(),
         }
+    }
+
+    /// Sets the URL policy checked right before the fetch, and at every connection.
+    pub fn with_url_policy(mut self, policy: UrlPolicy) -> Self {
+        self.url_policy = policy;
+        self
     }
 
     /// Sets the most bytes the attempt may receive.
@@ -139,6 +151,11 @@ impl FetchControl {
     /// The longest a connection may stay silent.
     pub fn io_timeout(&self) -> Duration {
         self.io_timeout
+    }
+
+    /// The URL policy of the fetch.
+    pub fn url_policy(&self) -> &UrlPolicy {
+        &self.url_policy
     }
 
     pub(crate) fn cancel_flag(&self) -> Arc<AtomicBool> {

@@ -11,6 +11,13 @@
 //! The limits come from a [`NetContext`] installed for the current thread by the fetcher. A
 //! stream opened outside any fetch (a host using libgit2 for its own purposes) gets plain
 //! sockets with the default timeouts.
+//!
+//! The context also carries the URL policy's last word ([`Guard`]): a fetch may only connect
+//! to the host of its URL (libgit2 follows no redirect with our options, and `insteadOf`
+//! rewrites are refused, but this makes it a guarantee), and, unless private addresses are
+//! allowed, only to public addresses. Every address the host name resolves to is checked
+//! before any connection is made, and the connection goes to an address that was checked, so
+//! a name pointing at 127.0.0.1 or 10.x, or DNS rebinding, cannot reach a private address.
 
 use std::cell::RefCell;
 use std::io::{Read, Write};
@@ -22,6 +29,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use super::FailureKind;
+use crate::policy::{canonical_host, ip_allowed, Host};
 
 /// Longest a single blocking socket call waits before the limits are checked again, so that
 /// cancellation is noticed promptly even on a silent connection.
@@ -39,8 +47,28 @@ pub(crate) struct NetContext {
     pub max_bytes: u64,
     pub connect_timeout: Duration,
     pub io_timeout: Duration,
+    guard: Option<Guard>,
     received: AtomicU64,
     failure: Mutex<Option<(FailureKind, String)>>,
+}
+
+/// Where the connections of one fetch may go.
+#[derive(Debug, Clone)]
+pub(crate) struct Guard {
+    /// The URL's host, canonical: the only host a connection may be opened to.
+    host: Host,
+    allow_private: bool,
+}
+
+impl Guard {
+    /// Connections only to `host` (canonicalised; an invalid one allows no connection), and
+    /// to private addresses only if `allow_private`.
+    pub fn new(host: &str, allow_private: bool) -> Self {
+        Guard {
+            host: canonical_host(host).unwrap_or_else(|| Host::Name(String::new())),
+            allow_private,
+        }
+    }
 }
 
 impl NetContext {
@@ -57,9 +85,16 @@ impl NetContext {
             max_bytes,
             connect_timeout,
             io_timeout,
+            guard: None,
             received: AtomicU64::new(0),
             failure: Mutex::new(None),
         }
+    }
+
+    /// Restricts the fetch's connections to `guard`'s host and addresses.
+    pub fn with_guard(mut self, guard: Guard) -> Self {
+        self.guard = Some(guard);
+        self
     }
 
     /// Bytes received over every connection of the fetch.
@@ -160,6 +195,19 @@ impl Conn {
             .parse()
             .map_err(|_| self.fail(FailureKind::Protocol, format!("bad port {:?}", self.port)))?;
         let target = format!("{}:{}", self.host, port);
+        let guard = self.ctx.as_ref().and_then(|c| c.guard.clone());
+        if let Some(g) = &guard {
+            // Checked before the name is even resolved.
+            if canonical_host(&self.host).as_ref() != Some(&g.host) {
+                return Err(self.fail(
+                    FailureKind::Refused,
+                    format!(
+                        "refused to connect to {}: the fetch is for host {}",
+                        self.host, g.host
+                    ),
+                ));
+            }
+        }
         // The host in a URL may be a bracketed IPv6 literal.
         let host = self.host.trim_start_matches('[').trim_end_matches(']');
         let addrs: Vec<SocketAddr> = (host, port)
@@ -176,6 +224,20 @@ impl Conn {
                 FailureKind::Dns,
                 format!("host {} has no address", self.host),
             ));
+        }
+        if let Some(g) = &guard {
+            // Every address, not just the first: a name that also points at a private
+            // address is not trusted with the others either.
+            if let Some(bad) = addrs.iter().find(|a| !ip_allowed(a.ip(), g.allow_private)) {
+                return Err(self.fail(
+                    FailureKind::Refused,
+                    format!(
+                        "refused to connect to {}: it resolves to {}, a private or local address",
+                        self.host,
+                        bad.ip()
+                    ),
+                ));
+            }
         }
         let connect_timeout = self
             .ctx
@@ -383,6 +445,75 @@ mod tests {
         assert!(result.is_err(), "{result:?}");
         assert_eq!(c.take_failure().unwrap().0, FailureKind::SizeCap);
         server.join().unwrap();
+    }
+
+    fn guarded(host: &str, allow_private: bool) -> Arc<NetContext> {
+        Arc::new(
+            NetContext::new(
+                Instant::now() + Duration::from_secs(5),
+                Arc::new(AtomicBool::new(false)),
+                1 << 20,
+                Duration::from_secs(2),
+                Duration::from_secs(2),
+            )
+            .with_guard(Guard::new(host, allow_private)),
+        )
+    }
+
+    /// Whether `l` has a connection waiting, without blocking.
+    fn connected(l: &TcpListener) -> bool {
+        l.set_nonblocking(true).unwrap();
+        let result = match l.accept() {
+            Ok(_) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+            Err(e) => panic!("accept: {e}"),
+        };
+        l.set_nonblocking(false).unwrap();
+        result
+    }
+
+    #[test]
+    fn private_addresses_are_refused_before_connecting() {
+        let l = TcpListener::bind("127.0.0.2:0").unwrap();
+        let port = l.local_addr().unwrap().port().to_string();
+        let c = guarded("127.0.0.2", false);
+        let err = with_context(&c, || Conn::new("127.0.0.2", &port).connect()).unwrap_err();
+        let (kind, message) = c.take_failure().unwrap();
+        assert_eq!(kind, FailureKind::Refused, "{message}");
+        assert!(message.contains("resolves to 127.0.0.2"), "{message}");
+        assert_eq!(err, message);
+        assert!(!connected(&l), "no connection reached the server");
+    }
+
+    #[test]
+    fn a_name_resolving_to_loopback_is_refused() {
+        // `localhost` is refused by name at submit; here it stands for any name whose DNS
+        // answer is private: the resolved address decides.
+        let c = guarded("localhost", false);
+        let err = with_context(&c, || Conn::new("localhost", "9").connect()).unwrap_err();
+        assert!(err.contains("localhost: it resolves to"), "{err}");
+        assert_eq!(c.take_failure().unwrap().0, FailureKind::Refused);
+    }
+
+    #[test]
+    fn only_the_urls_host_may_be_connected_to() {
+        let l = TcpListener::bind("127.0.0.2:0").unwrap();
+        let port = l.local_addr().unwrap().port().to_string();
+        for other in ["127.0.0.3", "[::ffff:127.0.0.2]", "localhost"] {
+            let c = guarded(other, true);
+            let err = with_context(&c, || Conn::new("127.0.0.2", &port).connect()).unwrap_err();
+            assert!(err.contains("the fetch is for host"), "{other}: {err}");
+            assert_eq!(c.take_failure().unwrap().0, FailureKind::Refused, "{other}");
+            assert!(!connected(&l), "{other}: no connection reached the server");
+        }
+        // The URL's own host, spelled as a URL may spell it, is the same host.
+        let c = guarded("127.0.0.2.", true);
+        with_context(&c, || Conn::new("127.0.0.2", &port).connect()).unwrap();
+        assert!(l.accept().is_ok(), "allowed: the connection arrived");
+        let c = guarded("LocalHost.", true);
+        with_context(&c, || Conn::new("localhost", "9").connect()).unwrap_err();
+        let (kind, message) = c.take_failure().unwrap();
+        assert_ne!(kind, FailureKind::Refused, "{message}");
     }
 
     #[test]

@@ -148,7 +148,8 @@ impl Scheduler {
         )
         .with_max_bytes(self.cfg.max_fetch_bytes)
         .with_depth(self.cfg.fetch_depth)
-        .with_timeouts(self.cfg.connect_timeout, self.cfg.io_timeout);
+        .with_timeouts(self.cfg.connect_timeout, self.cfg.io_timeout)
+        .with_url_policy(crate::policy::UrlPolicy::from_config(&self.cfg));
         log::debug!(
             "fetch {} of {} from {}",
             job.request.wanted.len(),

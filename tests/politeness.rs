@@ -1,0 +1,348 @@
+//! Politeness toward remote hosts, proven with the servers' own request logs rather than the
+//! engine's counters: per-domain concurrency caps and rate quotas, round-robin service of one
+//! busy domain, near-full use of a quota, and the naughty list.
+//!
+//! Every fetch starts with one `GET …/info/refs` (the ref advertisement); those requests are
+//! the fetch starts the server saw.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use purgatory_sync::testkit::{self, HttpGitServer, RequestRecord};
+use purgatory_sync::{Engine, EngineBuilder, ObjectId, Outcome, PendingEvent};
+
+const HOST: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
+const OTHER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
+const WAIT: Duration = Duration::from_secs(30);
+
+fn builder(name: &str) -> EngineBuilder {
+    Engine::builder()
+        .allow_private_addresses(true) // the test servers listen on 127.0.0.x
+        .thread_name(name)
+        .workers(8)
+        .tick(Duration::from_millis(100))
+        .sync_delay(Duration::ZERO)
+        .backoff_base(Duration::from_secs(600))
+        .backoff_cap(Duration::from_secs(600))
+        .fetch_deadline(Duration::from_secs(20))
+}
+
+/// The fetch starts a server saw, in order.
+fn fetch_starts(server: &HttpGitServer) -> Vec<RequestRecord> {
+    assert!(server.wait_idle(WAIT), "the server went idle");
+    let mut v: Vec<RequestRecord> = server
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "GET" && r.path.contains("/info/refs"))
+        .collect();
+    v.sort_by_key(|r| r.started);
+    v
+}
+
+/// The most requests in progress at once. The server logs a request's end after its last
+/// byte left, which the client may act on a moment earlier: ends are taken 5 ms early.
+fn max_overlap(records: &[RequestRecord]) -> usize {
+    let slack = Duration::from_millis(5);
+    let mut points: Vec<(Instant, i32)> = Vec::new();
+    for r in records {
+        let end = r
+            .ended
+            .checked_sub(slack)
+            .unwrap_or(r.started)
+            .max(r.started);
+        points.push((r.started, 1));
+        points.push((end, -1));
+    }
+    // Ends before starts at the same instant.
+    points.sort_by_key(|(t, d)| (*t, *d));
+    let (mut now, mut most) = (0i32, 0i32);
+    for (_, d) in points {
+        now += d;
+        most = most.max(now);
+    }
+    most as usize
+}
+
+/// `n` served repositories `r0.git`, `r1.git`, … with one commit each.
+fn served(base: &Path, n: usize) -> Vec<ObjectId> {
+    (0..n)
+        .map(|i| {
+            let repo = testkit::served_repo(base, &format!("r{i}.git"));
+            testkit::commit(&repo, "main", &[("f", format!("{i}").as_bytes())], "c")
+        })
+        .collect()
+}
+
+fn event(id: &str, repo: &Path, oid: ObjectId, urls: &[String]) -> PendingEvent {
+    let mut ev = PendingEvent::new(id, id, repo).oid(oid.to_string());
+    ev.clone_urls = urls.to_vec();
+    ev
+}
+
+fn wait_released(engine: &Engine, n: usize) {
+    let outcomes = engine.outcomes();
+    for _ in 0..n {
+        match outcomes.recv_timeout(WAIT) {
+            Ok(Outcome::Released { .. }) => {}
+            other => panic!("expected a release, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn concurrency_and_rate_per_host_hold_under_a_backlog() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("served");
+    let commits = served(&base, 24);
+    let server = HttpGitServer::start(HOST, &base).unwrap();
+    // Slow packs, so that fetches overlap and the cap binds too.
+    server.set_fault_on(
+        testkit::FaultTarget::UploadPack,
+        testkit::Fault::Drip {
+            bytes_per_sec: 2000,
+        },
+    );
+    // 2 in flight, 480 a minute (one every 125 ms), bursts of 3.
+    let (cap, per_minute, burst) = (2usize, 480u32, 3u32);
+    let engine = builder("pol-lim")
+        .domain_limits(cap, per_minute)
+        .domain_burst(burst)
+        .build()
+        .unwrap();
+    for (i, oid) in commits.iter().enumerate() {
+        let repo = testkit::init_bare(&dir.path().join(format!("t{i}.git")));
+        engine
+            .submit(event(
+                &format!("e{i}"),
+                &repo,
+                *oid,
+                &[server.url(&format!("r{i}.git"))],
+            ))
+            .unwrap();
+    }
+    wait_released(&engine, commits.len());
+    engine.shutdown().unwrap();
+
+    let starts = fetch_starts(&server);
+    assert_eq!(starts.len(), commits.len(), "one fetch per identifier");
+    let at_once = max_overlap(&server.requests());
+    assert!(at_once <= cap, "{at_once} requests at once on one host");
+    assert_eq!(at_once, cap, "the backlog did use the cap");
+    let rate = f64::from(per_minute) / 60.0;
+    for window in [0.5f64, 1.0, 2.0, 4.0] {
+        let allowed = f64::from(burst) + window * rate;
+        for (i, first) in starts.iter().enumerate() {
+            let within = starts[i..]
+                .iter()
+                .take_while(|r| (r.started - first.started).as_secs_f64() < window)
+                .count();
+            assert!(
+                within as f64 <= allowed + 1e-9,
+                "{within} fetch starts within {window} s, the quota allows {allowed}"
+            );
+        }
+    }
+}
+
+#[test]
+fn identifiers_on_one_host_with_a_cap_of_one_are_served_round_robin() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("served");
+    std::fs::create_dir_all(&base).unwrap();
+    for name in ["A1", "A2", "B1", "B2", "C1", "C2"] {
+        testkit::served_repo(&base, &format!("{name}.git"));
+    }
+    let server = HttpGitServer::start(HOST, &base).unwrap();
+    // All three are ready at the same pass, in submission order.
+    let engine = builder("pol-rr")
+        .sync_delay(Duration::from_millis(300))
+        .domain_limits(1, 600_000)
+        .domain_burst(1000)
+        .build()
+        .unwrap();
+    // Nobody has these objects: every fetch fails, and each identifier tries its 2 URLs.
+    let events: Vec<PendingEvent> = ["A", "B", "C"]
+        .iter()
+        .map(|id| {
+            let repo = testkit::init_bare(&dir.path().join(format!("{id}.git")));
+            let missing = ObjectId::from_bytes([id.as_bytes()[0]; 20]);
+            let urls = [
+                server.url(&format!("{id}1.git")),
+                server.url(&format!("{id}2.git")),
+            ];
+            event(id, &repo, missing, &urls)
+        })
+        .collect();
+    // Submitted back to back, so that all three wait before the first fetch can end.
+    for ev in events {
+        engine.submit(ev).unwrap();
+    }
+    let start = Instant::now();
+    while engine.stats().fetches_failed < 6 && start.elapsed() < WAIT {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    engine.shutdown().unwrap();
+    let order: Vec<String> = fetch_starts(&server)
+        .iter()
+        .map(|r| {
+            r.path
+                .trim_start_matches('/')
+                .split('.')
+                .next()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(order, ["A1", "B1", "C1", "A2", "B2", "C2"]);
+    assert_eq!(max_overlap(&server.requests()), 1);
+}
+
+#[test]
+fn a_backlog_on_one_host_uses_at_least_95_percent_of_its_quota() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("served");
+    std::fs::create_dir_all(&base).unwrap();
+    testkit::served_repo(&base, "r.git");
+    let server = HttpGitServer::start(HOST, &base).unwrap();
+    // 600 a minute: one fetch start every 100 ms, no burst to hide behind.
+    let engine = builder("pol-eff")
+        .domain_limits(5, 600)
+        .domain_burst(1)
+        .build()
+        .unwrap();
+    let n = 40u8;
+    for i in 0..n {
+        let repo = testkit::init_bare(&dir.path().join(format!("t{i}.git")));
+        // Missing on the server: each fetch is short and fails.
+        let missing = ObjectId::from_bytes([i; 20]);
+        engine
+            .submit(event(
+                &format!("e{i}"),
+                &repo,
+                missing,
+                &[server.url("r.git")],
+            ))
+            .unwrap();
+    }
+    let start = Instant::now();
+    while engine.stats().fetches_failed < u64::from(n) && start.elapsed() < WAIT {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    engine.shutdown().unwrap();
+    let starts = fetch_starts(&server);
+    assert_eq!(starts.len(), usize::from(n));
+    let span = (starts[starts.len() - 1].started - starts[0].started).as_secs_f64();
+    let achieved = (starts.len() - 1) as f64 / span;
+    assert!(
+        achieved >= 0.95 * 10.0,
+        "{achieved:.2} fetch starts a second against a quota of 10 ({span:.2} s for {} starts)",
+        starts.len()
+    );
+    assert!(
+        achieved <= 10.0 * 1.05 + 1e-9,
+        "over the quota: {achieved:.2}/s"
+    );
+}
+
+#[test]
+fn a_tls_failure_puts_the_host_on_the_naughty_list_and_its_urls_are_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("served");
+    let commits = served(&base, 1);
+    // An HTTP server asked for TLS: the handshake fails.
+    let plain = HttpGitServer::start(HOST, &base).unwrap();
+    let tls_url = format!("https://{}/r0.git", plain.addr());
+    let good = HttpGitServer::start(OTHER, &base).unwrap();
+    let engine = builder("pol-tls")
+        .domain_limits(5, 600_000)
+        .domain_burst(1000)
+        .build()
+        .unwrap();
+    let t1 = testkit::init_bare(&dir.path().join("t1.git"));
+    engine
+        .submit(event(
+            "first",
+            &t1,
+            commits[0],
+            std::slice::from_ref(&tls_url),
+        ))
+        .unwrap();
+    let start = Instant::now();
+    while engine.stats().naughty.is_empty() && start.elapsed() < WAIT {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let s = engine.stats();
+    assert_eq!(s.naughty.len(), 1, "{:?}", s.recent_failures);
+    let entry = &s.naughty[0];
+    assert_eq!(entry.domain, HOST.to_string());
+    assert_eq!(entry.category, purgatory_sync::NaughtyCategory::Tls);
+    assert!(entry.until > entry.last_seen + Duration::from_secs(11 * 3600));
+    let started = |engine: &Engine| engine.stats().domains[&HOST.to_string()].requests_started;
+    assert_eq!(started(&engine), 1);
+
+    // A second identifier lists the naughty host first: it is skipped, the other one serves.
+    let t2 = testkit::init_bare(&dir.path().join("t2.git"));
+    engine
+        .submit(event(
+            "second",
+            &t2,
+            commits[0],
+            &[tls_url, good.url("r0.git")],
+        ))
+        .unwrap();
+    match engine.outcomes().recv_timeout(WAIT) {
+        Ok(Outcome::Released { event_id, .. }) => assert_eq!(event_id, "second"),
+        other => panic!("{other:?}"),
+    }
+    // The handshake never becomes an HTTP request the server could log, so the evidence is
+    // the engine's per-domain count: no second fetch went to the naughty host.
+    assert_eq!(started(&engine), 1, "the naughty host was skipped");
+    assert!(good.wait_idle(WAIT));
+    assert!(
+        !good.requests().is_empty(),
+        "the other host served the event"
+    );
+    engine.shutdown().unwrap();
+}
+
+#[test]
+fn a_refused_connection_does_not_make_a_host_naughty() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind((HOST, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let engine = builder("pol-ref")
+        .domain_limits(5, 600_000)
+        .domain_burst(1000)
+        .build()
+        .unwrap();
+    for i in 0..2u8 {
+        let t = testkit::init_bare(&dir.path().join(format!("t{i}.git")));
+        engine
+            .submit(event(
+                &format!("e{i}"),
+                &t,
+                ObjectId::from_bytes([i; 20]),
+                &[format!("http://{HOST}:{port}/r.git")],
+            ))
+            .unwrap();
+    }
+    let start = Instant::now();
+    while engine.stats().fetches_failed < 2 && start.elapsed() < WAIT {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let s = engine.stats();
+    assert_eq!(s.fetches_failed, 2, "both identifiers tried the host");
+    assert!(s.naughty.is_empty());
+    let d = &s.domains[&HOST.to_string()];
+    assert_eq!(d.requests_started, 2);
+    assert_eq!(
+        d.failed
+            .get(&purgatory_sync::FailureKind::ConnectionRefused),
+        Some(&2)
+    );
+    engine.shutdown().unwrap();
+}
