@@ -321,7 +321,11 @@ impl EngineBuilder {
     /// The relay's own domain, never fetched from (matched on the whole host, not a
     /// substring).
     pub fn our_domain(mut self, domain: &str) -> Self {
-        self.cfg.our_domain = Some(domain.trim_end_matches('.').to_ascii_lowercase());
+        // The same canonical form as the domains of clone URLs (IPv6 brackets, IDN, case).
+        let host = domain.trim();
+        let canonical = crate::policy::domain_of(&format!("http://{host}/"))
+            .unwrap_or_else(|| host.trim_end_matches('.').to_ascii_lowercase());
+        self.cfg.our_domain = Some(canonical);
         self
     }
 
@@ -552,5 +556,28 @@ mod tests {
             }
         }
         assert!(EngineBuilder::new().validate().is_ok());
+    }
+}
+
+#[cfg(test)]
+mod our_domain_tests {
+    use super::*;
+
+    #[test]
+    fn our_domain_takes_the_canonical_form_of_clone_url_domains() {
+        for (given, canonical) in [
+            ("Relay.Example.COM.", "relay.example.com"),
+            ("[::1]", "::1"),
+            ("127.0.0.3", "127.0.0.3"),
+        ] {
+            let b = EngineBuilder::new().our_domain(given);
+            assert_eq!(b.cfg.our_domain.as_deref(), Some(canonical), "{given}");
+            let url = format!("https://{given}/r.git");
+            assert_eq!(
+                crate::policy::domain_of(&url).as_deref(),
+                Some(canonical),
+                "{given}"
+            );
+        }
     }
 }

@@ -9,7 +9,7 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use purgatory_sync::testkit::{self, HttpGitServer, RequestRecord};
+use purgatory_sync::testkit::{self, FaultyTcpServer, HttpGitServer, RequestRecord, TcpFault};
 use purgatory_sync::{Engine, EngineBuilder, ObjectId, Outcome, PendingEvent};
 
 const HOST: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
@@ -250,8 +250,10 @@ fn a_tls_failure_puts_the_host_on_the_naughty_list_and_its_urls_are_skipped() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("served");
     let commits = served(&base, 1);
-    // An HTTP server asked for TLS: the handshake fails.
-    let plain = HttpGitServer::start(HOST, &base).unwrap();
+    // A server that answers a TLS handshake with garbage: the handshake fails. It logs every
+    // connection, handshake or not.
+    let upstream = std::net::SocketAddrV4::new(OTHER, 9);
+    let plain = FaultyTcpServer::start(HOST, upstream, TcpFault::Garbage).unwrap();
     let tls_url = format!("https://{}/r0.git", plain.addr());
     let good = HttpGitServer::start(OTHER, &base).unwrap();
     let engine = builder("pol-tls")
@@ -278,8 +280,9 @@ fn a_tls_failure_puts_the_host_on_the_naughty_list_and_its_urls_are_skipped() {
     assert_eq!(entry.domain, HOST.to_string());
     assert_eq!(entry.category, purgatory_sync::NaughtyCategory::Tls);
     assert!(entry.until > entry.last_seen + Duration::from_secs(11 * 3600));
-    let started = |engine: &Engine| engine.stats().domains[&HOST.to_string()].requests_started;
-    assert_eq!(started(&engine), 1);
+    assert!(plain.wait_idle(WAIT));
+    let seen = plain.requests().len();
+    assert!(seen >= 1, "the TLS attempt reached the server");
 
     // A second identifier lists the naughty host first: it is skipped, the other one serves.
     let t2 = testkit::init_bare(&dir.path().join("t2.git"));
@@ -295,9 +298,12 @@ fn a_tls_failure_puts_the_host_on_the_naughty_list_and_its_urls_are_skipped() {
         Ok(Outcome::Released { event_id, .. }) => assert_eq!(event_id, "second"),
         other => panic!("{other:?}"),
     }
-    // The handshake never becomes an HTTP request the server could log, so the evidence is
-    // the engine's per-domain count: no second fetch went to the naughty host.
-    assert_eq!(started(&engine), 1, "the naughty host was skipped");
+    assert!(plain.wait_idle(WAIT));
+    assert_eq!(
+        plain.requests().len(),
+        seen,
+        "the naughty host got no further connection"
+    );
     assert!(good.wait_idle(WAIT));
     assert!(
         !good.requests().is_empty(),
