@@ -35,6 +35,9 @@ pub(crate) struct Config {
     pub naughty_duration: Duration,
     pub allow_private_addresses: bool,
     pub allowed_schemes: Vec<String>,
+    pub state_file: Option<std::path::PathBuf>,
+    pub checkpoint_interval: Duration,
+    pub move_unreadable_state_aside: bool,
 }
 
 /// How politely the engine treats one domain: at most `max_concurrent` fetches in flight,
@@ -128,6 +131,9 @@ impl Default for Config {
             naughty_duration: Duration::from_secs(12 * 60 * 60),
             allow_private_addresses: false,
             allowed_schemes: vec!["https".to_owned(), "http".to_owned(), "git".to_owned()],
+            state_file: None,
+            checkpoint_interval: Duration::from_secs(60),
+            move_unreadable_state_aside: false,
         }
     }
 }
@@ -357,6 +363,33 @@ impl EngineBuilder {
         self
     }
 
+    /// Keeps the engine's durable state in this file: waiting events with their remaining
+    /// lifetimes, the expired-id memory and the naughty list. It is written atomically on
+    /// [`shutdown`](crate::Engine::shutdown) and every
+    /// [`checkpoint_interval`](Self::checkpoint_interval), and restored by `build`, so that a
+    /// restart or a crash loses at most one interval. See the README's "Persistence".
+    pub fn state_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.cfg.state_file = Some(path.into());
+        self
+    }
+
+    /// How often the state file is written while the engine runs (default 60 s; 1 ms to
+    /// 1 day).
+    pub fn checkpoint_interval(mut self, interval: Duration) -> Self {
+        self.cfg.checkpoint_interval = interval;
+        self
+    }
+
+    /// What `build` does with a state file it cannot use (corrupt, truncated, of an unknown
+    /// version, unreadable). `false` (the default): `build` fails with
+    /// [`BuildError::StateFile`] and the file is left as it is. `true`: the file is renamed to
+    /// `<name>.unreadable-<unix seconds>` beside it, kept for inspection, and the engine starts
+    /// empty.
+    pub fn move_unreadable_state_aside(mut self, move_aside: bool) -> Self {
+        self.cfg.move_unreadable_state_aside = move_aside;
+        self
+    }
+
     /// Most events waiting at once; further submits get
     /// [`SubmitError::QueueFull`](crate::SubmitError::QueueFull) (default 1 000 000).
     pub fn max_events(mut self, n: usize) -> Self {
@@ -470,6 +503,12 @@ impl EngineBuilder {
             limits.check("domain_override")?;
         }
         range("naughty_duration", c.naughty_duration, Duration::ZERO, year)?;
+        range(
+            "checkpoint_interval",
+            c.checkpoint_interval,
+            ms,
+            Duration::from_secs(24 * 3600),
+        )?;
         if c.allowed_schemes.is_empty() {
             return bad("allowed_schemes", "no scheme allowed".to_owned());
         }

@@ -68,6 +68,8 @@ pub struct Engine {
     scheduler: Option<JoinHandle<()>>,
     workers: Vec<JoinHandle<()>>,
     workers_exited: Receiver<()>,
+    /// The outcome of the state file's final write, set by the scheduler as it stops.
+    final_write: Arc<Mutex<Option<std::io::Error>>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -92,7 +94,19 @@ impl Engine {
     ) -> Result<Engine, BuildError> {
         let cfg = Arc::new(cfg);
         let admitted = Arc::new(AtomicUsize::new(0));
-        let core = Arc::new(Mutex::new(Core::new(cfg.clone(), admitted.clone())));
+        let mut restored = Core::new(cfg.clone(), admitted.clone());
+        if let Some(file) = crate::persist::load(&cfg, clock.wall())? {
+            crate::persist::restore(
+                &mut restored,
+                file,
+                &cfg,
+                fetcher.as_ref(),
+                clock.now(),
+                clock.wall(),
+            )?;
+        }
+        let core = Arc::new(Mutex::new(restored));
+        let final_write = Arc::new(Mutex::new(None));
         let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded();
         let (out_tx, out_rx) = crossbeam_channel::unbounded();
         let (results_tx, results_rx) = crossbeam_channel::unbounded();
@@ -109,6 +123,7 @@ impl Engine {
             wake: clock.subscribe().unwrap_or_else(crossbeam_channel::never),
             results_tx,
             results_rx,
+            final_write: final_write.clone(),
         };
         let spawned = std::thread::Builder::new()
             .name(format!("{}-sched", cfg.thread_name))
@@ -133,6 +148,7 @@ impl Engine {
             scheduler: Some(scheduler),
             workers: workers.handles,
             workers_exited: workers.exited,
+            final_write,
         })
     }
 
@@ -213,6 +229,7 @@ impl Engine {
             refs: checked.refs.into(),
             origin: event.origin,
             submitted: self.clock.now(),
+            restored: None,
         };
         self.send(Command::Submit(valid)).inspect_err(|_| {
             self.admitted.fetch_sub(1, Ordering::SeqCst);
@@ -286,6 +303,9 @@ impl Engine {
             left + std::time::Duration::from_millis(500),
         );
         scheduled?;
+        if let Some(e) = self.final_write.lock().take() {
+            return Err(ShutdownError::StateFile(e));
+        }
         if stuck > 0 {
             return Err(ShutdownError::WorkersStillRunning { count: stuck });
         }

@@ -30,6 +30,14 @@ pub enum BuildError {
     },
     /// A thread could not be spawned.
     Spawn(std::io::Error),
+    /// The state file exists but cannot be used. It was left as it is; see
+    /// [`EngineBuilder::move_unreadable_state_aside`](crate::EngineBuilder::move_unreadable_state_aside).
+    StateFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        error: crate::StateFileError,
+    },
 }
 
 impl fmt::Display for BuildError {
@@ -39,6 +47,9 @@ impl fmt::Display for BuildError {
                 write!(f, "invalid setting `{setting}`: {reason}")
             }
             BuildError::Spawn(e) => write!(f, "could not start engine threads: {e}"),
+            BuildError::StateFile { path, error } => {
+                write!(f, "state file {} {error}", path.display())
+            }
         }
     }
 }
@@ -47,6 +58,7 @@ impl std::error::Error for BuildError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             BuildError::Spawn(e) => Some(e),
+            BuildError::StateFile { error, .. } => Some(error),
             _ => None,
         }
     }
@@ -217,6 +229,8 @@ pub enum ShutdownError {
     },
     /// The scheduler thread panicked; the message is the panic's.
     SchedulerPanicked(String),
+    /// The final write of the state file failed; the previous checkpoint is still there.
+    StateFile(std::io::Error),
 }
 
 impl fmt::Display for ShutdownError {
@@ -227,6 +241,7 @@ impl fmt::Display for ShutdownError {
                 "{count} worker thread(s) were still fetching when the shutdown timeout ran out"
             ),
             ShutdownError::SchedulerPanicked(m) => write!(f, "the scheduler thread panicked: {m}"),
+            ShutdownError::StateFile(e) => write!(f, "the final state file write failed: {e}"),
         }
     }
 }

@@ -246,6 +246,13 @@ impl std::fmt::Display for UrlRefusal {
 pub enum ExpiryReason {
     /// The event's lifetime in purgatory (default 30 min) ran out.
     LifetimeEnded,
+    /// Its repository could not be opened when the engine restored its state at start (it
+    /// was removed or broken while the engine was down).
+    #[non_exhaustive]
+    RepositoryGone {
+        /// Why the repository could not be opened.
+        message: String,
+    },
     /// Every object arrived, but the event's [ref updates](PendingEvent::ref_updates) could
     /// not be written before its lifetime ran out (they are retried at every tick until then);
     /// none of them was written. `missing` is empty.

@@ -111,8 +111,10 @@ mod event;
 mod fetch;
 mod ffi;
 mod oid;
+mod persist;
 mod policy;
 mod scheduler;
+mod state;
 mod stats;
 #[cfg(feature = "testkit")]
 pub mod testkit;
@@ -132,6 +134,7 @@ pub use fetch::{
 };
 pub use oid::{ObjectId, ParseObjectIdError};
 pub use policy::{domain_of, UrlPolicy};
+pub use state::{check_state_file, StateFileError, STATE_VERSION};
 pub use stats::{DomainStats, FailureRecord, NaughtyCategory, NaughtyEntry, Stats};
 
 /// The README's examples compile as doc-tests, so that they cannot drift from the API.

@@ -45,6 +45,7 @@ impl QueueBench {
                 refs: Arc::from([]),
                 origin: Origin::User,
                 submitted,
+                restored: None,
             };
             core.command(Command::Submit(ev), start + delay);
         }

@@ -22,8 +22,10 @@ use crate::config::Config;
 use crate::event::{ExpiryReason, Origin, Outcome, RefUpdate};
 use crate::fetch::{FailureKind, FetchError, FetchReport, FetchRequest};
 use crate::policy::CloneUrl;
+use crate::state::{SavedEvent, SavedExpiredId, SavedRef, StateFile};
 use crate::stats::{FailureRecord, Stats};
 use crate::ObjectId;
+use crate::RefTarget;
 
 pub(crate) type EntryId = u64;
 pub(crate) type JobId = u64;
@@ -45,6 +47,21 @@ pub(crate) struct ValidEvent {
     /// When the host submitted it: delays and the lifetime count from here, not from when the
     /// scheduler got round to the command.
     pub submitted: Instant,
+    /// For an event restored from the state file: when it expires and when its first attempt
+    /// is due, instead of counting from `submitted`.
+    pub restored: Option<(Instant, Instant)>,
+}
+
+/// An event read back from the state file, checked on the build thread.
+#[derive(Debug)]
+pub(crate) struct RestoredEvent {
+    pub event: ValidEvent,
+    /// Lifetime left when the file was written.
+    pub remaining: Duration,
+    /// How long it had waited when the file was written.
+    pub waited: Duration,
+    /// Why its repository cannot be used any more, if it cannot.
+    pub gone: Option<String>,
 }
 
 /// What the host asks of the scheduler.
@@ -117,6 +134,7 @@ struct EventState {
     missing: Vec<ObjectId>,
     submitted: Instant,
     expires: Instant,
+    origin: Origin,
     /// Submission order: events awaiting their refs get them in this order, so that a later
     /// event's refs win over an earlier one's written at the same pass.
     seq: u64,
@@ -277,7 +295,10 @@ impl Core {
         self.counters.submitted += 1;
         // A command may wait in the channel; never date an event in the future.
         let at = ev.submitted.min(now);
-        let target = at + self.cfg.first_delay(ev.origin);
+        let target = match ev.restored {
+            Some((_, first_attempt)) => first_attempt,
+            None => at + self.cfg.first_delay(ev.origin),
+        };
         // An event with every object present only awaits its refs: no fetch for it.
         let wants = !ev.missing.is_empty();
         let key = (ev.identifier.clone(), ev.repo.clone());
@@ -343,7 +364,10 @@ impl Core {
                 id
             }
         };
-        let expires = at + self.cfg.event_lifetime;
+        let expires = match ev.restored {
+            Some((expires, _)) => expires,
+            None => at + self.cfg.event_lifetime,
+        };
         self.entries
             .get_mut(&id)
             .expect("entry exists")
@@ -364,6 +388,7 @@ impl Core {
                 missing: ev.missing,
                 submitted: at,
                 expires,
+                origin: ev.origin,
                 seq,
                 refs: ev.refs,
                 applying: false,
@@ -741,6 +766,145 @@ impl Core {
             id: job_id,
             request,
         }));
+    }
+
+    /// The durable state: waiting events with their remaining lifetimes, the expired-id
+    /// memory, the naughty list. `wall_ms` is `now` on the wall clock.
+    pub fn snapshot(&self, now: Instant, wall_ms: u64) -> StateFile {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let mut events: Vec<(&u64, SavedEvent)> = self
+            .events
+            .iter()
+            .map(|(id, ev)| {
+                let e = &self.entries[&ev.entry];
+                let saved = SavedEvent {
+                    id: id.to_string(),
+                    identifier: e.identifier.to_string(),
+                    repo: e.repo.to_path_buf(),
+                    oids: ev.oids.iter().map(ObjectId::to_string).collect(),
+                    clone_urls: e.urls.iter().map(|u| u.url.to_string()).collect(),
+                    origin: match ev.origin {
+                        Origin::User => "user",
+                        Origin::Sync => "sync",
+                    }
+                    .to_owned(),
+                    ref_updates: ev
+                        .refs
+                        .iter()
+                        .map(|r| match &r.target {
+                            RefTarget::Oid(o) => SavedRef {
+                                name: r.name.clone(),
+                                oid: Some(o.clone()),
+                                symbolic: None,
+                            },
+                            RefTarget::Symbolic(t) => SavedRef {
+                                name: r.name.clone(),
+                                oid: None,
+                                symbolic: Some(t.clone()),
+                            },
+                        })
+                        .collect(),
+                    remaining_ms: ms(ev.expires.saturating_duration_since(now)),
+                    waited_ms: ms(now.saturating_duration_since(ev.submitted)),
+                };
+                (&ev.seq, saved)
+            })
+            .collect();
+        // Submission order, so that a restore keeps it.
+        events.sort_by_key(|(seq, _)| **seq);
+        let mut expired_ids: Vec<SavedExpiredId> = self
+            .expired_ids
+            .iter()
+            .filter(|(_, until)| **until > now)
+            .map(|(id, until)| SavedExpiredId {
+                id: id.to_string(),
+                remaining_ms: ms(until.saturating_duration_since(now)),
+            })
+            .collect();
+        expired_ids.sort_by(|a, b| a.id.cmp(&b.id));
+        StateFile {
+            version: crate::state::STATE_VERSION,
+            written_at_ms: wall_ms,
+            events: events.into_iter().map(|(_, e)| e).collect(),
+            expired_ids,
+            naughty: self.domains.save(now, wall_ms),
+        }
+    }
+
+    /// Rebuilds the queue from a state file read at start, `downtime` after it was written.
+    /// Events whose lifetime ended meanwhile, or whose repository is gone, expire at once;
+    /// events whose objects arrived meanwhile are released at the first pass; the others wait,
+    /// their first attempt after the sync delay.
+    pub fn restore(
+        &mut self,
+        events: Vec<RestoredEvent>,
+        expired_ids: Vec<(Arc<str>, Duration)>,
+        naughty: Vec<crate::state::SavedNaughty>,
+        downtime: Duration,
+        now: Instant,
+        wall_ms: u64,
+    ) {
+        self.domains.set_now(now);
+        self.last_now = self.last_now.max(now);
+        for (id, left) in expired_ids {
+            if left > downtime {
+                let until = now + (left - downtime);
+                self.expired_ids.insert(id.clone(), until);
+                self.expired_order.push_back((until, id));
+            }
+        }
+        self.expired_order.make_contiguous().sort();
+        self.domains.restore(naughty, downtime, now, wall_ms);
+        for r in events {
+            let RestoredEvent {
+                mut event,
+                remaining,
+                waited,
+                gone,
+            } = r;
+            let waited = waited + downtime;
+            let submitted = now.checked_sub(waited).unwrap_or(now);
+            let expire = |core: &mut Self, reason: ExpiryReason, missing: &[ObjectId]| {
+                core.counters.expired += 1;
+                core.actions.push(Action::Emit(Outcome::Expired {
+                    event_id: event.id.to_string(),
+                    identifier: event.identifier.to_string(),
+                    repo: event.repo.to_path_buf(),
+                    missing: missing.iter().map(ObjectId::to_string).collect(),
+                    reason,
+                }));
+                if !core.cfg.expired_memory.is_zero() {
+                    let until = now + core.cfg.expired_memory;
+                    core.expired_ids.insert(event.id.clone(), until);
+                    core.expired_order.push_back((until, event.id.clone()));
+                }
+            };
+            if let Some(message) = gone {
+                let all = event.oids.clone();
+                expire(self, ExpiryReason::RepositoryGone { message }, &all);
+                continue;
+            }
+            if remaining <= downtime {
+                let missing = event.missing.clone();
+                expire(self, ExpiryReason::LifetimeEnded, &missing);
+                continue;
+            }
+            if event.missing.is_empty() && event.refs.is_empty() {
+                // Pushed while the engine was down.
+                self.counters.released += 1;
+                self.actions.push(Action::Emit(Outcome::Released {
+                    event_id: event.id.to_string(),
+                    identifier: event.identifier.to_string(),
+                    repo: event.repo.to_path_buf(),
+                    waited,
+                }));
+                continue;
+            }
+            event.submitted = submitted;
+            event.restored = Some((now + (remaining - downtime), now + self.cfg.sync_delay));
+            self.admitted.fetch_add(1, Ordering::SeqCst);
+            self.submit(event, now);
+        }
     }
 
     /// When the scheduler must wake by itself: the next scheduled attempt, expiry, expired-id

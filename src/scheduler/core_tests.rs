@@ -102,6 +102,7 @@ impl Harness {
             refs: refs.into(),
             origin,
             submitted: self.now(),
+            restored: None,
         };
         let now = self.now();
         self.core.command(Command::Submit(ev), now);

@@ -19,6 +19,10 @@ use crate::stats::{DomainStats, NaughtyCategory, NaughtyEntry};
 
 use super::core::EntryId;
 
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// The time the core last gave, as governor's clock.
 #[derive(Debug, Clone)]
 pub(crate) struct CoreClock {
@@ -287,6 +291,67 @@ impl Domains {
             .filter_map(|d| d.blocked_until)
             .filter(|t| *t > now)
             .min()
+    }
+
+    /// The naughty list for the state file; `wall_ms` is `now` on the wall clock.
+    pub fn save(&self, now: Instant, wall_ms: u64) -> Vec<crate::state::SavedNaughty> {
+        let wall = |t: Instant| wall_ms.saturating_sub(ms(now.saturating_duration_since(t)));
+        let mut v: Vec<crate::state::SavedNaughty> = self
+            .naughty
+            .iter()
+            .filter(|(_, n)| n.until > now)
+            .map(|(domain, n)| crate::state::SavedNaughty {
+                domain: domain.to_string(),
+                category: match n.category {
+                    NaughtyCategory::Dns => "dns",
+                    NaughtyCategory::Tls => "tls",
+                }
+                .to_owned(),
+                reason: n.reason.clone(),
+                first_seen_ms: wall(n.first),
+                last_seen_ms: wall(n.last),
+                count: n.count,
+                remaining_ms: ms(n.until.saturating_duration_since(now)),
+            })
+            .collect();
+        v.sort_by(|a, b| a.domain.cmp(&b.domain));
+        v
+    }
+
+    /// Puts saved naughty entries back, `downtime` shorter; unknown categories are dropped.
+    pub fn restore(
+        &mut self,
+        saved: Vec<crate::state::SavedNaughty>,
+        downtime: Duration,
+        now: Instant,
+        wall_ms: u64,
+    ) {
+        let instant = |t_ms: u64| {
+            now.checked_sub(Duration::from_millis(wall_ms.saturating_sub(t_ms)))
+                .unwrap_or(now)
+        };
+        for n in saved {
+            let category = match n.category.as_str() {
+                "dns" => NaughtyCategory::Dns,
+                "tls" => NaughtyCategory::Tls,
+                _ => continue,
+            };
+            let left = Duration::from_millis(n.remaining_ms);
+            if left <= downtime {
+                continue;
+            }
+            self.naughty.insert(
+                Arc::from(n.domain.as_str()),
+                Naughty {
+                    category,
+                    reason: n.reason,
+                    first: instant(n.first_seen_ms),
+                    last: instant(n.last_seen_ms),
+                    count: n.count,
+                    until: now + (left - downtime),
+                },
+            );
+        }
     }
 
     /// Forgets naughty entries whose time is up.

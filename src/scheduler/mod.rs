@@ -43,6 +43,8 @@ pub(crate) struct Scheduler {
     pub wake: Receiver<()>,
     pub results_tx: Sender<(JobId, FetchReport)>,
     pub results_rx: Receiver<(JobId, FetchReport)>,
+    /// Where the final state-file write reports a failure to the handle.
+    pub final_write: Arc<Mutex<Option<std::io::Error>>>,
 }
 
 impl Scheduler {
@@ -50,6 +52,11 @@ impl Scheduler {
     /// up to the shutdown timeout and returns, dropping the pool.
     pub fn run(self) {
         let wake = self.wake.clone();
+        // Outcomes decided by a restore (expired or satisfied while the engine was down) go out
+        // at once.
+        self.core.lock().pass(self.clock.now());
+        self.carry_out();
+        let mut next_checkpoint = self.clock.now() + self.cfg.checkpoint_interval;
         loop {
             // Sleep until the tick, or earlier when a delay, backoff, expiry or rate-quota
             // refill falls due before it.
@@ -59,7 +66,8 @@ impl Scheduler {
                 .lock()
                 .next_wake(now)
                 .map_or(self.cfg.tick, |t| t.saturating_duration_since(now))
-                .min(self.cfg.tick);
+                .min(self.cfg.tick)
+                .min(next_checkpoint.saturating_duration_since(now));
             select! {
                 recv(self.commands) -> cmd => match cmd {
                     Ok(cmd) => self.take_commands(cmd),
@@ -74,6 +82,12 @@ impl Scheduler {
             }
             self.core.lock().pass(self.clock.now());
             self.carry_out();
+            if self.cfg.state_file.is_some() && self.clock.now() >= next_checkpoint {
+                if let Err(e) = self.checkpoint() {
+                    log::warn!("state file checkpoint failed: {e}");
+                }
+                next_checkpoint = self.clock.now() + self.cfg.checkpoint_interval;
+            }
         }
         self.stop();
     }
@@ -198,6 +212,22 @@ impl Scheduler {
         // A last pass: expiries due now, and ref clean-ups of repositories just freed.
         self.core.lock().pass(self.clock.now());
         self.carry_out();
+        if self.cfg.state_file.is_some() {
+            if let Err(e) = self.checkpoint() {
+                log::warn!("final state file write failed: {e}");
+                *self.final_write.lock() = Some(e);
+            }
+        }
+    }
+
+    /// Writes the state file: a snapshot under the lock, the write outside it.
+    fn checkpoint(&self) -> std::io::Result<()> {
+        let Some(path) = &self.cfg.state_file else {
+            return Ok(());
+        };
+        let wall_ms = crate::persist::unix_ms(self.clock.wall());
+        let snapshot = self.core.lock().snapshot(self.clock.now(), wall_ms);
+        crate::state::write(path, &snapshot)
     }
 }
 

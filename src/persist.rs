@@ -1,0 +1,155 @@
+//! Restoring the engine's state at start: reads the state file and checks every saved event
+//! again (the same validation as `submit`, the repository, the objects present now) before the
+//! scheduler core rebuilds its queue from them.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use crate::config::Config;
+use crate::error::BuildError;
+use crate::fetch::Fetcher;
+use crate::scheduler::core::{Core, RestoredEvent, ValidEvent};
+use crate::state::{self, StateFile, StateFileError};
+use crate::{Origin, PendingEvent, RefUpdate};
+
+/// Milliseconds since the Unix epoch (0 for a clock before it).
+pub(crate) fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Reads the configured state file, if any. A missing file is a first start. An unusable one
+/// is an error, or is moved aside when the builder says so.
+pub(crate) fn load(cfg: &Config, wall: SystemTime) -> Result<Option<StateFile>, BuildError> {
+    let Some(path) = &cfg.state_file else {
+        return Ok(None);
+    };
+    match state::read(path) {
+        Ok(file) => Ok(Some(file)),
+        Err(StateFileError::Unreadable(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(error) if cfg.move_unreadable_state_aside => {
+            let aside = aside_name(path, wall);
+            std::fs::rename(path, &aside).map_err(|e| BuildError::StateFile {
+                path: path.clone(),
+                error: StateFileError::Unreadable(e),
+            })?;
+            log::warn!(
+                "state file {} {error}; moved to {} and starting empty",
+                path.display(),
+                aside.display()
+            );
+            Ok(None)
+        }
+        Err(error) => Err(BuildError::StateFile {
+            path: path.clone(),
+            error,
+        }),
+    }
+}
+
+fn aside_name(path: &Path, wall: SystemTime) -> std::path::PathBuf {
+    let secs = unix_ms(wall) / 1000;
+    let name = path
+        .file_name()
+        .map_or_else(|| "state".into(), |n| n.to_string_lossy().into_owned());
+    path.with_file_name(format!("{name}.unreadable-{secs}"))
+}
+
+/// Hands the saved state to the core. Saved events are checked like submitted ones; one that
+/// no longer passes (the file was edited by hand) makes the file corrupt.
+pub(crate) fn restore(
+    core: &mut Core,
+    file: StateFile,
+    cfg: &Config,
+    fetcher: &dyn Fetcher,
+    now: std::time::Instant,
+    wall: SystemTime,
+) -> Result<(), BuildError> {
+    let path = cfg.state_file.clone().unwrap_or_default();
+    let corrupt = |why: String| BuildError::StateFile {
+        path: path.clone(),
+        error: StateFileError::Corrupt(why),
+    };
+    let wall_ms = unix_ms(wall);
+    // A wall clock that went backwards counts as no downtime: it never extends a lifetime.
+    let downtime = Duration::from_millis(wall_ms.saturating_sub(file.written_at_ms));
+    let mut events = Vec::with_capacity(file.events.len());
+    for saved in file.events {
+        let origin = match saved.origin.as_str() {
+            "user" => Origin::User,
+            "sync" => Origin::Sync,
+            other => return Err(corrupt(format!("event {}: origin {other:?}", saved.id))),
+        };
+        let mut ref_updates = Vec::with_capacity(saved.ref_updates.len());
+        for r in &saved.ref_updates {
+            ref_updates.push(match (&r.oid, &r.symbolic) {
+                (Some(o), None) => RefUpdate::oid(&r.name, o),
+                (None, Some(t)) => RefUpdate::symbolic(&r.name, t),
+                _ => {
+                    return Err(corrupt(format!(
+                        "event {}: ref {} needs exactly one of oid and symbolic",
+                        saved.id, r.name
+                    )))
+                }
+            });
+        }
+        let pending = PendingEvent {
+            id: saved.id.clone(),
+            identifier: saved.identifier.clone(),
+            repo: saved.repo.clone(),
+            oids: saved.oids.clone(),
+            clone_urls: saved.clone_urls.clone(),
+            origin,
+            ref_updates,
+        };
+        let checked = crate::validate::event(&pending, cfg)
+            .map_err(|e| corrupt(format!("event {}: {e}", saved.id)))?;
+        let (repo, gone) = match crate::validate::repository(&saved.repo) {
+            Ok(repo) => (repo, None),
+            Err(e) => (saved.repo.clone(), Some(e.to_string())),
+        };
+        let missing = if gone.is_some() {
+            checked.oids.clone()
+        } else {
+            match fetcher.present(&repo, &checked.oids) {
+                Ok(present) => checked
+                    .oids
+                    .iter()
+                    .copied()
+                    .filter(|o| !present.contains(o))
+                    .collect(),
+                Err(_) => checked.oids.clone(),
+            }
+        };
+        events.push(RestoredEvent {
+            event: ValidEvent {
+                id: Arc::from(saved.id.as_str()),
+                identifier: Arc::from(saved.identifier.as_str()),
+                repo: Arc::from(repo.as_path()),
+                oids: checked.oids,
+                missing,
+                urls: checked.urls,
+                refs: checked.refs.into(),
+                origin,
+                submitted: now,
+                restored: None,
+            },
+            remaining: Duration::from_millis(saved.remaining_ms),
+            waited: Duration::from_millis(saved.waited_ms),
+            gone,
+        });
+    }
+    let expired = file
+        .expired_ids
+        .into_iter()
+        .map(|e| {
+            (
+                Arc::from(e.id.as_str()),
+                Duration::from_millis(e.remaining_ms),
+            )
+        })
+        .collect();
+    core.restore(events, expired, file.naughty, downtime, now, wall_ms);
+    Ok(())
+}
