@@ -22,6 +22,8 @@ impl QueueBench {
     pub fn new(queued: usize, ready: usize, workers: usize) -> Self {
         let cfg = Config {
             workers,
+            // The bench measures decisions, not politeness: no domain limit binds.
+            domain_limits: crate::config::DomainLimits::new(1024, 600_000).burst(100_000),
             ..Config::default()
         };
         let delay = cfg.user_delay;
