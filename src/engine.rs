@@ -96,14 +96,23 @@ impl Engine {
         let admitted = Arc::new(AtomicUsize::new(0));
         let mut restored = Core::new(cfg.clone(), admitted.clone());
         if let Some(file) = crate::persist::load(&cfg, clock.wall())? {
-            crate::persist::restore(
+            // Every saved event is checked before the core is touched, so a refused file
+            // leaves the engine empty.
+            let result = crate::persist::restore(
                 &mut restored,
                 file,
                 &cfg,
                 fetcher.as_ref(),
                 clock.now(),
                 clock.wall(),
-            )?;
+            );
+            match result {
+                Ok(()) => {}
+                Err(BuildError::StateFile { path, error }) if cfg.move_unreadable_state_aside => {
+                    crate::persist::move_aside(&path, clock.wall(), &error)?;
+                }
+                Err(e) => return Err(e),
+            }
         }
         let core = Arc::new(Mutex::new(restored));
         let final_write = Arc::new(Mutex::new(None));

@@ -146,4 +146,5 @@ struct ReadmeDoctests;
 #[doc(hidden)]
 pub mod __bench {
     pub use crate::scheduler::bench::QueueBench;
+    pub use crate::state::StateBench;
 }

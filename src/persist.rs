@@ -2,7 +2,8 @@
 //! again (the same validation as `submit`, the repository, the objects present now) before the
 //! scheduler core rebuilds its queue from them.
 
-use std::path::Path;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -11,12 +12,31 @@ use crate::error::BuildError;
 use crate::fetch::Fetcher;
 use crate::scheduler::core::{Core, RestoredEvent, ValidEvent};
 use crate::state::{self, StateFile, StateFileError};
-use crate::{Origin, PendingEvent, RefUpdate};
+use crate::{ObjectId, Origin, PendingEvent, RefUpdate};
 
 /// Milliseconds since the Unix epoch (0 for a clock before it).
 pub(crate) fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Moves an unusable state file aside, keeping it for inspection.
+pub(crate) fn move_aside(
+    path: &Path,
+    wall: SystemTime,
+    error: &StateFileError,
+) -> Result<(), BuildError> {
+    let aside = aside_name(path, wall);
+    std::fs::rename(path, &aside).map_err(|e| BuildError::StateFile {
+        path: path.to_path_buf(),
+        error: StateFileError::Unreadable(e),
+    })?;
+    log::warn!(
+        "state file {} {error}; moved to {} and starting empty",
+        path.display(),
+        aside.display()
+    );
+    Ok(())
 }
 
 /// Reads the configured state file, if any. A missing file is a first start. An unusable one
@@ -29,16 +49,7 @@ pub(crate) fn load(cfg: &Config, wall: SystemTime) -> Result<Option<StateFile>, 
         Ok(file) => Ok(Some(file)),
         Err(StateFileError::Unreadable(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(error) if cfg.move_unreadable_state_aside => {
-            let aside = aside_name(path, wall);
-            std::fs::rename(path, &aside).map_err(|e| BuildError::StateFile {
-                path: path.clone(),
-                error: StateFileError::Unreadable(e),
-            })?;
-            log::warn!(
-                "state file {} {error}; moved to {} and starting empty",
-                path.display(),
-                aside.display()
-            );
+            move_aside(path, wall, &error)?;
             Ok(None)
         }
         Err(error) => Err(BuildError::StateFile {
@@ -53,7 +64,14 @@ fn aside_name(path: &Path, wall: SystemTime) -> std::path::PathBuf {
     let name = path
         .file_name()
         .map_or_else(|| "state".into(), |n| n.to_string_lossy().into_owned());
-    path.with_file_name(format!("{name}.unreadable-{secs}"))
+    let mut aside = path.with_file_name(format!("{name}.unreadable-{secs}"));
+    // Never over another file moved aside earlier.
+    let mut n = 1;
+    while aside.exists() {
+        aside = path.with_file_name(format!("{name}.unreadable-{secs}-{n}"));
+        n += 1;
+    }
+    aside
 }
 
 /// Hands the saved state to the core. Saved events are checked like submitted ones; one that
@@ -75,6 +93,8 @@ pub(crate) fn restore(
     // A wall clock that went backwards counts as no downtime: it never extends a lifetime.
     let downtime = Duration::from_millis(wall_ms.saturating_sub(file.written_at_ms));
     let mut events = Vec::with_capacity(file.events.len());
+    // Each distinct repository is opened once, not once per event.
+    let mut repos: HashMap<PathBuf, Result<PathBuf, String>> = HashMap::new();
     for saved in file.events {
         let origin = match saved.origin.as_str() {
             "user" => Origin::User,
@@ -105,23 +125,16 @@ pub(crate) fn restore(
         };
         let checked = crate::validate::event(&pending, cfg)
             .map_err(|e| corrupt(format!("event {}: {e}", saved.id)))?;
-        let (repo, gone) = match crate::validate::repository(&saved.repo) {
+        let checked_repo = repos
+            .entry(saved.repo.clone())
+            .or_insert_with(|| crate::validate::repository(&saved.repo).map_err(|e| e.to_string()))
+            .clone();
+        let (repo, gone) = match checked_repo {
             Ok(repo) => (repo, None),
-            Err(e) => (saved.repo.clone(), Some(e.to_string())),
+            Err(e) => (saved.repo.clone(), Some(e)),
         };
-        let missing = if gone.is_some() {
-            checked.oids.clone()
-        } else {
-            match fetcher.present(&repo, &checked.oids) {
-                Ok(present) => checked
-                    .oids
-                    .iter()
-                    .copied()
-                    .filter(|o| !present.contains(o))
-                    .collect(),
-                Err(_) => checked.oids.clone(),
-            }
-        };
+        // Filled in below, one `present` call per repository.
+        let missing = checked.oids.clone();
         events.push(RestoredEvent {
             event: ValidEvent {
                 id: Arc::from(saved.id.as_str()),
@@ -139,6 +152,26 @@ pub(crate) fn restore(
             waited: Duration::from_millis(saved.waited_ms),
             gone,
         });
+    }
+    // Which objects arrived while the engine was down: one question per repository.
+    let mut by_repo: HashMap<PathBuf, Vec<ObjectId>> = HashMap::new();
+    for r in events.iter().filter(|r| r.gone.is_none()) {
+        by_repo
+            .entry(r.event.repo.to_path_buf())
+            .or_default()
+            .extend(r.event.oids.iter().copied());
+    }
+    let mut present: HashMap<PathBuf, HashSet<ObjectId>> = HashMap::new();
+    for (repo, mut oids) in by_repo {
+        oids.sort_unstable();
+        oids.dedup();
+        let found = fetcher.present(&repo, &oids).unwrap_or_default();
+        present.insert(repo, found.into_iter().collect());
+    }
+    for r in events.iter_mut() {
+        if let Some(found) = present.get(r.event.repo.as_ref()) {
+            r.event.missing.retain(|o| !found.contains(o));
+        }
     }
     let expired = file
         .expired_ids

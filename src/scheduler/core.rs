@@ -135,6 +135,8 @@ struct EventState {
     submitted: Instant,
     expires: Instant,
     origin: Origin,
+    /// The event's own clone URLs (the entry has every event's), for the state file.
+    urls: Vec<Arc<str>>,
     /// Submission order: events awaiting their refs get them in this order, so that a later
     /// event's refs win over an earlier one's written at the same pass.
     seq: u64,
@@ -389,6 +391,7 @@ impl Core {
                 submitted: at,
                 expires,
                 origin: ev.origin,
+                urls: ev.urls.iter().map(|u| u.url.clone()).collect(),
                 seq,
                 refs: ev.refs,
                 applying: false,
@@ -782,7 +785,7 @@ impl Core {
                     identifier: e.identifier.to_string(),
                     repo: e.repo.to_path_buf(),
                     oids: ev.oids.iter().map(ObjectId::to_string).collect(),
-                    clone_urls: e.urls.iter().map(|u| u.url.to_string()).collect(),
+                    clone_urls: ev.urls.iter().map(|u| u.to_string()).collect(),
                     origin: match ev.origin {
                         Origin::User => "user",
                         Origin::Sync => "sync",
