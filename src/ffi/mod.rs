@@ -1,5 +1,6 @@
 //! Every `unsafe` line of the crate lives under this module.
 //!
+//! - [`capi`]: the C ABI (`include/purgatory_sync.h`), re-exported as `purgatory_sync::capi`.
 //! - [`stream`]: the socket stream the engine registers with libgit2, so that every fetch's
 //!   connections obey the engine's limits (see `crate::fetch::net`).
 //! - [`set_git_timeouts`]: libgit2's process-wide socket timeouts, for sockets the engine's
@@ -7,6 +8,7 @@
 
 #![allow(unsafe_code)]
 
+pub(crate) mod capi;
 pub(crate) mod stream;
 
 use std::time::Duration;

@@ -1,0 +1,1032 @@
+//! The C ABI: opaque handles, status codes, JSON in and out, results by polling.
+//!
+//! Every function runs its body behind a panic boundary (`catch_unwind`; the outcome
+//! accessors only read a field, cannot panic and have none), checks its pointers for NULL first
+//! and its strings for UTF-8, and reports failures as a [`psync_status`](PsyncStatus) plus a
+//! per-thread message ([`psync_last_error_message`]). `include/purgatory_sync.h` is generated
+//! from this file by cbindgen (`tests/header.rs` checks it for drift).
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::ffi::{c_char, CStr, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
+use parking_lot::RwLock;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::{
+    Admission, BuildError, DomainLimits, Engine, EngineBuilder, ExpiryReason, NaughtyCategory,
+    Origin, Outcome, PendingEvent, RefUpdate, Stats, SubmitError,
+};
+
+/// What a `psync_` call returned. `PSYNC_OK` is success; for every other value
+/// `psync_last_error_message()` says more on the calling thread.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(non_camel_case_types)]
+pub enum PsyncStatus {
+    /// Success.
+    PSYNC_OK = 0,
+    /// A required pointer was NULL.
+    PSYNC_NULL_ARGUMENT = 1,
+    /// A string argument was not UTF-8.
+    PSYNC_INVALID_UTF8 = 2,
+    /// Config or event JSON did not parse or had unknown or ill-typed fields.
+    PSYNC_INVALID_JSON = 3,
+    /// A configuration setting is out of range.
+    PSYNC_INVALID_CONFIG = 4,
+    /// The state file could not be read or written at start.
+    PSYNC_STATE_FILE = 5,
+    /// The engine's threads could not be spawned.
+    PSYNC_SPAWN_FAILED = 6,
+    /// poll: no outcome within the timeout.
+    PSYNC_TIMEOUT = 7,
+    /// poll: the engine is shut down and every outcome was taken.
+    PSYNC_DISCONNECTED = 8,
+    /// A Rust panic was caught at the boundary.
+    PSYNC_PANIC = 9,
+    /// Shutdown did not end cleanly (the engine is stopped anyway).
+    PSYNC_SHUTDOWN_ERROR = 10,
+    /// The call was made on an engine already shut down.
+    PSYNC_ENGINE_SHUT_DOWN = 11,
+    /// submit: the event id is empty, too long or has control characters.
+    PSYNC_INVALID_EVENT_ID = 20,
+    /// submit: the identifier is empty, too long or has control characters.
+    PSYNC_INVALID_IDENTIFIER = 21,
+    /// submit: the event lists no object id.
+    PSYNC_NO_OBJECT_IDS = 22,
+    /// submit: the event lists more object ids than allowed.
+    PSYNC_TOO_MANY_OBJECT_IDS = 23,
+    /// submit: an object id is not 40 hex digits.
+    PSYNC_INVALID_OBJECT_ID = 24,
+    /// submit: the event lists more clone URLs than allowed.
+    PSYNC_TOO_MANY_CLONE_URLS = 25,
+    /// submit: a clone URL is empty, too long or has whitespace or control characters.
+    PSYNC_INVALID_CLONE_URL = 26,
+    /// submit: the repository path is not an existing bare git repository.
+    PSYNC_INVALID_REPOSITORY = 27,
+    /// submit: an event with this id expired recently and is refused for a while.
+    PSYNC_PREVIOUSLY_EXPIRED = 28,
+    /// submit: the engine already holds as many waiting events as it accepts.
+    PSYNC_QUEUE_FULL = 29,
+    /// submit: the engine is shutting down.
+    PSYNC_SHUTTING_DOWN = 30,
+    /// submit: the event lists more ref updates than allowed.
+    PSYNC_TOO_MANY_REF_UPDATES = 31,
+    /// submit: a ref update has a bad name or target.
+    PSYNC_INVALID_REF_UPDATE = 32,
+    /// submit: a refusal added to the library after this header was written.
+    PSYNC_OTHER_SUBMIT_ERROR = 39,
+}
+
+/// How `psync_engine_submit` admitted an event.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(non_camel_case_types)]
+pub enum PsyncAdmission {
+    /// The event waits in purgatory; exactly one outcome follows unless it is cancelled.
+    PSYNC_ADMISSION_PENDING = 0,
+    /// Every object is already present (and its ref updates were written): no outcome follows.
+    PSYNC_ADMISSION_ALREADY_SATISFIED = 1,
+}
+
+/// What finally happened to an event.
+///
+/// Named `psync_outcome_kind_t` in C: `psync_outcome_kind` is the function that returns it,
+/// and C has one namespace for both.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(non_camel_case_types)]
+pub enum PsyncOutcomeKind {
+    /// Every object arrived; the event may be served.
+    PSYNC_OUTCOME_RELEASED = 0,
+    /// The event left purgatory without all its objects.
+    PSYNC_OUTCOME_EXPIRED = 1,
+}
+
+/// An engine (opaque). Created by `psync_engine_new`, released by `psync_engine_free`.
+pub struct PsyncEngine {
+    engine: RwLock<Option<Engine>>,
+    outcomes: Receiver<Outcome>,
+}
+
+/// One outcome taken by `psync_engine_poll` (opaque). Owns the strings its accessors return;
+/// released by `psync_outcome_free`.
+pub struct PsyncOutcome {
+    kind: PsyncOutcomeKind,
+    event_id: CString,
+    identifier: CString,
+    json: CString,
+}
+
+type Failure = (PsyncStatus, String);
+
+thread_local! {
+    static LAST_ERROR: RefCell<Option<CString>> = const { RefCell::new(None) };
+}
+
+fn set_last_error(message: &str) {
+    let c = CString::new(message.replace('\0', "\\0")).unwrap_or_default();
+    LAST_ERROR.with(|slot| *slot.borrow_mut() = Some(c));
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        format!("panic: {s}")
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        format!("panic: {s}")
+    } else {
+        "panic with a non-string payload".to_owned()
+    }
+}
+
+/// Runs `body` behind the panic boundary; a failure's message becomes the thread's last error.
+fn guard(body: impl FnOnce() -> Result<(), Failure>) -> PsyncStatus {
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(Ok(())) => PsyncStatus::PSYNC_OK,
+        Ok(Err((status, message))) => {
+            set_last_error(&message);
+            status
+        }
+        Err(payload) => {
+            set_last_error(&panic_message(payload.as_ref()));
+            PsyncStatus::PSYNC_PANIC
+        }
+    }
+}
+
+fn null(name: &str) -> Failure {
+    (
+        PsyncStatus::PSYNC_NULL_ARGUMENT,
+        format!("{name} must not be NULL"),
+    )
+}
+
+/// # Safety
+/// `ptr` is NULL or a NUL-terminated string valid for the call.
+unsafe fn utf8<'a>(ptr: *const c_char, name: &str) -> Result<&'a str, Failure> {
+    if ptr.is_null() {
+        return Err(null(name));
+    }
+    // SAFETY: non-NULL and NUL-terminated, by the caller's contract.
+    let bytes = unsafe { CStr::from_ptr(ptr) };
+    bytes.to_str().map_err(|e| {
+        (
+            PsyncStatus::PSYNC_INVALID_UTF8,
+            format!("{name} is not valid UTF-8: {e}"),
+        )
+    })
+}
+
+/// # Safety
+/// `engine` is NULL or a live handle from `psync_engine_new`.
+unsafe fn engine_ref<'a>(engine: *const PsyncEngine) -> Result<&'a PsyncEngine, Failure> {
+    // SAFETY: by the caller's contract.
+    unsafe { engine.as_ref() }.ok_or_else(|| null("engine"))
+}
+
+fn shut_down() -> Failure {
+    (
+        PsyncStatus::PSYNC_ENGINE_SHUT_DOWN,
+        "the engine is shut down".to_owned(),
+    )
+}
+
+fn with_engine<T>(
+    handle: &PsyncEngine,
+    f: impl FnOnce(&Engine) -> Result<T, Failure>,
+) -> Result<T, Failure> {
+    let guard = handle.engine.read();
+    match guard.as_ref() {
+        Some(engine) => f(engine),
+        None => Err(shut_down()),
+    }
+}
+
+fn json_err(what: &str, e: serde_json::Error) -> Failure {
+    (PsyncStatus::PSYNC_INVALID_JSON, format!("{what}: {e}"))
+}
+
+fn owned_string(s: String) -> *mut c_char {
+    CString::new(s.replace('\0', "\\u0000"))
+        .unwrap_or_default()
+        .into_raw()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Configuration JSON
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsJson {
+    max_concurrent: usize,
+    per_minute: u32,
+    #[serde(default)]
+    burst: Option<u32>,
+}
+
+impl LimitsJson {
+    fn limits(&self) -> DomainLimits {
+        let l = DomainLimits::new(self.max_concurrent, self.per_minute);
+        match self.burst {
+            Some(b) => l.burst(b),
+            None => l,
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ConfigJson {
+    workers: Option<usize>,
+    tick_ms: Option<u64>,
+    user_delay_ms: Option<u64>,
+    sync_delay_ms: Option<u64>,
+    backoff_base_ms: Option<u64>,
+    backoff_cap_ms: Option<u64>,
+    event_lifetime_ms: Option<u64>,
+    expired_memory_ms: Option<u64>,
+    fetch_deadline_ms: Option<u64>,
+    connect_timeout_ms: Option<u64>,
+    io_timeout_ms: Option<u64>,
+    shutdown_timeout_ms: Option<u64>,
+    checkpoint_interval_ms: Option<u64>,
+    max_events: Option<usize>,
+    max_oids_per_event: Option<usize>,
+    max_urls_per_event: Option<usize>,
+    max_ref_updates_per_event: Option<usize>,
+    max_fetch_bytes: Option<u64>,
+    fetch_depth: Option<u32>,
+    thread_name: Option<String>,
+    domain_limits: Option<LimitsJson>,
+    #[serde(default)]
+    domain_overrides: BTreeMap<String, LimitsJson>,
+    our_domain: Option<String>,
+    naughty_duration_ms: Option<u64>,
+    allow_private_addresses: Option<bool>,
+    allowed_schemes: Option<Vec<String>>,
+    state_file: Option<PathBuf>,
+    move_unreadable_state_aside: Option<bool>,
+}
+
+impl ConfigJson {
+    fn builder(self) -> EngineBuilder {
+        let ms = Duration::from_millis;
+        let mut b = Engine::builder();
+        macro_rules! set {
+            ($field:ident => $knob:ident) => {
+                if let Some(v) = self.$field {
+                    b = b.$knob(v);
+                }
+            };
+            ($field:ident ms => $knob:ident) => {
+                if let Some(v) = self.$field {
+                    b = b.$knob(ms(v));
+                }
+            };
+        }
+        set!(workers => workers);
+        set!(tick_ms ms => tick);
+        set!(user_delay_ms ms => user_delay);
+        set!(sync_delay_ms ms => sync_delay);
+        set!(backoff_base_ms ms => backoff_base);
+        set!(backoff_cap_ms ms => backoff_cap);
+        set!(event_lifetime_ms ms => event_lifetime);
+        set!(expired_memory_ms ms => expired_memory);
+        set!(fetch_deadline_ms ms => fetch_deadline);
+        set!(connect_timeout_ms ms => connect_timeout);
+        set!(io_timeout_ms ms => io_timeout);
+        set!(shutdown_timeout_ms ms => shutdown_timeout);
+        set!(checkpoint_interval_ms ms => checkpoint_interval);
+        set!(max_events => max_events);
+        set!(max_oids_per_event => max_oids_per_event);
+        set!(max_urls_per_event => max_urls_per_event);
+        set!(max_ref_updates_per_event => max_ref_updates_per_event);
+        set!(max_fetch_bytes => max_fetch_bytes);
+        set!(naughty_duration_ms ms => naughty_duration);
+        set!(allow_private_addresses => allow_private_addresses);
+        set!(state_file => state_file);
+        set!(move_unreadable_state_aside => move_unreadable_state_aside);
+        if self.fetch_depth.is_some() {
+            b = b.fetch_depth(self.fetch_depth);
+        }
+        if let Some(name) = self.thread_name {
+            b = b.thread_name(name);
+        }
+        if let Some(l) = self.domain_limits {
+            let l = l.limits();
+            b = b
+                .domain_limits(l.max_concurrent, l.per_minute)
+                .domain_burst(l.burst);
+        }
+        for (domain, l) in &self.domain_overrides {
+            b = b.domain_override(domain, l.limits());
+        }
+        if let Some(d) = self.our_domain {
+            b = b.our_domain(&d);
+        }
+        if let Some(s) = self.allowed_schemes {
+            b = b.allowed_schemes(s);
+        }
+        b
+    }
+}
+
+fn build_failure(e: BuildError) -> Failure {
+    let status = match &e {
+        BuildError::InvalidSetting { .. } => PsyncStatus::PSYNC_INVALID_CONFIG,
+        BuildError::Spawn(_) => PsyncStatus::PSYNC_SPAWN_FAILED,
+        BuildError::StateFile { .. } => PsyncStatus::PSYNC_STATE_FILE,
+    };
+    (status, e.to_string())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Event JSON
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RefUpdateJson {
+    name: String,
+    oid: Option<String>,
+    symbolic: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "lowercase")]
+enum OriginJson {
+    User,
+    Sync,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventJson {
+    id: String,
+    identifier: String,
+    repo: PathBuf,
+    #[serde(default)]
+    oids: Vec<String>,
+    #[serde(default)]
+    clone_urls: Vec<String>,
+    origin: Option<OriginJson>,
+    #[serde(default)]
+    ref_updates: Vec<RefUpdateJson>,
+}
+
+impl EventJson {
+    fn event(self) -> Result<PendingEvent, Failure> {
+        let mut ref_updates = Vec::with_capacity(self.ref_updates.len());
+        for (i, r) in self.ref_updates.into_iter().enumerate() {
+            ref_updates.push(match (r.oid, r.symbolic) {
+                (Some(oid), None) => RefUpdate::oid(r.name, oid),
+                (None, Some(target)) => RefUpdate::symbolic(r.name, target),
+                _ => {
+                    return Err((
+                        PsyncStatus::PSYNC_INVALID_JSON,
+                        format!("ref_updates[{i}]: exactly one of `oid` and `symbolic` is needed"),
+                    ))
+                }
+            });
+        }
+        Ok(PendingEvent {
+            id: self.id,
+            identifier: self.identifier,
+            repo: self.repo,
+            oids: self.oids,
+            clone_urls: self.clone_urls,
+            origin: match self.origin {
+                Some(OriginJson::User) => Origin::User,
+                Some(OriginJson::Sync) | None => Origin::Sync,
+            },
+            ref_updates,
+        })
+    }
+}
+
+fn submit_status(e: &SubmitError) -> PsyncStatus {
+    use PsyncStatus::*;
+    match e {
+        SubmitError::InvalidEventId { .. } => PSYNC_INVALID_EVENT_ID,
+        SubmitError::InvalidIdentifier { .. } => PSYNC_INVALID_IDENTIFIER,
+        SubmitError::NoObjectIds => PSYNC_NO_OBJECT_IDS,
+        SubmitError::TooManyObjectIds { .. } => PSYNC_TOO_MANY_OBJECT_IDS,
+        SubmitError::InvalidObjectId { .. } => PSYNC_INVALID_OBJECT_ID,
+        SubmitError::TooManyCloneUrls { .. } => PSYNC_TOO_MANY_CLONE_URLS,
+        SubmitError::InvalidCloneUrl { .. } => PSYNC_INVALID_CLONE_URL,
+        SubmitError::TooManyRefUpdates { .. } => PSYNC_TOO_MANY_REF_UPDATES,
+        SubmitError::InvalidRefUpdate { .. } => PSYNC_INVALID_REF_UPDATE,
+        SubmitError::InvalidRepository { .. } => PSYNC_INVALID_REPOSITORY,
+        SubmitError::PreviouslyExpired { .. } => PSYNC_PREVIOUSLY_EXPIRED,
+        SubmitError::QueueFull { .. } => PSYNC_QUEUE_FULL,
+        SubmitError::ShuttingDown => PSYNC_SHUTTING_DOWN,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Output JSON
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map(ms).unwrap_or(0)
+}
+
+fn outcome_json(o: &Outcome) -> Value {
+    match o {
+        Outcome::Released {
+            event_id,
+            identifier,
+            repo,
+            waited,
+        } => json!({
+            "kind": "released",
+            "event_id": event_id,
+            "identifier": identifier,
+            "repo": repo.to_string_lossy(),
+            "waited_ms": ms(*waited),
+        }),
+        Outcome::Expired {
+            event_id,
+            identifier,
+            repo,
+            missing,
+            reason,
+        } => {
+            let mut v = json!({
+                "kind": "expired",
+                "event_id": event_id,
+                "identifier": identifier,
+                "repo": repo.to_string_lossy(),
+                "missing": missing,
+            });
+            let (reason, message) = match reason {
+                ExpiryReason::LifetimeEnded => ("lifetime_ended", None),
+                ExpiryReason::RefUpdateFailed { message } => ("ref_update_failed", Some(message)),
+                ExpiryReason::RepositoryGone { message } => ("repository_gone", Some(message)),
+            };
+            v["reason"] = json!(reason);
+            if let Some(m) = message {
+                v["message"] = json!(m);
+            }
+            v
+        }
+    }
+}
+
+fn stats_json(s: &Stats) -> Value {
+    let Stats {
+        commands_pending,
+        queued_identifiers,
+        waiting_events,
+        awaiting_refs,
+        in_flight,
+        workers,
+        submitted,
+        already_satisfied,
+        refused,
+        released,
+        expired,
+        cancelled,
+        rechecks,
+        ref_updates_applied,
+        ref_update_failures,
+        fetches_started,
+        fetches_succeeded,
+        fetches_failed,
+        failures,
+        domains,
+        naughty,
+        recent_failures,
+        expired_ids_remembered,
+    } = s;
+    let by_kind = |m: &BTreeMap<crate::FailureKind, u64>| -> Value {
+        m.iter()
+            .map(|(k, n)| (k.as_str().to_owned(), json!(n)))
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    };
+    let domains: serde_json::Map<String, Value> = domains
+        .iter()
+        .map(|(d, st)| {
+            (
+                d.clone(),
+                json!({
+                    "in_flight": st.in_flight,
+                    "queued_identifiers": st.queued_identifiers,
+                    "requests_started": st.requests_started,
+                    "succeeded": st.succeeded,
+                    "failed": by_kind(&st.failed),
+                    "next_cell_in_ms": ms(st.next_cell_in),
+                }),
+            )
+        })
+        .collect();
+    let naughty: Vec<Value> = naughty
+        .iter()
+        .map(|n| {
+            json!({
+                "domain": n.domain,
+                "category": match n.category {
+                    NaughtyCategory::Dns => "dns",
+                    NaughtyCategory::Tls => "tls",
+                },
+                "reason": n.reason,
+                "first_seen_unix_ms": unix_ms(n.first_seen),
+                "last_seen_unix_ms": unix_ms(n.last_seen),
+                "count": n.count,
+                "until_unix_ms": unix_ms(n.until),
+            })
+        })
+        .collect();
+    let recent: Vec<Value> = recent_failures
+        .iter()
+        .map(|f| {
+            json!({
+                "identifier": f.identifier,
+                "url": f.url,
+                "kind": f.kind.as_str(),
+                "message": f.message,
+            })
+        })
+        .collect();
+    json!({
+        "commands_pending": commands_pending,
+        "queued_identifiers": queued_identifiers,
+        "waiting_events": waiting_events,
+        "awaiting_refs": awaiting_refs,
+        "in_flight": in_flight,
+        "workers": workers,
+        "submitted": submitted,
+        "already_satisfied": already_satisfied,
+        "refused": refused,
+        "released": released,
+        "expired": expired,
+        "cancelled": cancelled,
+        "rechecks": rechecks,
+        "ref_updates_applied": ref_updates_applied,
+        "ref_update_failures": ref_update_failures,
+        "fetches_started": fetches_started,
+        "fetches_succeeded": fetches_succeeded,
+        "fetches_failed": fetches_failed,
+        "failures": by_kind(failures),
+        "domains": domains,
+        "naughty": naughty,
+        "recent_failures": recent,
+        "expired_ids_remembered": expired_ids_remembered,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The functions
+
+/// Builds and starts an engine.
+///
+/// `config_json` is NULL or a JSON object (`"{}"` for every default); unknown fields are
+/// refused (`PSYNC_INVALID_JSON`, the message names the field). Fields, all optional:
+/// `workers`, `tick_ms`, `user_delay_ms`, `sync_delay_ms`, `backoff_base_ms`,
+/// `backoff_cap_ms`, `event_lifetime_ms`, `expired_memory_ms`, `fetch_deadline_ms`,
+/// `connect_timeout_ms`, `io_timeout_ms`, `shutdown_timeout_ms`, `checkpoint_interval_ms`,
+/// `max_events`, `max_oids_per_event`, `max_urls_per_event`, `max_ref_updates_per_event`,
+/// `max_fetch_bytes`, `fetch_depth` (null or n), `thread_name`,
+/// `domain_limits` `{"max_concurrent", "per_minute", "burst"?}`,
+/// `domain_overrides` `{"host": {"max_concurrent", "per_minute", "burst"?}}`, `our_domain`,
+/// `naughty_duration_ms`, `allow_private_addresses`, `allowed_schemes` `[..]`, `state_file`,
+/// `move_unreadable_state_aside`.
+///
+/// On `PSYNC_OK`, `*out_engine` is a new engine owned by the caller: release it with
+/// `psync_engine_free`. On failure it is set to NULL. Errors: `PSYNC_NULL_ARGUMENT`,
+/// `PSYNC_INVALID_UTF8`, `PSYNC_INVALID_JSON`, `PSYNC_INVALID_CONFIG`, `PSYNC_STATE_FILE`,
+/// `PSYNC_SPAWN_FAILED`, `PSYNC_PANIC`. May be called from any thread.
+///
+/// # Safety
+/// `config_json` is NULL or a NUL-terminated string; `out_engine` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn psync_engine_new(
+    config_json: *const c_char,
+    out_engine: *mut *mut PsyncEngine,
+) -> PsyncStatus {
+    guard(|| {
+        if out_engine.is_null() {
+            return Err(null("out_engine"));
+        }
+        // SAFETY: non-NULL and valid for a write, by the contract.
+        unsafe { *out_engine = std::ptr::null_mut() };
+        let config: ConfigJson = if config_json.is_null() {
+            ConfigJson::default()
+        } else {
+            // SAFETY: non-NULL and NUL-terminated, by the contract.
+            let text = unsafe { utf8(config_json, "config_json") }?;
+            serde_json::from_str(text).map_err(|e| json_err("config_json", e))?
+        };
+        let engine = config.builder().build().map_err(build_failure)?;
+        let outcomes = engine.outcomes();
+        let handle = Box::new(PsyncEngine {
+            engine: RwLock::new(Some(engine)),
+            outcomes,
+        });
+        // SAFETY: as above.
+        unsafe { *out_engine = Box::into_raw(handle) };
+        Ok(())
+    })
+}
+
+/// Submits an event that waits in purgatory.
+///
+/// `event_json` is a JSON object: `{"id", "identifier", "repo", "oids": [..],
+/// "clone_urls": [..], "origin": "user"|"sync" (default "sync"), "ref_updates":
+/// [{"name": "refs/heads/main", "oid": "<40 hex>"} | {"name": "HEAD", "symbolic":
+/// "refs/heads/main"}]}`; unknown fields are refused.
+///
+/// On `PSYNC_OK`, `*out_admission` (if not NULL) says whether the event waits
+/// (`PSYNC_ADMISSION_PENDING`: one outcome follows on `psync_engine_poll`) or was already
+/// satisfied, and `*out_refused_urls_json` (if not NULL) is an owned JSON array
+/// `[{"index", "url", "reason"}]` (possibly `"[]"`) of the clone URLs the URL policy refused:
+/// release it with `psync_string_free`. On failure `*out_refused_urls_json` is NULL. Each
+/// refusal of the event has its own status (`PSYNC_INVALID_EVENT_ID` ..
+/// `PSYNC_INVALID_REF_UPDATE`). Never blocks on fetches. Thread-safe.
+///
+/// # Safety
+/// `engine` is NULL or a live engine; `event_json` is NULL or a NUL-terminated string; the
+/// out-pointers are NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn psync_engine_submit(
+    engine: *mut PsyncEngine,
+    event_json: *const c_char,
+    out_admission: *mut PsyncAdmission,
+    out_refused_urls_json: *mut *mut c_char,
+) -> PsyncStatus {
+    guard(|| {
+        if !out_refused_urls_json.is_null() {
+            // SAFETY: non-NULL and valid for a write, by the contract.
+            unsafe { *out_refused_urls_json = std::ptr::null_mut() };
+        }
+        // SAFETY: by the contract.
+        let handle = unsafe { engine_ref(engine) }?;
+        // SAFETY: by the contract.
+        let text = unsafe { utf8(event_json, "event_json") }?;
+        let parsed: EventJson =
+            serde_json::from_str(text).map_err(|e| json_err("event_json", e))?;
+        let event = parsed.event()?;
+        let admission = with_engine(handle, |e| {
+            e.submit(event)
+                .map_err(|err| (submit_status(&err), err.to_string()))
+        })?;
+        let (kind, refused) = match &admission {
+            Admission::AlreadySatisfied => {
+                (PsyncAdmission::PSYNC_ADMISSION_ALREADY_SATISFIED, &[][..])
+            }
+            _ => (
+                PsyncAdmission::PSYNC_ADMISSION_PENDING,
+                admission.refused_urls(),
+            ),
+        };
+        if !out_admission.is_null() {
+            // SAFETY: non-NULL and valid for a write, by the contract.
+            unsafe { *out_admission = kind };
+        }
+        if !out_refused_urls_json.is_null() {
+            let list: Vec<Value> = refused
+                .iter()
+                .map(|r| json!({"index": r.index, "url": r.url, "reason": r.reason.to_string()}))
+                .collect();
+            // SAFETY: as above.
+            unsafe { *out_refused_urls_json = owned_string(Value::from(list).to_string()) };
+        }
+        Ok(())
+    })
+}
+
+/// Tells the engine that git data for `identifier` arrived (a push): its repositories are
+/// re-checked at once, without a fetch. Returns at once. Thread-safe.
+///
+/// # Safety
+/// `engine` is NULL or a live engine; `identifier` is NULL or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn psync_engine_git_data_arrived(
+    engine: *mut PsyncEngine,
+    identifier: *const c_char,
+) -> PsyncStatus {
+    guard(|| {
+        // SAFETY: by the contract.
+        let handle = unsafe { engine_ref(engine) }?;
+        // SAFETY: by the contract.
+        let identifier = unsafe { utf8(identifier, "identifier") }?;
+        with_engine(handle, |e| {
+            e.git_data_arrived(identifier);
+            Ok(())
+        })
+    })
+}
+
+/// Forgets a waiting event: no outcome follows for it. Unknown ids are ignored. Thread-safe.
+///
+/// # Safety
+/// `engine` is NULL or a live engine; `event_id` is NULL or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn psync_engine_cancel(
+    engine: *mut PsyncEngine,
+    event_id: *const c_char,
+) -> PsyncStatus {
+    guard(|| {
+        // SAFETY: by the contract.
+        let handle = unsafe { engine_ref(engine) }?;
+        // SAFETY: by the contract.
+        let event_id = unsafe { utf8(event_id, "event_id") }?;
+        with_engine(handle, |e| {
+            e.cancel(event_id);
+            Ok(())
+        })
+    })
+}
+
+/// Takes the next outcome, waiting up to `timeout_ms` (0: do not wait).
+///
+/// On `PSYNC_OK`, `*out_outcome` is an outcome owned by the caller: release it with
+/// `psync_outcome_free`. Otherwise it is NULL and the status is `PSYNC_TIMEOUT` (nothing
+/// within the timeout) or `PSYNC_DISCONNECTED` (the engine is shut down and every outcome was
+/// taken). Works after `psync_engine_shutdown`, to drain the last outcomes. Thread-safe: each
+/// outcome goes to exactly one caller.
+///
+/// # Safety
+/// `engine` is NULL or a live engine; `out_outcome` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn psync_engine_poll(
+    engine: *mut PsyncEngine,
+    timeout_ms: u32,
+    out_outcome: *mut *mut PsyncOutcome,
+) -> PsyncStatus {
+    guard(|| {
+        if out_outcome.is_null() {
+            return Err(null("out_outcome"));
+        }
+        // SAFETY: non-NULL and valid for a write, by the contract.
+        unsafe { *out_outcome = std::ptr::null_mut() };
+        // SAFETY: by the contract.
+        let handle = unsafe { engine_ref(engine) }?;
+        let timeout = || {
+            (
+                PsyncStatus::PSYNC_TIMEOUT,
+                format!("no outcome within {timeout_ms} ms"),
+            )
+        };
+        let disconnected = || {
+            (
+                PsyncStatus::PSYNC_DISCONNECTED,
+                "the engine is shut down and every outcome was taken".to_owned(),
+            )
+        };
+        let outcome = if timeout_ms == 0 {
+            handle.outcomes.try_recv().map_err(|e| match e {
+                TryRecvError::Empty => timeout(),
+                TryRecvError::Disconnected => disconnected(),
+            })?
+        } else {
+            let wait = Duration::from_millis(u64::from(timeout_ms));
+            handle.outcomes.recv_timeout(wait).map_err(|e| match e {
+                RecvTimeoutError::Timeout => timeout(),
+                RecvTimeoutError::Disconnected => disconnected(),
+            })?
+        };
+        let c = |s: &str| CString::new(s.replace('\0', "\\0")).unwrap_or_default();
+        let boxed = Box::new(PsyncOutcome {
+            kind: if outcome.is_released() {
+                PsyncOutcomeKind::PSYNC_OUTCOME_RELEASED
+            } else {
+                PsyncOutcomeKind::PSYNC_OUTCOME_EXPIRED
+            },
+            event_id: c(outcome.event_id()),
+            identifier: c(outcome.identifier()),
+            json: c(&outcome_json(&outcome).to_string()),
+        });
+        // SAFETY: as above.
+        unsafe { *out_outcome = Box::into_raw(boxed) };
+        Ok(())
+    })
+}
+
+/// The outcome's kind. A NULL `outcome` gives `PSYNC_OUTCOME_EXPIRED`. Thread-safe.
+///
+/// # Safety
+/// `outcome` is NULL or a live outcome from `psync_engine_poll`.
+#[no_mangle]
+pub unsafe extern "C" fn psync_outcome_kind(outcome: *const PsyncOutcome) -> PsyncOutcomeKind {
+    // SAFETY: by the contract.
+    unsafe { outcome.as_ref() }
+        .map(|o| o.kind)
+        .unwrap_or(PsyncOutcomeKind::PSYNC_OUTCOME_EXPIRED)
+}
+
+/// The outcome's event id, owned by the outcome and valid until `psync_outcome_free`; NULL if
+/// `outcome` is NULL.
+///
+/// # Safety
+/// `outcome` is NULL or a live outcome from `psync_engine_poll`.
+#[no_mangle]
+pub unsafe extern "C" fn psync_outcome_event_id(outcome: *const PsyncOutcome) -> *const c_char {
+    // SAFETY: by the contract.
+    unsafe { outcome.as_ref() }.map_or(std::ptr::null(), |o| o.event_id.as_ptr())
+}
+
+/// The outcome's repository identifier, owned by the outcome and valid until
+/// `psync_outcome_free`; NULL if `outcome` is NULL.
+///
+/// # Safety
+/// `outcome` is NULL or a live outcome from `psync_engine_poll`.
+#[no_mangle]
+pub unsafe extern "C" fn psync_outcome_identifier(outcome: *const PsyncOutcome) -> *const c_char {
+    // SAFETY: by the contract.
+    unsafe { outcome.as_ref() }.map_or(std::ptr::null(), |o| o.identifier.as_ptr())
+}
+
+/// The whole outcome as JSON, owned by the outcome and valid until `psync_outcome_free`; NULL
+/// if `outcome` is NULL. `{"kind": "released", "event_id", "identifier", "repo", "waited_ms"}`
+/// or `{"kind": "expired", "event_id", "identifier", "repo", "missing": [..], "reason":
+/// "lifetime_ended"|"ref_update_failed"|"repository_gone", "message"?}`.
+///
+/// # Safety
+/// `outcome` is NULL or a live outcome from `psync_engine_poll`.
+#[no_mangle]
+pub unsafe extern "C" fn psync_outcome_json(outcome: *const PsyncOutcome) -> *const c_char {
+    // SAFETY: by the contract.
+    unsafe { outcome.as_ref() }.map_or(std::ptr::null(), |o| o.json.as_ptr())
+}
+
+/// Releases an outcome and its strings. NULL is fine.
+///
+/// # Safety
+/// `outcome` is NULL or a live outcome from `psync_engine_poll`, not used afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn psync_outcome_free(outcome: *mut PsyncOutcome) {
+    if !outcome.is_null() {
+        // SAFETY: from `Box::into_raw` in `psync_engine_poll`, released once by the contract.
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(outcome) })));
+    }
+}
+
+/// The engine's state and counters as a JSON object (field names as in the Rust `Stats`;
+/// durations as `_ms`, times as `_unix_ms`). On `PSYNC_OK`, `*out_json` is an owned string:
+/// release it with `psync_string_free`; otherwise NULL. Thread-safe.
+///
+/// # Safety
+/// `engine` is NULL or a live engine; `out_json` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn psync_engine_stats_json(
+    engine: *mut PsyncEngine,
+    out_json: *mut *mut c_char,
+) -> PsyncStatus {
+    guard(|| {
+        if out_json.is_null() {
+            return Err(null("out_json"));
+        }
+        // SAFETY: non-NULL and valid for a write, by the contract.
+        unsafe { *out_json = std::ptr::null_mut() };
+        // SAFETY: by the contract.
+        let handle = unsafe { engine_ref(engine) }?;
+        let stats = with_engine(handle, |e| Ok(e.stats()))?;
+        // SAFETY: as above.
+        unsafe { *out_json = owned_string(stats_json(&stats).to_string()) };
+        Ok(())
+    })
+}
+
+/// Releases a string returned by this library (`psync_engine_stats_json`,
+/// `psync_engine_submit`). NULL is fine.
+///
+/// # Safety
+/// `s` is NULL or a string this library handed over, not used afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn psync_string_free(s: *mut c_char) {
+    if !s.is_null() {
+        // SAFETY: from `CString::into_raw`, released once by the contract.
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { CString::from_raw(s) })));
+    }
+}
+
+/// Stops the engine and joins its threads (waiting for fetches in flight up to the shutdown
+/// timeout), persisting its state if configured. The handle stays valid until
+/// `psync_engine_free`: further calls give `PSYNC_ENGINE_SHUT_DOWN`, and `psync_engine_poll`
+/// drains the remaining outcomes, then gives `PSYNC_DISCONNECTED`. Returns
+/// `PSYNC_SHUTDOWN_ERROR` if shutdown was not clean (the engine is stopped anyway). Waits for
+/// calls in progress on other threads. Thread-safe.
+///
+/// # Safety
+/// `engine` is NULL or a live engine.
+#[no_mangle]
+pub unsafe extern "C" fn psync_engine_shutdown(engine: *mut PsyncEngine) -> PsyncStatus {
+    guard(|| {
+        // SAFETY: by the contract.
+        let handle = unsafe { engine_ref(engine) }?;
+        let taken = handle.engine.write().take();
+        match taken {
+            Some(e) => e
+                .shutdown()
+                .map_err(|err| (PsyncStatus::PSYNC_SHUTDOWN_ERROR, err.to_string())),
+            None => Err(shut_down()),
+        }
+    })
+}
+
+/// Releases an engine, shutting it down first if needed, and the outcomes not taken. NULL is
+/// fine. Must not race any other call on the same engine.
+///
+/// # Safety
+/// `engine` is NULL or a live engine from `psync_engine_new`, not used afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn psync_engine_free(engine: *mut PsyncEngine) {
+    if !engine.is_null() {
+        // SAFETY: from `Box::into_raw` in `psync_engine_new`, released once by the contract.
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(engine) })));
+    }
+}
+
+/// The calling thread's last error message, or NULL if no call on this thread has failed.
+/// Set by every call that returns a status other than `PSYNC_OK`; left unchanged by
+/// successful calls, so read it right after the failing call. Owned by the library: valid
+/// until the next `psync_` call on this thread. Each thread has its own.
+#[no_mangle]
+pub extern "C" fn psync_last_error_message() -> *const c_char {
+    catch_unwind(|| {
+        LAST_ERROR.with(|slot| {
+            slot.borrow()
+                .as_ref()
+                .map_or(std::ptr::null(), |c| c.as_ptr())
+        })
+    })
+    .unwrap_or(std::ptr::null())
+}
+
+/// The library's version, a static string (never freed).
+#[no_mangle]
+pub extern "C" fn psync_version() -> *const c_char {
+    static VERSION: &CStr =
+        match CStr::from_bytes_with_nul(concat!(env!("CARGO_PKG_VERSION"), "\0").as_bytes()) {
+            Ok(v) => v,
+            Err(_) => c"",
+        };
+    VERSION.as_ptr()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Variants the C tests cannot reach (`ShuttingDown` is `PSYNC_ENGINE_SHUT_DOWN` there)
+    /// still get their own status.
+    #[test]
+    fn submit_errors_map_to_distinct_statuses() {
+        let errors = [
+            SubmitError::InvalidEventId {
+                value: String::new(),
+                reason: "",
+            },
+            SubmitError::InvalidIdentifier {
+                value: String::new(),
+                reason: "",
+            },
+            SubmitError::NoObjectIds,
+            SubmitError::TooManyObjectIds { count: 2, max: 1 },
+            SubmitError::InvalidObjectId {
+                index: 0,
+                value: String::new(),
+            },
+            SubmitError::TooManyCloneUrls { count: 2, max: 1 },
+            SubmitError::InvalidCloneUrl {
+                index: 0,
+                value: String::new(),
+                reason: "",
+            },
+            SubmitError::TooManyRefUpdates { count: 2, max: 1 },
+            SubmitError::InvalidRefUpdate {
+                index: 0,
+                name: String::new(),
+                reason: "",
+            },
+            SubmitError::InvalidRepository {
+                path: PathBuf::new(),
+                reason: String::new(),
+            },
+            SubmitError::PreviouslyExpired {
+                event_id: String::new(),
+                refused_for: Duration::ZERO,
+            },
+            SubmitError::QueueFull { max_events: 1 },
+            SubmitError::ShuttingDown,
+        ];
+        let mut seen: Vec<i32> = errors.iter().map(|e| submit_status(e) as i32).collect();
+        assert!(seen.iter().all(|&s| (20..39).contains(&s)));
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), errors.len());
+        assert_eq!(
+            submit_status(&SubmitError::ShuttingDown),
+            PsyncStatus::PSYNC_SHUTTING_DOWN
+        );
+    }
+}
