@@ -114,7 +114,8 @@ fn threads_named(prefix: &str) -> usize {
         .count()
 }
 
-/// A new thread names itself once it runs, so wait (bounded) for the expected count.
+/// A new thread names itself once it runs, and a joined thread's kernel task can linger in
+/// `/proc` for a moment after `pthread_join` returns, so wait (bounded) for the expected count.
 fn wait_threads_named(prefix: &str, expected: usize) -> usize {
     let start = Instant::now();
     loop {
@@ -356,7 +357,7 @@ fn shutdown_cancels_fetches_in_flight_and_joins_every_thread() {
     for _ in 0..3 {
         assert_eq!(stopped.try_recv().unwrap(), Some(StopReason::Cancelled));
     }
-    assert_eq!(threads_named("shut1"), 0, "{:?}", live_threads());
+    assert_eq!(wait_threads_named("shut1", 0), 0, "{:?}", live_threads());
 }
 
 #[test]
@@ -369,7 +370,7 @@ fn dropping_the_engine_joins_its_threads_too() {
     let outcomes = engine.outcomes();
     assert_eq!(wait_threads_named("drop1", 3), 3);
     drop(engine);
-    assert_eq!(threads_named("drop1"), 0, "{:?}", live_threads());
+    assert_eq!(wait_threads_named("drop1", 0), 0, "{:?}", live_threads());
     assert!(
         matches!(
             outcomes.recv_timeout(WAIT),
