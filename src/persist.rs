@@ -14,11 +14,7 @@ use crate::scheduler::core::{Core, RestoredEvent, ValidEvent};
 use crate::state::{self, StateFile, StateFileError};
 use crate::{ObjectId, Origin, PendingEvent, RefUpdate};
 
-/// Milliseconds since the Unix epoch (0 for a clock before it).
-pub(crate) fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+pub(crate) use crate::state::unix_ms;
 
 /// Moves an unusable state file aside, keeping it for inspection.
 pub(crate) fn move_aside(

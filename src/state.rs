@@ -18,6 +18,17 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
+/// A duration in whole milliseconds, as the state file (and the C ABI's JSON) stores it.
+pub(crate) fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Milliseconds since the Unix epoch (0 for a clock before it).
+pub(crate) fn unix_ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map_or(0, millis)
+}
+
 /// The version of the state-file format this build writes and reads.
 pub const STATE_VERSION: u32 = 1;
 

@@ -75,11 +75,7 @@ impl Fetcher for FakeServers {
 }
 
 fn builder(name: &str, clock: &FakeClock) -> EngineBuilder {
-    Engine::builder()
-        .allow_private_addresses(true) // the test servers listen on 127.0.0.x
-        // Politeness is tested in tests/politeness.rs; here it must not slow things down.
-        .domain_limits(1024, 600_000)
-        .domain_burst(100_000)
+    purgatory_sync::testkit::loopback_engine()
         .thread_name(name)
         .clock(clock.clone())
         .tick(NEVER_TICK)

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use purgatory_sync::testkit::{
     self, Fault, FaultTarget, FaultyTcpServer, GitDaemon, HttpGitServer, TcpFault,
 };
-use purgatory_sync::{Engine, FailureKind, ObjectId, Outcome, PendingEvent};
+use purgatory_sync::{FailureKind, ObjectId, Outcome, PendingEvent};
 
 const GOOD_HOST: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 const BAD_HOST: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 4);
@@ -93,11 +93,7 @@ fn one_bad_attempt(
 ) {
     let dir = tempfile::tempdir().unwrap();
     let good = good(dir.path());
-    let engine = Engine::builder()
-        .allow_private_addresses(true) // the test servers listen on 127.0.0.x
-        // Politeness is tested in tests/politeness.rs; here it must not slow things down.
-        .domain_limits(1024, 600_000)
-        .domain_burst(100_000)
+    let engine = purgatory_sync::testkit::loopback_engine()
         .thread_name(name)
         .workers(2)
         .tick(Duration::from_millis(50))

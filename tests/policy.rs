@@ -114,10 +114,7 @@ fn strict_engine(name: &str, clock: &FakeClock, fetcher: Recorder) -> Engine {
 fn fast(name: &str) -> EngineBuilder {
     let _ = env_logger::builder().is_test(true).try_init();
     testkit::require_git();
-    Engine::builder()
-        .allow_private_addresses(true) // the test servers listen on 127.0.0.x
-        .domain_limits(1024, 600_000)
-        .domain_burst(100_000)
+    purgatory_sync::testkit::loopback_engine()
         .thread_name(name)
         .tick(Duration::from_millis(50))
         .sync_delay(Duration::ZERO)

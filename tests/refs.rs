@@ -22,11 +22,7 @@ const HOST: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 
 fn fast(thread_name: &str) -> EngineBuilder {
     let _ = env_logger::builder().is_test(true).try_init();
-    Engine::builder()
-        .allow_private_addresses(true) // the test servers listen on 127.0.0.x
-        // Politeness is tested in tests/politeness.rs; here it must not slow things down.
-        .domain_limits(1024, 600_000)
-        .domain_burst(100_000)
+    purgatory_sync::testkit::loopback_engine()
         .thread_name(thread_name)
         .tick(Duration::from_millis(50))
         .sync_delay(Duration::from_millis(0))

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::ffi::{c_char, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 use parking_lot::RwLock;
@@ -135,13 +135,7 @@ fn set_last_error(message: &str) {
 }
 
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        format!("panic: {s}")
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        format!("panic: {s}")
-    } else {
-        "panic with a non-string payload".to_owned()
-    }
+    format!("panic: {}", crate::scheduler::panic_message(payload))
 }
 
 /// Runs `body` behind the panic boundary; a failure's message becomes the thread's last error.
@@ -430,13 +424,7 @@ fn submit_status(e: &SubmitError) -> PsyncStatus {
 // ---------------------------------------------------------------------------------------------
 // Output JSON
 
-fn ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map(ms).unwrap_or(0)
-}
+use crate::state::{millis as ms, unix_ms};
 
 fn outcome_json(o: &Outcome) -> Value {
     match o {

@@ -774,7 +774,7 @@ impl Core {
     /// The durable state: waiting events with their remaining lifetimes, the expired-id
     /// memory, the naughty list. `wall_ms` is `now` on the wall clock.
     pub fn snapshot(&self, now: Instant, wall_ms: u64) -> StateFile {
-        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let ms = crate::state::millis;
         let mut events: Vec<(&u64, SavedEvent)> = self
             .events
             .iter()

@@ -19,9 +19,7 @@ use crate::stats::{DomainStats, NaughtyCategory, NaughtyEntry};
 
 use super::core::EntryId;
 
-fn ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
+use crate::state::millis as ms;
 
 /// The time the core last gave, as governor's clock.
 #[derive(Debug, Clone)]

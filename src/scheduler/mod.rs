@@ -133,7 +133,7 @@ impl Scheduler {
                         .unwrap_or_else(|panic| {
                             Err(FetchError::new(
                                 FailureKind::Panicked,
-                                panic_message(panic.as_ref()),
+                                format!("ref update panicked: {}", panic_message(panic.as_ref())),
                             ))
                         });
                         self.core
@@ -175,7 +175,7 @@ impl Scheduler {
                 .unwrap_or_else(|panic| {
                     FetchReport::failed(FetchError::new(
                         FailureKind::Panicked,
-                        panic_message(panic.as_ref()),
+                        format!("fetcher panicked: {}", panic_message(panic.as_ref())),
                     ))
                 });
             if let Some(e) = &report.error {
@@ -231,13 +231,14 @@ impl Scheduler {
     }
 }
 
+/// The text of a panic's payload; callers say who panicked.
 pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = panic.downcast_ref::<&str>() {
-        format!("fetcher panicked: {s}")
+        (*s).to_owned()
     } else if let Some(s) = panic.downcast_ref::<String>() {
-        format!("fetcher panicked: {s}")
+        s.clone()
     } else {
-        "fetcher panicked".to_owned()
+        "a non-string payload".to_owned()
     }
 }
 

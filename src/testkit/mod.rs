@@ -180,3 +180,13 @@ pub fn git_command() -> Command {
     }
     command
 }
+
+/// An engine builder for tests against the test kit's loopback servers: private addresses
+/// allowed (the servers listen on 127.0.0.x) and per-domain limits that never bind (politeness
+/// has tests of its own). Set the rest as each test needs.
+pub fn loopback_engine() -> crate::EngineBuilder {
+    crate::Engine::builder()
+        .allow_private_addresses(true)
+        .domain_limits(1024, 600_000)
+        .domain_burst(100_000)
+}
