@@ -110,6 +110,8 @@ mod error;
 mod event;
 mod fetch;
 mod ffi;
+pub mod metrics;
+pub mod nip34;
 mod oid;
 mod persist;
 mod policy;

@@ -1,0 +1,2 @@
+//! The `purgatory-sync` command-line tool.
+fn main() {}

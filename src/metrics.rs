@@ -1,0 +1,1 @@
+//! Prometheus text exposition of [`Stats`](crate::Stats).

@@ -1,0 +1,1 @@
+//! NIP-34 events in.
