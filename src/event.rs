@@ -320,3 +320,69 @@ impl Outcome {
         matches!(self, Outcome::Released { .. })
     }
 }
+
+/// An outcome as one JSON object, the same shape the C ABI hands its hosts and
+/// `purgatory-sync run` prints, one per line:
+///
+/// ```json
+/// {"kind":"released","event_id":"…","identifier":"…","repo":"/srv/a.git","waited_ms":1234}
+/// {"kind":"expired","event_id":"…","identifier":"…","repo":"/srv/a.git","missing":["…"],
+///  "reason":"lifetime_ended"}
+/// ```
+///
+/// `reason` is `lifetime_ended`, `repository_gone` or `ref_update_failed`; the last two add a
+/// `message`. Paths that are not UTF-8 are written lossily.
+///
+/// ```
+/// # use purgatory_sync::Outcome;
+/// # fn show(outcome: &Outcome) -> serde_json::Result<()> {
+/// println!("{}", serde_json::to_string(outcome)?);
+/// # Ok(())
+/// # }
+/// ```
+impl serde::Serialize for Outcome {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let (kind, event_id, identifier, repo) = match self {
+            Outcome::Released {
+                event_id,
+                identifier,
+                repo,
+                ..
+            } => ("released", event_id, identifier, repo),
+            Outcome::Expired {
+                event_id,
+                identifier,
+                repo,
+                ..
+            } => ("expired", event_id, identifier, repo),
+        };
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("kind", kind)?;
+        map.serialize_entry("event_id", event_id)?;
+        map.serialize_entry("identifier", identifier)?;
+        map.serialize_entry("repo", &repo.to_string_lossy())?;
+        match self {
+            Outcome::Released { waited, .. } => {
+                map.serialize_entry("waited_ms", &crate::state::millis(*waited))?;
+            }
+            Outcome::Expired {
+                missing, reason, ..
+            } => {
+                map.serialize_entry("missing", missing)?;
+                let (reason, message) = match reason {
+                    ExpiryReason::LifetimeEnded => ("lifetime_ended", None),
+                    ExpiryReason::RefUpdateFailed { message } => {
+                        ("ref_update_failed", Some(message))
+                    }
+                    ExpiryReason::RepositoryGone { message } => ("repository_gone", Some(message)),
+                };
+                map.serialize_entry("reason", reason)?;
+                if let Some(message) = message {
+                    map.serialize_entry("message", message)?;
+                }
+            }
+        }
+        map.end()
+    }
+}

@@ -178,7 +178,7 @@ impl Domains {
         if self.cfg.our_domain.as_deref() == Some(domain) {
             return false;
         }
-        !self.naughty.get(domain).is_some_and(|n| n.until > now)
+        self.naughty.get(domain).is_none_or(|n| n.until <= now)
     }
 
     /// Takes a concurrency slot and a rate cell of `domain`, both or neither.

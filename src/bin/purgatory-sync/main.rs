@@ -1,2 +1,39 @@
-//! The `purgatory-sync` command-line tool.
-fn main() {}
+//! `purgatory-sync`: the engine from the command line.
+//!
+//! * `purgatory-sync demo` builds a scenario on loopback git servers it starts itself and shows
+//!   the engine releasing events across them (the README's main command).
+//! * `purgatory-sync run --manifest FILE` syncs the waiting events a manifest lists (plain
+//!   events or raw NIP-34 events), printing one JSON line per outcome.
+//!
+//! Logging goes to stderr through `env_logger` (`RUST_LOG=debug` shows the engine's decisions).
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod demo;
+mod progress;
+
+/// Fetches missing git data for events waiting in a GRASP relay's purgatory.
+#[derive(Debug, Parser)]
+#[command(name = "purgatory-sync", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Starts git servers on loopback addresses and shows the engine syncing events from them.
+    Demo(demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format_timestamp_millis()
+        .init();
+    match cli.command {
+        Command::Demo(args) => demo::main(args),
+    }
+}
