@@ -204,15 +204,26 @@ const char *psync_outcome_json(const struct psync_outcome *outcome);
 void psync_outcome_free(struct psync_outcome *outcome);
 
 // The engine's state and counters as a JSON object (field names as in the Rust `Stats`;
-// durations as `_ms`, times as `_unix_ms`). On `PSYNC_OK`, `*out_json` is an owned string:
-// release it with `psync_string_free`; otherwise NULL. Thread-safe.
+// durations as `_ms`, times as `_unix_ms`; `release_times` is `{"count", "sum_ms", "buckets":
+// [{"le_ms", "count"}]}` with cumulative counts, `le_ms` null for the last, unbounded bucket).
+// On `PSYNC_OK`, `*out_json` is an owned string: release it with `psync_string_free`;
+// otherwise NULL. Thread-safe.
 //
 // # Safety
 // `engine` is NULL or a live engine; `out_json` is NULL or valid for a write.
 enum psync_status psync_engine_stats_json(struct psync_engine *engine, char **out_json);
 
+// The engine's state and counters in the Prometheus text exposition format 0.0.4, ready to
+// serve on a `/metrics` endpoint with `Content-Type: text/plain; version=0.0.4;
+// charset=utf-8` (metric names as in the Rust `metrics` module). On `PSYNC_OK`, `*out_text`
+// is an owned string: release it with `psync_string_free`; otherwise NULL. Thread-safe.
+//
+// # Safety
+// `engine` is NULL or a live engine; `out_text` is NULL or valid for a write.
+enum psync_status psync_engine_metrics(struct psync_engine *engine, char **out_text);
+
 // Releases a string returned by this library (`psync_engine_stats_json`,
-// `psync_engine_submit`). NULL is fine.
+// `psync_engine_metrics`, `psync_engine_submit`). NULL is fine.
 //
 // # Safety
 // `s` is NULL or a string this library handed over, not used afterwards.

@@ -1,1 +1,440 @@
-//! Prometheus text exposition of [`Stats`](crate::Stats).
+//! Prometheus text exposition of [`Stats`].
+//!
+//! [`render`] turns a [`Stats`] snapshot into the Prometheus [text exposition format 0.0.4]
+//! (`# HELP` and `# TYPE` lines, then the samples of each family), ready to be served on a
+//! host's `/metrics` endpoint with the [`CONTENT_TYPE`] header. Every metric is named
+//! `purgatory_sync_…`; counters end in `_total`.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `purgatory_sync_queued_identifiers` | gauge | |
+//! | `purgatory_sync_waiting_events` | gauge | |
+//! | `purgatory_sync_awaiting_refs` | gauge | |
+//! | `purgatory_sync_in_flight` | gauge | |
+//! | `purgatory_sync_workers` | gauge | |
+//! | `purgatory_sync_commands_pending` | gauge | |
+//! | `purgatory_sync_submitted_total` | counter | |
+//! | `purgatory_sync_already_satisfied_total` | counter | |
+//! | `purgatory_sync_refused_total` | counter | |
+//! | `purgatory_sync_released_total` | counter | |
+//! | `purgatory_sync_expired_total` | counter | |
+//! | `purgatory_sync_cancelled_total` | counter | |
+//! | `purgatory_sync_rechecks_total` | counter | |
+//! | `purgatory_sync_ref_updates_applied_total` | counter | |
+//! | `purgatory_sync_ref_update_failures_total` | counter | |
+//! | `purgatory_sync_fetches_started_total` | counter | |
+//! | `purgatory_sync_fetches_succeeded_total` | counter | |
+//! | `purgatory_sync_fetches_failed_total` | counter | |
+//! | `purgatory_sync_naughty_domains` | gauge | |
+//! | `purgatory_sync_expired_ids_remembered` | gauge | |
+//! | `purgatory_sync_fetch_failures_total` | counter | `reason` |
+//! | `purgatory_sync_domain_fetches_started_total` | counter | `domain` |
+//! | `purgatory_sync_domain_fetches_succeeded_total` | counter | `domain` |
+//! | `purgatory_sync_domain_in_flight` | gauge | `domain` |
+//! | `purgatory_sync_domain_queued_identifiers` | gauge | `domain` |
+//! | `purgatory_sync_domain_rate_wait_seconds` | gauge | `domain` |
+//! | `purgatory_sync_domain_fetch_failures_total` | counter | `domain`, `reason` |
+//! | `purgatory_sync_naughty_domain` | gauge (always 1) | `domain`, `category` |
+//! | `purgatory_sync_time_to_release_seconds` | histogram | `le` |
+//!
+//! `reason` is [`FailureKind::as_str`] (`connection_refused`, `not_found`, `dns`, …) and
+//! `category` is `dns` or `tls`. Labelled families list only the label values seen so far (a
+//! domain appears once the engine has fetched from it); their `# HELP` and `# TYPE` lines are
+//! always there. The histogram's buckets are [`ReleaseHistogram::BOUNDS`], in seconds.
+//!
+//! ```
+//! use purgatory_sync::{metrics, Engine, Stats};
+//!
+//! let engine = Engine::builder().build()?;
+//! // On each scrape: the body, served with `Content-Type: text/plain; version=0.0.4; ...`.
+//! let body = metrics::render(&engine.stats());
+//! assert!(body.contains("# TYPE purgatory_sync_released_total counter\n"));
+//! assert!(body.contains("purgatory_sync_released_total 0\n"));
+//! assert!(body.contains("purgatory_sync_time_to_release_seconds_bucket{le=\"+Inf\"} 0\n"));
+//! assert_eq!(metrics::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8");
+//! engine.shutdown()?;
+//!
+//! // Any `Stats` renders, a default one too (all zeros, no labelled samples).
+//! assert!(metrics::render(&Stats::default()).contains("purgatory_sync_workers 0\n"));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! [text exposition format 0.0.4]: https://prometheus.io/docs/instrumenting/exposition_formats/#text-based-format
+//! [`FailureKind::as_str`]: crate::FailureKind::as_str
+//! [`ReleaseHistogram::BOUNDS`]: crate::ReleaseHistogram::BOUNDS
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use crate::stats::{DomainStats, NaughtyCategory, Stats};
+
+/// The `Content-Type` of [`render`]'s output: the Prometheus text format, version 0.0.4.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Every metric's name starts with this.
+const PREFIX: &str = "purgatory_sync_";
+
+/// Renders `stats` in the Prometheus text exposition format 0.0.4 (see the
+/// [module documentation](self) for the metrics). The output ends with a newline; families
+/// come in a fixed order and labelled samples in label order, so two renders of the same
+/// stats are identical.
+pub fn render(stats: &Stats) -> String {
+    use Type::{Counter, Gauge};
+    let s = stats;
+    let mut w = Writer::default();
+
+    let scalars: [(&str, Type, &str, Num); 20] = [
+        (
+            "queued_identifiers",
+            Gauge,
+            "Queue entries: distinct (identifier, repository) pairs with waiting events.",
+            s.queued_identifiers.into(),
+        ),
+        (
+            "waiting_events",
+            Gauge,
+            "Events waiting in purgatory, including those awaiting their refs.",
+            s.waiting_events.into(),
+        ),
+        (
+            "awaiting_refs",
+            Gauge,
+            "Waiting events whose objects are all present and whose ref updates are not written yet.",
+            s.awaiting_refs.into(),
+        ),
+        (
+            "in_flight",
+            Gauge,
+            "Fetches running on workers now.",
+            s.in_flight.into(),
+        ),
+        (
+            "workers",
+            Gauge,
+            "Worker threads, the most fetches that can run at once.",
+            s.workers.into(),
+        ),
+        (
+            "commands_pending",
+            Gauge,
+            "Commands sent by the host that the scheduler has not taken yet.",
+            s.commands_pending.into(),
+        ),
+        (
+            "submitted_total",
+            Counter,
+            "Events accepted to wait in purgatory.",
+            s.submitted.into(),
+        ),
+        (
+            "already_satisfied_total",
+            Counter,
+            "Submitted events whose objects were all present already.",
+            s.already_satisfied.into(),
+        ),
+        (
+            "refused_total",
+            Counter,
+            "Submitted events refused as invalid or unacceptable.",
+            s.refused.into(),
+        ),
+        (
+            "released_total",
+            Counter,
+            "Events released: every object arrived.",
+            s.released.into(),
+        ),
+        (
+            "expired_total",
+            Counter,
+            "Events that left purgatory without all their objects.",
+            s.expired.into(),
+        ),
+        (
+            "cancelled_total",
+            Counter,
+            "Waiting events cancelled by the host.",
+            s.cancelled.into(),
+        ),
+        (
+            "rechecks_total",
+            Counter,
+            "Repository re-checks done because the host received git data.",
+            s.rechecks.into(),
+        ),
+        (
+            "ref_updates_applied_total",
+            Counter,
+            "Events whose ref updates were written.",
+            s.ref_updates_applied.into(),
+        ),
+        (
+            "ref_update_failures_total",
+            Counter,
+            "Attempts to write an event's ref updates that failed.",
+            s.ref_update_failures.into(),
+        ),
+        (
+            "fetches_started_total",
+            Counter,
+            "Fetches started.",
+            s.fetches_started.into(),
+        ),
+        (
+            "fetches_succeeded_total",
+            Counter,
+            "Fetches that ended without an error.",
+            s.fetches_succeeded.into(),
+        ),
+        (
+            "fetches_failed_total",
+            Counter,
+            "Fetches that ended with an error.",
+            s.fetches_failed.into(),
+        ),
+        (
+            "naughty_domains",
+            Gauge,
+            "Remote domains skipped for a while because of DNS or TLS failures.",
+            s.naughty.len().into(),
+        ),
+        (
+            "expired_ids_remembered",
+            Gauge,
+            "Expired event ids currently refused on re-submission.",
+            s.expired_ids_remembered.into(),
+        ),
+    ];
+    for (name, kind, help, value) in scalars {
+        w.family(name, kind, help);
+        w.sample(name, &[], value);
+    }
+
+    let name = "fetch_failures_total";
+    w.family(name, Counter, "Failed fetches by kind of failure.");
+    for (kind, n) in &s.failures {
+        w.sample(name, &[("reason", kind.as_str())], *n);
+    }
+
+    let per_domain: [DomainFamily; 5] = [
+        (
+            "domain_fetches_started_total",
+            Counter,
+            "Fetches started, by remote domain.",
+            |d| d.requests_started.into(),
+        ),
+        (
+            "domain_fetches_succeeded_total",
+            Counter,
+            "Fetches that ended without an error, by remote domain.",
+            |d| d.succeeded.into(),
+        ),
+        (
+            "domain_in_flight",
+            Gauge,
+            "Fetches running now, by remote domain.",
+            |d| d.in_flight.into(),
+        ),
+        (
+            "domain_queued_identifiers",
+            Gauge,
+            "Identifiers waiting for a remote domain's capacity.",
+            |d| d.queued_identifiers.into(),
+        ),
+        (
+            "domain_rate_wait_seconds",
+            Gauge,
+            "Seconds until a remote domain's rate quota allows the next fetch; 0 when it allows one now.",
+            |d| d.next_cell_in.into(),
+        ),
+    ];
+    for (name, kind, help, value) in per_domain {
+        w.family(name, kind, help);
+        for (domain, d) in &s.domains {
+            w.sample(name, &[("domain", domain)], value(d));
+        }
+    }
+    let name = "domain_fetch_failures_total";
+    w.family(
+        name,
+        Counter,
+        "Failed fetches by remote domain and kind of failure.",
+    );
+    for (domain, d) in &s.domains {
+        for (kind, n) in &d.failed {
+            w.sample(name, &[("domain", domain), ("reason", kind.as_str())], *n);
+        }
+    }
+
+    let name = "naughty_domain";
+    w.family(
+        name,
+        Gauge,
+        "Remote domains skipped for a while because of DNS or TLS failures (value always 1).",
+    );
+    for n in &s.naughty {
+        let category = match n.category {
+            NaughtyCategory::Dns => "dns",
+            NaughtyCategory::Tls => "tls",
+        };
+        w.sample(name, &[("domain", &n.domain), ("category", category)], 1u64);
+    }
+
+    let name = "time_to_release_seconds";
+    w.family(
+        name,
+        Type::Histogram,
+        "How long released events waited in purgatory, from submission to release.",
+    );
+    let bucket = format!("{name}_bucket");
+    for (bound, n) in s.release_times.cumulative() {
+        let le = bound.map_or_else(|| "+Inf".to_owned(), |b| Num::from(b).to_string());
+        w.sample(&bucket, &[("le", &le)], n);
+    }
+    w.sample(&format!("{name}_sum"), &[], s.release_times.sum());
+    w.sample(&format!("{name}_count"), &[], s.release_times.count());
+
+    w.out
+}
+
+/// A family with one sample per domain: its name, type, help, and one domain's value.
+type DomainFamily = (&'static str, Type, &'static str, fn(&DomainStats) -> Num);
+
+/// A metric family's type, as written on its `# TYPE` line.
+#[derive(Clone, Copy)]
+enum Type {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+impl Type {
+    fn as_str(self) -> &'static str {
+        match self {
+            Type::Counter => "counter",
+            Type::Gauge => "gauge",
+            Type::Histogram => "histogram",
+        }
+    }
+}
+
+/// A sample's value: a count, or a duration written in seconds (the Prometheus base unit) as
+/// the shortest decimal that reads back as the same `f64` (`0.1`, `2.5`, `1800`).
+#[derive(Clone, Copy)]
+enum Num {
+    Count(u64),
+    Seconds(Duration),
+}
+
+impl From<u64> for Num {
+    fn from(n: u64) -> Self {
+        Num::Count(n)
+    }
+}
+
+impl From<usize> for Num {
+    fn from(n: usize) -> Self {
+        Num::Count(u64::try_from(n).unwrap_or(u64::MAX))
+    }
+}
+
+impl From<Duration> for Num {
+    fn from(d: Duration) -> Self {
+        Num::Seconds(d)
+    }
+}
+
+impl std::fmt::Display for Num {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Num::Count(n) => write!(f, "{n}"),
+            Num::Seconds(d) => write!(f, "{}", d.as_secs_f64()),
+        }
+    }
+}
+
+/// Builds the exposition text. Names are given without [`PREFIX`].
+#[derive(Default)]
+struct Writer {
+    out: String,
+}
+
+impl Writer {
+    /// Starts a family: its `# HELP` and `# TYPE` lines.
+    fn family(&mut self, name: &str, kind: Type, help: &str) {
+        let help = escape_help(help);
+        let kind = kind.as_str();
+        // Writing to a String cannot fail.
+        let _ = writeln!(self.out, "# HELP {PREFIX}{name} {help}");
+        let _ = writeln!(self.out, "# TYPE {PREFIX}{name} {kind}");
+    }
+
+    /// One sample of the family last started.
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl Into<Num>) {
+        let value = value.into();
+        let _ = write!(self.out, "{PREFIX}{name}");
+        for (i, (label, v)) in labels.iter().enumerate() {
+            let sep = if i == 0 { '{' } else { ',' };
+            let _ = write!(self.out, "{sep}{label}=\"{}\"", escape_label_value(v));
+        }
+        if !labels.is_empty() {
+            self.out.push('}');
+        }
+        let _ = writeln!(self.out, " {value}");
+    }
+}
+
+/// A label value escaped for the text format: backslash, double quote and line feed become
+/// `\\`, `\"` and `\n`.
+fn escape_label_value(value: &str) -> String {
+    escape(value, true)
+}
+
+/// `# HELP` text escaped for the text format: backslash and line feed become `\\` and `\n`.
+fn escape_help(text: &str) -> String {
+    escape(text, false)
+}
+
+fn escape(text: &str, quote: bool) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '"' if quote => out.push_str("\\\""),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_escape_backslash_quote_and_newline() {
+        assert_eq!(escape_label_value("plain.example"), "plain.example");
+        assert_eq!(escape_label_value(r"a\b"), r"a\\b");
+        assert_eq!(escape_label_value(r#"say "hi""#), r#"say \"hi\""#);
+        assert_eq!(escape_label_value("two\nlines"), r"two\nlines");
+        assert_eq!(escape_label_value("\\\"\n"), r#"\\\"\n"#);
+        // Other characters, UTF-8 and carriage returns included, pass as they are.
+        assert_eq!(escape_label_value("ü\r\t}"), "ü\r\t}");
+    }
+
+    #[test]
+    fn help_text_escapes_backslash_and_newline_but_not_quotes() {
+        assert_eq!(escape_help("a \"b\" \\ c\nd"), "a \"b\" \\\\ c\\nd");
+    }
+
+    #[test]
+    fn seconds_are_the_shortest_exact_decimal() {
+        let s = |ms| Num::from(Duration::from_millis(ms)).to_string();
+        assert_eq!(s(0), "0");
+        assert_eq!(s(100), "0.1");
+        assert_eq!(s(2_500), "2.5");
+        assert_eq!(s(1_800_000), "1800");
+        assert_eq!(s(3_661_201), "3661.201");
+    }
+}

@@ -1,6 +1,7 @@
 //! A snapshot of the engine's state and counters, for hosts, logs and metrics.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use crate::fetch::FailureKind;
 
@@ -63,6 +64,89 @@ pub struct Stats {
     pub recent_failures: Vec<FailureRecord>,
     /// Expired event ids currently refused on re-submission.
     pub expired_ids_remembered: usize,
+    /// How long each released event waited in purgatory, from its submission to its
+    /// [`Outcome::Released`](crate::Outcome::Released) (the `waited` it reports).
+    pub release_times: ReleaseHistogram,
+}
+
+/// A histogram of durations with fixed buckets ([`ReleaseHistogram::BOUNDS`]): how many
+/// observations fell at or below each bound, their count and their sum.
+///
+/// The bounds suit purgatory waits, from a push that arrives at once to the 30-minute lifetime.
+/// The sum is kept as a [`Duration`] (saturating), so the type is exact and `Eq`.
+///
+/// ```
+/// use purgatory_sync::ReleaseHistogram;
+/// use std::time::Duration;
+///
+/// let mut h = ReleaseHistogram::default();
+/// h.observe(Duration::from_millis(300));
+/// h.observe(Duration::from_secs(45));
+/// assert_eq!(h.count(), 2);
+/// assert_eq!(h.sum(), Duration::from_millis(45_300));
+/// // Cumulative counts: one wait at or below 0.5 s, both at or below 60 s.
+/// let le: Vec<(Option<Duration>, u64)> = h.cumulative().collect();
+/// assert_eq!(le[1], (Some(Duration::from_millis(500)), 1));
+/// assert_eq!(le[7], (Some(Duration::from_secs(60)), 2));
+/// assert_eq!(le.last(), Some(&(None, 2)));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReleaseHistogram {
+    /// Observations per bucket, not cumulative: index `i` counts those above bound `i - 1`
+    /// and at or below bound `i`; the last one those above every bound.
+    buckets: [u64; BUCKETS + 1],
+    count: u64,
+    sum: Duration,
+}
+
+const BUCKETS: usize = 12;
+
+impl ReleaseHistogram {
+    /// The buckets' upper bounds, inclusive, ascending: 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120,
+    /// 300, 600 and 1800 seconds. A last bucket without bound (`+Inf`) takes the rest.
+    pub const BOUNDS: [Duration; BUCKETS] = [
+        Duration::from_millis(100),
+        Duration::from_millis(500),
+        Duration::from_secs(1),
+        Duration::from_millis(2_500),
+        Duration::from_secs(5),
+        Duration::from_secs(10),
+        Duration::from_secs(30),
+        Duration::from_secs(60),
+        Duration::from_secs(120),
+        Duration::from_secs(300),
+        Duration::from_secs(600),
+        Duration::from_secs(1_800),
+    ];
+
+    /// Records one duration.
+    pub fn observe(&mut self, value: Duration) {
+        let bucket = Self::BOUNDS.partition_point(|bound| *bound < value);
+        self.buckets[bucket] += 1;
+        self.count += 1;
+        self.sum = self.sum.saturating_add(value);
+    }
+
+    /// How many durations were recorded.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// The sum of the recorded durations (saturating at [`Duration::MAX`]).
+    pub fn sum(&self) -> Duration {
+        self.sum
+    }
+
+    /// For each bound of [`BOUNDS`](Self::BOUNDS), then for `None` (no bound, `+Inf`): how
+    /// many recorded durations are at or below it. The last count equals
+    /// [`count`](Self::count).
+    pub fn cumulative(&self) -> impl Iterator<Item = (Option<Duration>, u64)> + '_ {
+        let bounds = Self::BOUNDS.iter().copied().map(Some).chain([None]);
+        bounds.zip(&self.buckets).scan(0, |total, (bound, n)| {
+            *total += n;
+            Some((bound, *total))
+        })
+    }
 }
 
 /// One failed fetch, as kept in [`Stats::recent_failures`].

@@ -99,12 +99,37 @@ fn poll(e: *mut PsyncEngine, timeout_ms: u32) -> Result<Taken, PsyncStatus> {
 }
 
 fn stats(e: *mut PsyncEngine) -> Value {
+    serde_json::from_str(&owned_text(e, psync_engine_stats_json)).unwrap()
+}
+
+/// The Prometheus text of `psync_engine_metrics`, parsed.
+fn metrics(e: *mut PsyncEngine) -> prometheus_parse::Scrape {
+    let text = owned_text(e, psync_engine_metrics);
+    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap()
+}
+
+/// The string a `psync_engine_stats_json`-like call hands over, copied and freed.
+fn owned_text(
+    e: *mut PsyncEngine,
+    call: unsafe extern "C" fn(*mut PsyncEngine, *mut *mut c_char) -> PsyncStatus,
+) -> String {
     let mut p = null_mut();
     // SAFETY: live engine and out-pointer.
-    assert_eq!(unsafe { psync_engine_stats_json(e, &mut p) }, PSYNC_OK);
-    let v = serde_json::from_str(unsafe { CStr::from_ptr(p) }.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { call(e, &mut p) }, PSYNC_OK, "{:?}", last_error());
+    // SAFETY: an owned string from the library, freed right after.
+    let text = unsafe { CStr::from_ptr(p) }.to_str().unwrap().to_owned();
     unsafe { psync_string_free(p) };
-    v
+    text
+}
+
+/// The value of the unlabelled sample `name` in a scrape.
+fn scalar(scrape: &prometheus_parse::Scrape, name: &str) -> f64 {
+    use prometheus_parse::Value::*;
+    let sample = scrape.samples.iter().find(|s| s.metric == name);
+    match sample.map(|s| &s.value) {
+        Some(Counter(v) | Gauge(v) | Untyped(v)) => *v,
+        other => panic!("{name}: {other:?}"),
+    }
 }
 
 #[test]
@@ -154,6 +179,14 @@ fn null_arguments_are_refused() {
             PSYNC_NULL_ARGUMENT
         );
         assert_eq!(psync_engine_stats_json(e, null_mut()), PSYNC_NULL_ARGUMENT);
+        out_s = std::ptr::dangling_mut();
+        assert_eq!(
+            psync_engine_metrics(null_mut(), &mut out_s),
+            PSYNC_NULL_ARGUMENT
+        );
+        assert!(out_s.is_null(), "the out-pointer is set to NULL on failure");
+        assert_eq!(psync_engine_metrics(e, null_mut()), PSYNC_NULL_ARGUMENT);
+        assert!(last_error().unwrap().contains("out_text"));
         assert_eq!(psync_engine_shutdown(null_mut()), PSYNC_NULL_ARGUMENT);
         assert_eq!(
             psync_outcome_kind(null()),
@@ -432,6 +465,26 @@ fn poll_times_out_and_release_goes_end_to_end() {
     assert_eq!(s["released"], 1);
     assert_eq!(s["already_satisfied"], 1);
     assert!(s["domains"].is_object() && s["failures"].is_object() && s["naughty"].is_array());
+    let times = &s["release_times"];
+    assert_eq!(times["count"], 1);
+    assert_eq!(times["sum_ms"], t.json["waited_ms"]);
+    let buckets = times["buckets"].as_array().unwrap();
+    assert_eq!(buckets.len(), 13);
+    assert_eq!(buckets[0]["le_ms"], 100);
+    assert_eq!(buckets[12], json!({"le_ms": null, "count": 1}));
+
+    // The same counters as Prometheus text.
+    let m = metrics(e);
+    assert_eq!(scalar(&m, "purgatory_sync_released_total"), 1.0);
+    assert_eq!(scalar(&m, "purgatory_sync_already_satisfied_total"), 1.0);
+    assert_eq!(
+        scalar(&m, "purgatory_sync_time_to_release_seconds_count"),
+        1.0
+    );
+    // In seconds, to the nanosecond; `waited_ms` is whole milliseconds.
+    let waited = t.json["waited_ms"].as_f64().unwrap() / 1000.0;
+    let sum = scalar(&m, "purgatory_sync_time_to_release_seconds_sum");
+    assert!((0.0..0.001).contains(&(sum - waited)), "{sum} vs {waited}");
     // SAFETY: a live engine.
     unsafe { psync_engine_free(e) };
 }
@@ -474,6 +527,8 @@ fn shutdown_then_calls_and_drain() {
         );
         assert_eq!(psync_engine_cancel(e, id.as_ptr()), PSYNC_ENGINE_SHUT_DOWN);
         assert_eq!(psync_engine_stats_json(e, &mut s), PSYNC_ENGINE_SHUT_DOWN);
+        assert!(s.is_null());
+        assert_eq!(psync_engine_metrics(e, &mut s), PSYNC_ENGINE_SHUT_DOWN);
         assert!(s.is_null());
     }
     let mut drained = Vec::new();

@@ -493,6 +493,7 @@ fn stats_json(s: &Stats) -> Value {
         naughty,
         recent_failures,
         expired_ids_remembered,
+        release_times,
     } = s;
     let by_kind = |m: &BTreeMap<crate::FailureKind, u64>| -> Value {
         m.iter()
@@ -568,6 +569,14 @@ fn stats_json(s: &Stats) -> Value {
         "naughty": naughty,
         "recent_failures": recent,
         "expired_ids_remembered": expired_ids_remembered,
+        "release_times": {
+            "count": release_times.count(),
+            "sum_ms": ms(release_times.sum()),
+            "buckets": release_times
+                .cumulative()
+                .map(|(le, n)| json!({"le_ms": le.map(ms), "count": n}))
+                .collect::<Vec<_>>(),
+        },
     })
 }
 
@@ -859,8 +868,10 @@ pub unsafe extern "C" fn psync_outcome_free(outcome: *mut PsyncOutcome) {
 }
 
 /// The engine's state and counters as a JSON object (field names as in the Rust `Stats`;
-/// durations as `_ms`, times as `_unix_ms`). On `PSYNC_OK`, `*out_json` is an owned string:
-/// release it with `psync_string_free`; otherwise NULL. Thread-safe.
+/// durations as `_ms`, times as `_unix_ms`; `release_times` is `{"count", "sum_ms", "buckets":
+/// [{"le_ms", "count"}]}` with cumulative counts, `le_ms` null for the last, unbounded bucket).
+/// On `PSYNC_OK`, `*out_json` is an owned string: release it with `psync_string_free`;
+/// otherwise NULL. Thread-safe.
 ///
 /// # Safety
 /// `engine` is NULL or a live engine; `out_json` is NULL or valid for a write.
@@ -869,23 +880,54 @@ pub unsafe extern "C" fn psync_engine_stats_json(
     engine: *mut PsyncEngine,
     out_json: *mut *mut c_char,
 ) -> PsyncStatus {
+    // SAFETY: the same contract.
+    unsafe { stats_string(engine, out_json, "out_json", |s| stats_json(s).to_string()) }
+}
+
+/// The engine's state and counters in the Prometheus text exposition format 0.0.4, ready to
+/// serve on a `/metrics` endpoint with `Content-Type: text/plain; version=0.0.4;
+/// charset=utf-8` (metric names as in the Rust `metrics` module). On `PSYNC_OK`, `*out_text`
+/// is an owned string: release it with `psync_string_free`; otherwise NULL. Thread-safe.
+///
+/// # Safety
+/// `engine` is NULL or a live engine; `out_text` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn psync_engine_metrics(
+    engine: *mut PsyncEngine,
+    out_text: *mut *mut c_char,
+) -> PsyncStatus {
+    // SAFETY: the same contract.
+    unsafe { stats_string(engine, out_text, "out_text", crate::metrics::render) }
+}
+
+/// Takes the engine's stats and hands `render`'s text over as an owned string in `*out`
+/// (NULL on failure); `out_name` names `out` in the NULL-argument message.
+///
+/// # Safety
+/// `engine` is NULL or a live engine; `out` is NULL or valid for a write.
+unsafe fn stats_string(
+    engine: *mut PsyncEngine,
+    out: *mut *mut c_char,
+    out_name: &str,
+    render: impl FnOnce(&Stats) -> String,
+) -> PsyncStatus {
     guard(|| {
-        if out_json.is_null() {
-            return Err(null("out_json"));
+        if out.is_null() {
+            return Err(null(out_name));
         }
         // SAFETY: non-NULL and valid for a write, by the contract.
-        unsafe { *out_json = std::ptr::null_mut() };
+        unsafe { *out = std::ptr::null_mut() };
         // SAFETY: by the contract.
         let handle = unsafe { engine_ref(engine) }?;
         let stats = with_engine(handle, |e| Ok(e.stats()))?;
         // SAFETY: as above.
-        unsafe { *out_json = owned_string(stats_json(&stats).to_string()) };
+        unsafe { *out = owned_string(render(&stats)) };
         Ok(())
     })
 }
 
 /// Releases a string returned by this library (`psync_engine_stats_json`,
-/// `psync_engine_submit`). NULL is fine.
+/// `psync_engine_metrics`, `psync_engine_submit`). NULL is fine.
 ///
 /// # Safety
 /// `s` is NULL or a string this library handed over, not used afterwards.

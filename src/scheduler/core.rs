@@ -23,7 +23,7 @@ use crate::event::{ExpiryReason, Origin, Outcome, RefUpdate};
 use crate::fetch::{FailureKind, FetchError, FetchReport, FetchRequest};
 use crate::policy::CloneUrl;
 use crate::state::{SavedEvent, SavedExpiredId, SavedRef, StateFile};
-use crate::stats::{FailureRecord, Stats};
+use crate::stats::{FailureRecord, ReleaseHistogram, Stats};
 use crate::ObjectId;
 use crate::RefTarget;
 
@@ -181,6 +181,8 @@ struct Counters {
     fetches_failed: u64,
     failures: BTreeMap<FailureKind, u64>,
     recent_failures: VecDeque<FailureRecord>,
+    /// The `waited` of every [`Outcome::Released`].
+    release_times: ReleaseHistogram,
 }
 
 /// The purgatory queue and every scheduling decision.
@@ -894,13 +896,7 @@ impl Core {
             }
             if event.missing.is_empty() && event.refs.is_empty() {
                 // Pushed while the engine was down.
-                self.counters.released += 1;
-                self.actions.push(Action::Emit(Outcome::Released {
-                    event_id: event.id.to_string(),
-                    identifier: event.identifier.to_string(),
-                    repo: event.repo.to_path_buf(),
-                    waited,
-                }));
+                self.emit_released(&event.id, &event.identifier, &event.repo, waited);
                 continue;
             }
             event.submitted = submitted;
@@ -1048,15 +1044,22 @@ impl Core {
     fn release(&mut self, event_id: &str, now: Instant) {
         let state = &self.events[event_id];
         let e = &self.entries[&state.entry];
-        let outcome = Outcome::Released {
-            event_id: event_id.to_owned(),
-            identifier: e.identifier.to_string(),
-            repo: e.repo.to_path_buf(),
-            waited: now.saturating_duration_since(state.submitted),
-        };
-        self.counters.released += 1;
-        self.actions.push(Action::Emit(outcome));
+        let (identifier, repo) = (e.identifier.clone(), e.repo.clone());
+        let waited = now.saturating_duration_since(state.submitted);
+        self.emit_released(event_id, &identifier, &repo, waited);
         self.leave(event_id);
+    }
+
+    /// Counts an [`Outcome::Released`], records its wait and sends it.
+    fn emit_released(&mut self, event_id: &str, identifier: &str, repo: &Path, waited: Duration) {
+        self.counters.released += 1;
+        self.counters.release_times.observe(waited);
+        self.actions.push(Action::Emit(Outcome::Released {
+            event_id: event_id.to_owned(),
+            identifier: identifier.to_owned(),
+            repo: repo.to_path_buf(),
+            waited,
+        }));
     }
 
     /// Removes a waiting event, its expiry and, when nothing else waits, its entry.
@@ -1135,6 +1138,7 @@ impl Core {
             failures: c.failures.clone(),
             recent_failures: c.recent_failures.iter().cloned().collect(),
             expired_ids_remembered: self.expired_ids.len(),
+            release_times: c.release_times.clone(),
             ..Stats::default()
         }
     }

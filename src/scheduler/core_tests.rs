@@ -46,7 +46,7 @@ impl Harness {
         self.clock.now()
     }
 
-    /// Submits as the handle does: counts the admission, then sends the command.
+    /// An event without ref updates, all its objects missing.
     fn submit(
         &mut self,
         id: &str,
@@ -56,12 +56,13 @@ impl Harness {
         urls: &[&str],
         origin: Origin,
     ) {
-        self.submit_full(id, ident, repo, oids, oids, urls, &[], origin);
+        let ev = self.valid_event(id, ident, repo, oids, oids, urls, &[], origin);
+        self.submit_event(ev);
     }
 
     /// A sync event with ref updates, all its objects missing.
     fn submit_refs(&mut self, id: &str, repo: &str, oids: &[ObjectId], refs: &[RefUpdate]) {
-        self.submit_full(
+        let ev = self.valid_event(
             id,
             "id",
             repo,
@@ -71,11 +72,21 @@ impl Harness {
             refs,
             Origin::Sync,
         );
+        self.submit_event(ev);
     }
 
+    /// Submits as the handle does: counts the admission, then sends the command.
+    fn submit_event(&mut self, ev: ValidEvent) {
+        self.admitted.fetch_add(1, Ordering::SeqCst);
+        let now = self.now();
+        self.core.command(Command::Submit(ev), now);
+        self.pass();
+    }
+
+    /// An event as the handle validates it, submitted now.
     #[allow(clippy::too_many_arguments)]
-    fn submit_full(
-        &mut self,
+    fn valid_event(
+        &self,
         id: &str,
         ident: &str,
         repo: &str,
@@ -84,9 +95,8 @@ impl Harness {
         urls: &[&str],
         refs: &[RefUpdate],
         origin: Origin,
-    ) {
-        self.admitted.fetch_add(1, Ordering::SeqCst);
-        let ev = ValidEvent {
+    ) -> ValidEvent {
+        ValidEvent {
             id: id.into(),
             identifier: ident.into(),
             repo: Arc::from(PathBuf::from(repo).as_path()),
@@ -103,10 +113,7 @@ impl Harness {
             origin,
             submitted: self.now(),
             restored: None,
-        };
-        let now = self.now();
-        self.core.command(Command::Submit(ev), now);
-        self.pass();
+        }
     }
 
     fn pass(&mut self) {
@@ -777,7 +784,7 @@ fn an_event_with_refs_is_released_only_after_they_are_written() {
 #[test]
 fn ref_updates_wait_while_a_fetch_runs_in_the_repository() {
     let mut h = Harness::new();
-    h.submit_full(
+    let ev = h.valid_event(
         "e1",
         "id1",
         "/r",
@@ -787,6 +794,7 @@ fn ref_updates_wait_while_a_fetch_runs_in_the_repository() {
         &[main_at(1)],
         Origin::User,
     );
+    h.submit_event(ev);
     h.submit("e2", "id2", "/r", &[oid(2)], &["git://a/r"], Origin::Sync);
     h.advance(500 * MS);
     assert_eq!(h.jobs.len(), 1, "e2's fetch runs in /r");
@@ -920,7 +928,7 @@ fn an_event_whose_refs_keep_failing_expires_with_the_last_error() {
 #[test]
 fn an_event_complete_at_submit_with_refs_is_written_at_the_next_pass() {
     let mut h = Harness::new();
-    h.submit_full(
+    let ev = h.valid_event(
         "e",
         "id",
         "/r",
@@ -930,6 +938,7 @@ fn an_event_complete_at_submit_with_refs_is_written_at_the_next_pass() {
         &[main_at(1)],
         Origin::User,
     );
+    h.submit_event(ev);
     assert_eq!(h.applies.len(), 1, "asked at the pass after the command");
     let s = h.core.stats();
     assert_eq!((s.submitted, s.waiting_events, s.awaiting_refs), (1, 1, 1));
@@ -985,7 +994,7 @@ fn events_without_refs_never_ask_for_ref_updates() {
 #[test]
 fn a_recheck_writes_refs_at_once_and_skips_entries_with_nothing_missing() {
     let mut h = Harness::new();
-    h.submit_full(
+    let ev = h.valid_event(
         "e",
         "id",
         "/r",
@@ -995,6 +1004,7 @@ fn a_recheck_writes_refs_at_once_and_skips_entries_with_nothing_missing() {
         &[main_at(1)],
         Origin::User,
     );
+    h.submit_event(ev);
     h.core
         .command(Command::GitDataArrived("id".into()), h.now());
     h.collect();
@@ -1338,4 +1348,146 @@ fn a_domain_override_replaces_the_default_limits() {
     assert_eq!(s.domains["big.example"].in_flight, 3);
     assert_eq!(s.domains["small.example"].in_flight, 1);
     assert_eq!(s.domains["big.example"].requests_started, 3);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Time to release
+
+impl Harness {
+    /// A push of every object of `identifier`: the re-check finds them all.
+    fn push_arrived(&mut self, identifier: &str) {
+        self.core
+            .command(Command::GitDataArrived(identifier.into()), self.now());
+        self.collect();
+        for (entry, _, oids) in std::mem::take(&mut self.checks) {
+            self.core.checked(entry, Ok(oids), self.now());
+        }
+        self.collect();
+    }
+
+    /// The histogram of the `waited` of every released outcome seen so far.
+    fn waits_of_outcomes(&self) -> ReleaseHistogram {
+        let mut h = ReleaseHistogram::default();
+        for o in &self.outcomes {
+            if let Outcome::Released { waited, .. } = o {
+                h.observe(*waited);
+            }
+        }
+        h
+    }
+}
+
+/// The cumulative bucket counts, `+Inf` last.
+fn cumulative(h: &ReleaseHistogram) -> Vec<u64> {
+    h.cumulative().map(|(_, n)| n).collect()
+}
+
+#[test]
+fn release_waits_land_in_their_buckets_bounds_inclusive() {
+    let mut h = Harness::with(Config {
+        event_lifetime: Duration::from_secs(7200),
+        ..Config::default()
+    });
+    // Released after these waits (ascending), each pushed by the host: no fetch needed.
+    let waits = [
+        0, 100, 101, 500, 2_000, 2_500, 10_000, 45_000, 1_800_000, 1_800_001,
+    ]
+    .map(Duration::from_millis);
+    for i in 0..waits.len() {
+        let n = u8::try_from(i).unwrap();
+        let id = format!("e{i}");
+        h.submit(&id, &id, &format!("/r{i}"), &[oid(n)], &[], Origin::User);
+    }
+    let start = h.now();
+    for (i, w) in waits.iter().enumerate() {
+        h.clock.advance(start + *w - h.now());
+        h.push_arrived(&format!("e{i}"));
+    }
+    assert_eq!(h.released().len(), waits.len());
+    let s = h.core.stats();
+    let t = &s.release_times;
+    assert_eq!(t.count(), 10);
+    assert_eq!(s.released, t.count());
+    assert_eq!(t.sum(), Duration::from_millis(3_660_202));
+    //                            0.1 .5  1 2.5  5 10 30 60 120 300 600 1800 +Inf
+    assert_eq!(cumulative(t), [2, 4, 4, 6, 6, 7, 7, 8, 8, 8, 8, 9, 10]);
+    assert_eq!(*t, h.waits_of_outcomes(), "the waits the outcomes report");
+}
+
+#[test]
+fn releases_after_a_fetch_and_after_ref_updates_are_timed() {
+    let mut h = Harness::new();
+    h.submit("plain", "a", "/a", &[oid(1)], &["git://a/r"], Origin::Sync);
+    h.advance(2 * SEC);
+    h.finish(&[oid(1)], None);
+    h.submit_refs("refs", "/b", &[oid(2)], &[main_at(2)]);
+    h.advance(40 * SEC);
+    h.finish(&[oid(2)], None);
+    assert_eq!(h.released(), ["plain"], "refs not written yet");
+    h.answer_refs(Ok(()));
+    assert_eq!(h.released(), ["plain", "refs"]);
+    let t = h.core.stats().release_times;
+    assert_eq!(t.count(), 2);
+    assert_eq!(t.sum(), 42 * SEC);
+    //                            0.1 .5  1 2.5  5 10 30 60 120 300 600 1800 +Inf
+    assert_eq!(cumulative(&t), [0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2]);
+    assert_eq!(t, h.waits_of_outcomes());
+}
+
+#[test]
+fn expired_and_cancelled_events_are_not_timed() {
+    let mut h = Harness::new();
+    h.submit("gone", "a", "/a", &[oid(1)], &[], Origin::User);
+    h.submit("late", "b", "/b", &[oid(2)], &[], Origin::User);
+    h.core.command(Command::Cancel("gone".into()), h.now());
+    h.advance(Duration::from_secs(1800));
+    assert_eq!(h.expired(), ["late"]);
+    assert_eq!(h.core.stats().release_times, ReleaseHistogram::default());
+}
+
+#[test]
+fn restored_events_are_timed_from_their_first_submission() {
+    let mut h = Harness::new();
+    let restored = |h: &Harness, id: &str, missing: &[ObjectId], waited: Duration| {
+        let event = h.valid_event(
+            id,
+            id,
+            &format!("/{id}"),
+            &[oid(1)],
+            missing,
+            &["git://a/r"],
+            &[],
+            Origin::Sync,
+        );
+        RestoredEvent {
+            event,
+            remaining: Duration::from_secs(1200),
+            waited,
+            gone: None,
+        }
+    };
+    // Pushed while the engine was down for 50 s, after 20 s of waiting: released at restore.
+    let pushed = restored(&h, "pushed", &[], 20 * SEC);
+    // Still missing its object; released by a fetch 3 s after the restore.
+    let fetched = restored(&h, "fetched", &[oid(1)], 200 * SEC);
+    let now = h.now();
+    h.core.restore(
+        vec![pushed, fetched],
+        Vec::new(),
+        Vec::new(),
+        50 * SEC,
+        now,
+        0,
+    );
+    h.pass();
+    assert_eq!(h.released(), ["pushed"]);
+    h.advance(3 * SEC);
+    h.finish(&[oid(1)], None);
+    assert_eq!(h.released(), ["pushed", "fetched"]);
+    let t = h.core.stats().release_times;
+    assert_eq!(t.count(), 2);
+    assert_eq!(t.sum(), (20 + 50 + 200 + 50 + 3) * SEC);
+    //                            0.1 .5  1 2.5  5 10 30 60 120 300 600 1800 +Inf
+    assert_eq!(cumulative(&t), [0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 2, 2, 2]);
+    assert_eq!(t, h.waits_of_outcomes());
 }
