@@ -19,8 +19,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::{
-    Admission, BuildError, DomainLimits, Engine, EngineBuilder, ExpiryReason, NaughtyCategory,
-    Origin, Outcome, PendingEvent, RefUpdate, Stats, SubmitError,
+    Admission, BuildError, DomainLimits, Engine, EngineBuilder, NaughtyCategory, Origin, Outcome,
+    PendingEvent, RefUpdate, Stats, SubmitError,
 };
 
 /// What a `psync_` call returned. `PSYNC_OK` is success; for every other value
@@ -426,48 +426,6 @@ fn submit_status(e: &SubmitError) -> PsyncStatus {
 
 use crate::state::{millis as ms, unix_ms};
 
-fn outcome_json(o: &Outcome) -> Value {
-    match o {
-        Outcome::Released {
-            event_id,
-            identifier,
-            repo,
-            waited,
-        } => json!({
-            "kind": "released",
-            "event_id": event_id,
-            "identifier": identifier,
-            "repo": repo.to_string_lossy(),
-            "waited_ms": ms(*waited),
-        }),
-        Outcome::Expired {
-            event_id,
-            identifier,
-            repo,
-            missing,
-            reason,
-        } => {
-            let mut v = json!({
-                "kind": "expired",
-                "event_id": event_id,
-                "identifier": identifier,
-                "repo": repo.to_string_lossy(),
-                "missing": missing,
-            });
-            let (reason, message) = match reason {
-                ExpiryReason::LifetimeEnded => ("lifetime_ended", None),
-                ExpiryReason::RefUpdateFailed { message } => ("ref_update_failed", Some(message)),
-                ExpiryReason::RepositoryGone { message } => ("repository_gone", Some(message)),
-            };
-            v["reason"] = json!(reason);
-            if let Some(m) = message {
-                v["message"] = json!(m);
-            }
-            v
-        }
-    }
-}
-
 fn stats_json(s: &Stats) -> Value {
     let Stats {
         commands_pending,
@@ -800,7 +758,7 @@ pub unsafe extern "C" fn psync_engine_poll(
             },
             event_id: c(outcome.event_id()),
             identifier: c(outcome.identifier()),
-            json: c(&outcome_json(&outcome).to_string()),
+            json: c(&serde_json::to_string(&outcome).expect("an outcome serialises")),
         });
         // SAFETY: as above.
         unsafe { *out_outcome = Box::into_raw(boxed) };

@@ -12,7 +12,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod demo;
+mod knobs;
+mod manifest;
 mod progress;
+mod run;
+mod serve;
 
 /// Fetches missing git data for events waiting in a GRASP relay's purgatory.
 #[derive(Debug, Parser)]
@@ -26,14 +30,28 @@ struct Cli {
 enum Command {
     /// Starts git servers on loopback addresses and shows the engine syncing events from them.
     Demo(demo::DemoArgs),
+    /// Syncs the waiting events listed in a manifest; one JSON line per outcome on stdout.
+    Run(Box<run::RunArgs>),
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Usage errors exit with 1 (clap's default is 2, which `run` uses for expired events).
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS // --help, --version
+            };
+        }
+    };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp_millis()
         .init();
     match cli.command {
         Command::Demo(args) => demo::main(args),
+        Command::Run(args) => run::main(*args),
     }
 }
