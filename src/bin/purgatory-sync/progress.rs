@@ -38,8 +38,8 @@ impl Progress {
 
     /// Redraws from the engine's statistics; `done` is how many events have an outcome.
     pub fn update(&self, stats: &Stats, done: u64, label: &dyn Fn(&str) -> String) {
-        self.bar.set_position(done);
         self.bar.set_message(status_line(stats, label));
+        self.bar.set_position(done);
     }
 
     /// Prints a line above the bar (or to stderr when there is no bar).
