@@ -158,11 +158,17 @@ impl Config {
     /// Wait after the `n`-th incomplete attempt in a row (`n >= 1`): base, 2×base, 4×base, …
     /// up to the cap.
     pub fn backoff(&self, n: u32) -> Duration {
-        let shift = n.saturating_sub(1).min(31);
-        self.backoff_base
-            .checked_mul(1u32 << shift)
-            .unwrap_or(self.backoff_cap)
-            .min(self.backoff_cap)
+        let cap = self.backoff_cap;
+        // base × 2^(n−1), in steps of at most 2^31 (what `checked_mul` takes): from 1 ns, four
+        // such steps overflow any `Duration`, and an overflow is past the cap.
+        let mut wait = self.backoff_base;
+        let mut shift = n.saturating_sub(1);
+        while shift > 0 && wait < cap && !wait.is_zero() {
+            let step = shift.min(31);
+            wait = wait.checked_mul(1 << step).unwrap_or(cap);
+            shift -= step;
+        }
+        wait.min(cap)
     }
 }
 
@@ -617,6 +623,94 @@ mod our_domain_tests {
                 Some(canonical),
                 "{given}"
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Settings as configured, and any `Duration` up to the largest.
+    fn duration() -> impl Strategy<Value = Duration> {
+        prop_oneof![
+            (0u64..=365 * 24 * 3_600_000).prop_map(Duration::from_millis),
+            any::<u64>().prop_map(Duration::from_nanos),
+            (any::<u64>(), 0u32..1_000_000_000).prop_map(|(s, n)| Duration::new(s, n)),
+        ]
+    }
+
+    fn attempts() -> impl Strategy<Value = u32> {
+        prop_oneof![0u32..=100, any::<u32>(), (u32::MAX - 100)..=u32::MAX]
+    }
+
+    fn backoff(a: Duration, b: Duration) -> (Duration, Duration, Config) {
+        let (base, cap) = (a.min(b), a.max(b));
+        let cfg = Config {
+            backoff_base: base,
+            backoff_cap: cap,
+            ..Config::default()
+        };
+        (base, cap, cfg)
+    }
+
+    /// The case the doubling property found: the wait stopped doubling at base × 2^31
+    /// (24.8 days from 1 ms) and never reached a cap further away, which the validation
+    /// allows (up to a year).
+    #[test]
+    fn backoff_reaches_a_cap_further_than_2_pow_31_bases() {
+        let cfg = Config {
+            backoff_base: Duration::from_millis(1),
+            backoff_cap: Duration::from_secs(365 * 24 * 3600),
+            ..Config::default()
+        };
+        assert_eq!(cfg.backoff(32), Duration::from_millis(1 << 31));
+        assert_eq!(cfg.backoff(33), Duration::from_millis(1 << 32));
+        assert_eq!(cfg.backoff(40), cfg.backoff_cap);
+        assert_eq!(cfg.backoff(u32::MAX), cfg.backoff_cap);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// For any base ≤ cap and any count of attempts, the wait is neither below the base nor
+        /// above the cap, and it never shrinks as the count grows.
+        #[test]
+        fn backoff_stays_between_base_and_cap_and_never_decreases(
+            a in duration(),
+            b in duration(),
+            n in attempts(),
+            m in attempts(),
+        ) {
+            let (base, cap, cfg) = backoff(a, b);
+            let (n, m) = (n.min(m), n.max(m));
+            let (wn, wm) = (cfg.backoff(n), cfg.backoff(m));
+            prop_assert!(base <= wn && wn <= cap, "backoff({}) = {:?}", n, wn);
+            prop_assert!(base <= wm && wm <= cap, "backoff({}) = {:?}", m, wm);
+            prop_assert!(wn <= wm, "backoff({}) = {:?} > backoff({}) = {:?}", n, wn, m, wm);
+        }
+
+        /// The wait is exactly base × 2^(n−1), or the cap once that is larger: doubling does
+        /// not stop short of the cap however far apart base and cap are.
+        #[test]
+        fn backoff_doubles_up_to_the_cap(a in duration(), b in duration(), n in attempts()) {
+            let (base, cap, cfg) = backoff(a, b);
+            // `None` on overflow, past the largest `Duration` whatever the base (but 0).
+            let doubled = match base.as_nanos() {
+                0 => Some(0),
+                nanos => 1u128
+                    .checked_shl(n.saturating_sub(1))
+                    .and_then(|f| nanos.checked_mul(f)),
+            };
+            let expected = match doubled {
+                Some(nanos) if nanos < cap.as_nanos() => {
+                    let secs = u64::try_from(nanos / 1_000_000_000).expect("below the cap");
+                    Duration::new(secs, (nanos % 1_000_000_000) as u32)
+                }
+                _ => cap,
+            };
+            prop_assert_eq!(cfg.backoff(n), expected, "n = {}", n);
         }
     }
 }

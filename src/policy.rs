@@ -695,3 +695,7 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+#[path = "policy_props.rs"]
+mod props;

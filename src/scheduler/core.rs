@@ -1103,6 +1103,20 @@ impl Core {
         true
     }
 
+    /// When the entry of `identifier` in `repo` is next ready, if it waits for that time:
+    /// `None` when there is no such entry, or it is not in the schedule (a fetch of it runs,
+    /// it waits in a domain queue, or its events only await their refs).
+    #[cfg(test)]
+    pub(crate) fn next_attempt_of(&self, identifier: &str, repo: &Path) -> Option<Instant> {
+        let (id, e) = self
+            .entries
+            .iter()
+            .find(|(_, e)| &*e.identifier == identifier && &*e.repo == repo)?;
+        self.schedule
+            .contains(&(e.next_attempt, *id))
+            .then_some(e.next_attempt)
+    }
+
     /// The core's part of [`Stats`].
     /// The core's part of [`Stats`] as of the last `now` it was given.
     #[cfg(test)]

@@ -1491,3 +1491,6 @@ fn restored_events_are_timed_from_their_first_submission() {
     assert_eq!(cumulative(&t), [0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 2, 2, 2]);
     assert_eq!(t, h.waits_of_outcomes());
 }
+
+#[path = "core_props.rs"]
+mod props;
