@@ -692,11 +692,12 @@ impl Core {
     fn serve_domain_queues(&mut self, now: Instant) {
         for domain in self.domains.with_queues() {
             while self.running.len() < self.cfg.workers && self.domains.has_slot(&domain) {
-                // The oldest waiting entry whose repository and identifier are free.
-                let queue: Vec<(EntryId, u64)> =
-                    self.domains.queue(&domain).iter().copied().collect();
+                // The oldest waiting entry whose repository and identifier are free. The scan
+                // stops at the first one: entries in front of it are stale or busy, and at
+                // most `workers` entries are busy.
                 let mut pick = None;
-                for (pos, (id, generation)) in queue.iter().enumerate() {
+                let queue = self.domains.queue_of(&domain).into_iter().flatten();
+                for (pos, (id, generation)) in queue.enumerate() {
                     if !self.still_parked(*id, *generation) {
                         continue;
                     }
@@ -729,13 +730,13 @@ impl Core {
                     .parked = false;
                 self.launch(id, i);
             }
-            // Drop what went stale, so that the queue's length means something.
-            let queued: Vec<(EntryId, u64)> = self.domains.queue(&domain).iter().copied().collect();
-            let valid: VecDeque<(EntryId, u64)> = queued
-                .into_iter()
-                .filter(|(id, g)| self.still_parked(*id, *g))
-                .collect();
-            *self.domains.queue(&domain) = valid;
+            // Drop what went stale (the statistics count only live records either way).
+            let entries = &self.entries;
+            self.domains.tidy_queue(&domain, |id, generation| {
+                entries
+                    .get(&id)
+                    .is_some_and(|e| e.parked && e.park_gen == generation)
+            });
         }
     }
 

@@ -91,6 +91,10 @@ struct Domain {
     /// Entries waiting for capacity, oldest first, with the park generation that queued them
     /// (a stale generation means the entry moved on).
     queue: VecDeque<(EntryId, u64)>,
+    /// The queue's length after its last compaction: stale records are dropped from the front
+    /// at every pass, and from the middle only once the queue has doubled since (amortised
+    /// O(1) per park, instead of a full rebuild at every pass).
+    compacted_len: usize,
     /// When the quota allows the next start, after a refused one.
     blocked_until: Option<Instant>,
     started: u64,
@@ -162,6 +166,7 @@ impl Domains {
                     limiter,
                     in_flight: 0,
                     queue: VecDeque::new(),
+                    compacted_len: 0,
                     blocked_until: None,
                     started: 0,
                     succeeded: 0,
@@ -272,6 +277,27 @@ impl Domains {
     /// The queue of `domain`.
     pub fn queue(&mut self, domain: &Arc<str>) -> &mut VecDeque<(EntryId, u64)> {
         &mut self.domain(domain).queue
+    }
+
+    /// `domain`'s queue, if the domain is known.
+    pub fn queue_of(&self, domain: &str) -> Option<&VecDeque<(EntryId, u64)>> {
+        self.table.get(domain).map(|d| &d.queue)
+    }
+
+    /// Drops stale records (`live` is false) from the front of `domain`'s queue, and from the
+    /// whole queue once it has doubled since the last such sweep.
+    pub fn tidy_queue(&mut self, domain: &Arc<str>, live: impl Fn(EntryId, u64) -> bool) {
+        let d = self.domain(domain);
+        while let Some(&(id, generation)) = d.queue.front() {
+            if live(id, generation) {
+                break;
+            }
+            d.queue.pop_front();
+        }
+        if d.queue.len() > 2 * d.compacted_len + 64 {
+            d.queue.retain(|&(id, generation)| live(id, generation));
+            d.compacted_len = d.queue.len();
+        }
     }
 
     /// Whether `domain` has a free slot (the quota is only known by trying).
