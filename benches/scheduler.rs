@@ -1,12 +1,28 @@
-//! One scheduler decision pass at growing queue sizes with 1 % of the entries ready.
+//! One scheduler decision pass at growing queue sizes.
+//!
+//! - `decision_pass_1pct_ready`: 1 % of the queue ready, each ready entry dispatched as a fetch
+//!   (domain limits do not bind). The queue is built anew for every measured pass (the build
+//!   is not measured), which is too slow at a million entries;
+//! - `decision_pass_1pct_ready_reused`: the same pass on one queue per size, put back between
+//!   passes (the dispatched fetches are reported as failed and the clock moves on by the
+//!   backoff, so the same entries are ready again; not measured). Up to a million entries;
+//! - `decision_pass_none_ready`: a pass when nothing is ready, the cost of waking on a tick
+//!   with a full queue;
+//! - `decision_pass_parked`: every entry ready on one domain whose 5 slots are taken, so all
+//!   but 5 wait in the domain's queue: a pass that can dispatch nothing;
+//! - `stats_parked`: the core's part of `Engine::stats()` with those parked entries.
 //!
 //! The queue keeps an index ordered by next attempt, so a pass reads only the ready front: its
 //! cost should follow the number of ready entries, not the queue size.
 //!
 //! Run with `cargo bench --bench scheduler`.
 
+use std::time::{Duration, Instant};
+
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use purgatory_sync::__bench::QueueBench;
+
+const SIZES: [usize; 4] = [1_000, 10_000, 100_000, 1_000_000];
 
 fn decision_pass(c: &mut Criterion) {
     let mut group = c.benchmark_group("decision_pass_1pct_ready");
@@ -31,15 +47,72 @@ fn decision_pass(c: &mut Criterion) {
     }
     group.finish();
 
-    // A pass when nothing is ready: the cost of waking on a tick with a full queue.
-    let mut idle = c.benchmark_group("decision_pass_none_ready");
-    for queued in [1_000usize, 10_000, 100_000] {
-        let mut q = QueueBench::new(queued, 0, 8);
-        idle.bench_with_input(BenchmarkId::from_parameter(queued), &queued, |b, _| {
-            b.iter(|| assert_eq!(q.pass(), 0))
+    let mut reused = c.benchmark_group("decision_pass_1pct_ready_reused");
+    reused.sample_size(20);
+    reused.measurement_time(Duration::from_secs(10));
+    for queued in SIZES {
+        let ready = queued / 100;
+        // Built at the first call, so that a filtered-out size costs nothing.
+        let mut q = None;
+        reused.throughput(Throughput::Elements(ready as u64));
+        reused.bench_with_input(BenchmarkId::from_parameter(queued), &queued, |b, _| {
+            let q = q.get_or_insert_with(|| QueueBench::new(queued, ready, ready));
+            b.iter_custom(|iters| {
+                let mut measured = Duration::ZERO;
+                for _ in 0..iters {
+                    q.reset();
+                    let start = Instant::now();
+                    let dispatched = q.pass();
+                    measured += start.elapsed();
+                    assert_eq!(dispatched, ready);
+                }
+                measured
+            })
         });
     }
-    idle.finish();
+    reused.finish();
+
+    per_size(
+        c,
+        "decision_pass_none_ready",
+        |queued| QueueBench::new(queued, 0, 8),
+        |q, _| assert_eq!(q.pass(), 0),
+    );
+    per_size(c, "decision_pass_parked", parked, |q, _| {
+        assert_eq!(q.pass(), 0)
+    });
+    // `Engine::stats` with the same parked queues: it counts each domain's waiting entries.
+    per_size(c, "stats_parked", parked, |q, queued| {
+        assert_eq!(q.stats(), queued - 5)
+    });
+}
+
+/// Every entry ready on one domain; the first pass took the domain's 5 slots and parked the
+/// rest.
+fn parked(queued: usize) -> QueueBench {
+    let mut q = QueueBench::parked(queued, 1);
+    assert_eq!(q.pass(), 5);
+    q
+}
+
+/// A group that measures `measure` on one queue per size, built by `build` at its first use
+/// (so that a filtered-out size costs nothing).
+fn per_size(
+    c: &mut Criterion,
+    name: &str,
+    build: impl Fn(usize) -> QueueBench,
+    measure: impl Fn(&mut QueueBench, usize),
+) {
+    let mut group = c.benchmark_group(name);
+    group.sample_size(20);
+    for queued in SIZES {
+        let mut q = None;
+        group.bench_with_input(BenchmarkId::from_parameter(queued), &queued, |b, _| {
+            let q = q.get_or_insert_with(|| build(queued));
+            b.iter(|| measure(q, queued))
+        });
+    }
+    group.finish();
 }
 
 criterion_group!(benches, decision_pass);

@@ -5,30 +5,65 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::core::{Action, Command, Core, ValidEvent};
-use crate::config::Config;
+use super::core::{Action, Command, Core, JobId, ValidEvent};
+use crate::config::{Config, DomainLimits};
+use crate::fetch::{FailureKind, FetchError, FetchReport};
 use crate::{ObjectId, Origin};
+
+/// How long entries that are not ready wait for their first attempt: long enough for
+/// [`QueueBench::reset`] to be called tens of thousands of times before they fall due.
+const NOT_READY_FOR: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// The backoff after a failed attempt, and the step [`QueueBench::reset`] moves the clock.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// A scheduler core filled with queued identifiers, some of them ready.
 pub struct QueueBench {
     core: Core,
     now: Instant,
+    /// Fetches dispatched by the passes so far and not reported back yet.
+    running: Vec<JobId>,
 }
 
 impl QueueBench {
-    /// `queued` identifiers, each with one event waiting for one object on one URL, of which
-    /// `ready` are due now and the rest in the future; `workers` bounds the dispatches a pass
-    /// may make.
+    /// `queued` identifiers, each with one event waiting for one object on one URL (spread
+    /// over 50 domains), of which `ready` are due now and the rest a day later; `workers`
+    /// bounds the dispatches a pass may make. No domain limit binds: the bench measures
+    /// decisions, not politeness.
     pub fn new(queued: usize, ready: usize, workers: usize) -> Self {
+        let limits = DomainLimits::new(1024, 600_000).burst(100_000);
+        Self::build(queued, ready, workers, 50, limits)
+    }
+
+    /// `queued` identifiers, all ready, on `domains` domains with the default per-domain
+    /// limits (5 in flight, 30 a minute, burst 5) and 8 workers. With fewer than 2 domains the
+    /// workers outnumber the domains' slots, so the first pass dispatches 5 fetches per domain
+    /// and parks every other entry in its domain's queue, where later passes find it.
+    pub fn parked(queued: usize, domains: usize) -> Self {
+        Self::build(queued, queued, 8, domains, DomainLimits::default())
+    }
+
+    fn build(
+        queued: usize,
+        ready: usize,
+        workers: usize,
+        domains: usize,
+        limits: DomainLimits,
+    ) -> Self {
         let cfg = Config {
             workers,
-            // The bench measures decisions, not politeness: no domain limit binds.
-            domain_limits: crate::config::DomainLimits::new(1024, 600_000).burst(100_000),
+            domain_limits: limits,
+            user_delay: NOT_READY_FOR,
+            backoff_base: RETRY_AFTER,
+            backoff_cap: RETRY_AFTER,
+            // Nothing expires while the bench runs.
+            event_lifetime: 30 * NOT_READY_FOR,
             ..Config::default()
         };
         let delay = cfg.user_delay;
         let mut core = Core::new(Arc::new(cfg), Arc::new(AtomicUsize::new(queued)));
         let start = Instant::now();
+        let domains = domains.max(1);
         for i in 0..queued {
             let mut bytes = [0u8; 20];
             bytes[..8].copy_from_slice(&(i as u64).to_be_bytes());
@@ -41,8 +76,8 @@ impl QueueBench {
                 oids: vec![ObjectId::from_bytes(bytes)],
                 missing: vec![ObjectId::from_bytes(bytes)],
                 urls: vec![crate::policy::CloneUrl {
-                    url: Arc::from(format!("https://git{}.example.com/{i}.git", i % 50)),
-                    domain: Arc::from(format!("git{}.example.com", i % 50)),
+                    url: Arc::from(format!("https://git{}.example.com/{i}.git", i % domains)),
+                    domain: Arc::from(format!("git{}.example.com", i % domains)),
                 }],
                 refs: Arc::from([]),
                 origin: Origin::User,
@@ -54,17 +89,44 @@ impl QueueBench {
         QueueBench {
             core,
             now: start + delay,
+            running: Vec::new(),
         }
     }
 
     /// One decision pass; returns how many fetches it dispatched.
     pub fn pass(&mut self) -> usize {
         self.core.pass(self.now);
+        let before = self.running.len();
+        for action in self.core.take_actions() {
+            if let Action::Dispatch(job) = action {
+                self.running.push(job.id);
+            }
+        }
+        self.running.len() - before
+    }
+
+    /// Reports every dispatched fetch as failed (the object was not found) and moves the
+    /// bench's clock on by the backoff: the entries those fetches were for are ready again,
+    /// the others still wait. So a pass can be measured again on the same queue without
+    /// building it anew.
+    pub fn reset(&mut self) {
+        for job in std::mem::take(&mut self.running) {
+            let report = FetchReport::failed(FetchError::new(FailureKind::NotFound, "bench"));
+            self.core.job_done(job, report, self.now);
+        }
+        self.core.take_actions();
+        self.now += RETRY_AFTER;
+    }
+
+    /// What [`Engine::stats`](crate::Engine::stats) asks the core for; returns the number of
+    /// identifiers waiting in domain queues.
+    pub fn stats(&self) -> usize {
         self.core
-            .take_actions()
-            .iter()
-            .filter(|a| matches!(a, Action::Dispatch(_)))
-            .count()
+            .stats_at(self.now, std::time::SystemTime::now())
+            .domains
+            .values()
+            .map(|d| d.queued_identifiers)
+            .sum()
     }
 
     /// Moves the bench's notion of now forward.
