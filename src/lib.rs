@@ -165,3 +165,7 @@ pub mod __bench {
     pub use crate::scheduler::bench::QueueBench;
     pub use crate::state::StateBench;
 }
+
+#[doc(hidden)]
+#[path = "fuzz.rs"]
+pub mod __fuzz;

@@ -150,7 +150,7 @@ pub(crate) fn read(path: &Path) -> Result<StateFile, StateFileError> {
 }
 
 /// Parses and checks the bytes of a state file.
-fn parse(bytes: &[u8]) -> Result<StateFile, StateFileError> {
+pub(crate) fn parse(bytes: &[u8]) -> Result<StateFile, StateFileError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(StateFileError::Corrupt("the file is empty".into()));
     }

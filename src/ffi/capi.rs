@@ -330,6 +330,16 @@ impl ConfigJson {
     }
 }
 
+/// The builder a configuration JSON describes (`None`: every default), without building it:
+/// the part of `psync_engine_new` before any thread starts.
+pub(crate) fn builder_from_json(config_json: Option<&str>) -> Result<EngineBuilder, Failure> {
+    let config: ConfigJson = match config_json {
+        None => ConfigJson::default(),
+        Some(text) => serde_json::from_str(text).map_err(|e| json_err("config_json", e))?,
+    };
+    Ok(config.builder())
+}
+
 fn build_failure(e: BuildError) -> Failure {
     let status = match &e {
         BuildError::InvalidSetting { .. } => PsyncStatus::PSYNC_INVALID_CONFIG,
@@ -400,6 +410,13 @@ impl EventJson {
             ref_updates,
         })
     }
+}
+
+/// The event an event JSON describes, as `psync_engine_submit` reads it.
+pub(crate) fn event_from_json(event_json: &str) -> Result<PendingEvent, Failure> {
+    let parsed: EventJson =
+        serde_json::from_str(event_json).map_err(|e| json_err("event_json", e))?;
+    parsed.event()
 }
 
 fn submit_status(e: &SubmitError) -> PsyncStatus {
@@ -573,14 +590,13 @@ pub unsafe extern "C" fn psync_engine_new(
         }
         // SAFETY: non-NULL and valid for a write, by the contract.
         unsafe { *out_engine = std::ptr::null_mut() };
-        let config: ConfigJson = if config_json.is_null() {
-            ConfigJson::default()
+        let text = if config_json.is_null() {
+            None
         } else {
             // SAFETY: non-NULL and NUL-terminated, by the contract.
-            let text = unsafe { utf8(config_json, "config_json") }?;
-            serde_json::from_str(text).map_err(|e| json_err("config_json", e))?
+            Some(unsafe { utf8(config_json, "config_json") }?)
         };
-        let engine = config.builder().build().map_err(build_failure)?;
+        let engine = builder_from_json(text)?.build().map_err(build_failure)?;
         let outcomes = engine.outcomes();
         let handle = Box::new(PsyncEngine {
             engine: RwLock::new(Some(engine)),
@@ -626,9 +642,7 @@ pub unsafe extern "C" fn psync_engine_submit(
         let handle = unsafe { engine_ref(engine) }?;
         // SAFETY: by the contract.
         let text = unsafe { utf8(event_json, "event_json") }?;
-        let parsed: EventJson =
-            serde_json::from_str(text).map_err(|e| json_err("event_json", e))?;
-        let event = parsed.event()?;
+        let event = event_from_json(text)?;
         let admission = with_engine(handle, |e| {
             e.submit(event)
                 .map_err(|err| (submit_status(&err), err.to_string()))
