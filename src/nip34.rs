@@ -634,7 +634,8 @@ fn object_id(index: usize, tag: &str, value: &str, what: &str) -> Result<String,
 }
 
 /// What makes `name` (under `refs/`) unusable as a git ref name, following
-/// `git check-ref-format`, or the engine's own namespace; `None` when it is fine.
+/// `git check-ref-format`, or the engine's own namespace; `None` when it is fine. Control
+/// characters are refused beyond ASCII too (U+0080 to U+009F), as submit refuses them.
 fn ref_name_problem(name: &str) -> Option<&'static str> {
     let ours = TEMP_REF_PREFIX.trim_end_matches('/');
     let lower = name.to_ascii_lowercase();
@@ -642,7 +643,7 @@ fn ref_name_problem(name: &str) -> Option<&'static str> {
         Some("longer than 1024 bytes")
     } else if name
         .chars()
-        .any(|c| c.is_ascii_control() || " ~^:?*[\\".contains(c))
+        .any(|c| c.is_control() || " ~^:?*[\\".contains(c))
     {
         Some("contains a space, a control character or one of ~ ^ : ? * [ \\")
     } else if name.contains("..") {
