@@ -24,10 +24,19 @@ use purgatory_sync::__bench::QueueBench;
 
 const SIZES: [usize; 4] = [1_000, 10_000, 100_000, 1_000_000];
 
+/// The queue sizes to measure, up to `largest`. Without `--bench` (`cargo test --benches`
+/// runs each bench once, as a test) only the smallest, so that the test stays quick.
+fn sizes(largest: usize) -> impl Iterator<Item = usize> {
+    let full = std::env::args().any(|a| a == "--bench");
+    SIZES
+        .into_iter()
+        .filter(move |&n| n <= largest && (full || n == SIZES[0]))
+}
+
 fn decision_pass(c: &mut Criterion) {
     let mut group = c.benchmark_group("decision_pass_1pct_ready");
     group.sample_size(20);
-    for queued in [1_000usize, 10_000, 100_000] {
+    for queued in sizes(100_000) {
         let ready = queued / 100;
         group.throughput(Throughput::Elements(ready as u64));
         group.bench_with_input(
@@ -50,7 +59,7 @@ fn decision_pass(c: &mut Criterion) {
     let mut reused = c.benchmark_group("decision_pass_1pct_ready_reused");
     reused.sample_size(20);
     reused.measurement_time(Duration::from_secs(10));
-    for queued in SIZES {
+    for queued in sizes(usize::MAX) {
         let ready = queued / 100;
         // Built at the first call, so that a filtered-out size costs nothing.
         let mut q = None;
@@ -105,7 +114,7 @@ fn per_size(
 ) {
     let mut group = c.benchmark_group(name);
     group.sample_size(20);
-    for queued in SIZES {
+    for queued in sizes(usize::MAX) {
         let mut q = None;
         group.bench_with_input(BenchmarkId::from_parameter(queued), &queued, |b, _| {
             let q = q.get_or_insert_with(|| build(queued));
