@@ -16,7 +16,7 @@
 //!   the first failure, step 20 s), once with `backoff_base` 1 s and `backoff_cap` 4 s (after
 //!   the third failure, step 4 s).
 //!
-//! Run with `cargo bench --bench latency` (about 1 minute). Without `--bench` (`cargo test
+//! Run with `cargo bench --bench latency` (about 3 minutes). Without `--bench` (`cargo test
 //! --benches`) it runs a small smoke version.
 
 use std::net::Ipv4Addr;
