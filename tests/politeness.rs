@@ -205,10 +205,16 @@ fn a_backlog_on_one_host_uses_at_least_95_percent_of_its_quota() {
     std::fs::create_dir_all(&base).unwrap();
     testkit::served_repo(&base, "r.git");
     let server = HttpGitServer::start(HOST, &base).unwrap();
-    // 600 a minute: one fetch start every 100 ms, no burst to hide behind.
+    // 600 a minute: one fetch start every 100 ms. A burst of 2 lets a start that a loaded
+    // machine delayed by less than one interval keep its place (with a burst of 1 each delay is
+    // lost for good and a few milliseconds a start add up to a failing rate), and still bounds the
+    // rate: 40 starts take at least 3.8 s, 10.26 a second at most. The tick is 1 s, ten
+    // intervals, so only an engine that wakes when the quota refills reaches 95 %; one that
+    // waits for the tick starts 2 a second.
     let engine = builder("pol-eff")
+        .tick(Duration::from_secs(1))
         .domain_limits(5, 600)
-        .domain_burst(1)
+        .domain_burst(2)
         .build()
         .unwrap();
     let n = 40u8;
