@@ -80,6 +80,9 @@ impl Scheduler {
                 recv(wake) -> _ => {},
                 default(wait) => {},
             }
+            // Every fetch that has ended is taken before the pass, whichever branch ran: one
+            // result per turn would leave workers idle behind a stream of host commands.
+            self.take_results();
             self.core.lock().pass(self.clock.now());
             self.carry_out();
             if self.cfg.state_file.is_some() && self.clock.now() >= next_checkpoint {
@@ -90,6 +93,14 @@ impl Scheduler {
             }
         }
         self.stop();
+    }
+
+    /// Hands the core every job result already sent.
+    fn take_results(&self) {
+        let mut core = self.core.lock();
+        for (job, report) in self.results_rx.try_iter() {
+            core.job_done(job, report, self.clock.now());
+        }
     }
 
     fn take_commands(&self, first: Command) {
