@@ -126,6 +126,8 @@ struct Entry {
     parked: bool,
     /// Tells this parking from earlier ones in the domain queues.
     park_gen: u64,
+    /// The domains whose queues hold this parking's records (empty when not parked).
+    park_domains: Vec<Arc<str>>,
 }
 
 struct EventState {
@@ -354,6 +356,7 @@ impl Core {
                         requested: None,
                         parked: false,
                         park_gen: 0,
+                        park_domains: Vec::new(),
                     },
                 );
                 self.by_key.insert(key, id);
@@ -663,8 +666,23 @@ impl Core {
             untried.iter().map(|i| e.urls[*i].domain.clone()).collect();
         domains.sort();
         domains.dedup();
-        for d in domains {
-            self.domains.park(&d, id, generation);
+        for d in &domains {
+            self.domains.park(d, id, generation);
+        }
+        e.park_domains = domains;
+    }
+
+    /// Ends the entry's parking, if it is parked: its records in the domain queues go stale.
+    fn unpark(&mut self, id: EntryId) {
+        let Some(e) = self.entries.get_mut(&id) else {
+            return;
+        };
+        if !e.parked {
+            return;
+        }
+        e.parked = false;
+        for d in std::mem::take(&mut e.park_domains) {
+            self.domains.leave(&d);
         }
     }
 
@@ -718,16 +736,16 @@ impl Core {
                 let Some(i) = url else {
                     // Nothing left for this domain; it may still wait for another one.
                     self.domains.queue(&domain).remove(pos);
+                    let e = self.entries.get_mut(&id).expect("parked entry exists");
+                    e.park_domains.retain(|d| *d != domain);
+                    self.domains.leave(&domain);
                     continue;
                 };
                 if self.domains.try_acquire(&domain, now).is_err() {
                     break;
                 }
                 self.domains.queue(&domain).remove(pos);
-                self.entries
-                    .get_mut(&id)
-                    .expect("parked entry exists")
-                    .parked = false;
+                self.unpark(id);
                 self.launch(id, i);
             }
             // Drop what went stale (the statistics count only live records either way).
@@ -742,9 +760,9 @@ impl Core {
 
     /// Starts the fetch of the entry's URL `i`; the domain's permit is taken.
     fn launch(&mut self, id: EntryId, i: usize) {
+        self.unpark(id);
         let e = self.entries.get_mut(&id).expect("entry exists");
         e.tried[i] = true;
-        e.parked = false;
         let job_id = self.next_job;
         self.next_job += 1;
         e.running = Some(job_id);
@@ -930,9 +948,9 @@ impl Core {
     }
 
     fn finish_attempt(&mut self, id: EntryId, now: Instant) {
+        self.unpark(id);
         let e = self.entries.get_mut(&id).expect("entry exists");
         e.in_attempt = false;
-        e.parked = false;
         e.attempts = e.attempts.saturating_add(1);
         let mut next = now + self.cfg.backoff(e.attempts);
         if let Some(r) = e.requested.take() {
@@ -1096,6 +1114,7 @@ impl Core {
             // Removed when its fetch reports back.
             return false;
         }
+        self.unpark(id);
         let e = self.entries.remove(&id).expect("entry exists");
         self.schedule.remove(&(e.next_attempt, id));
         self.by_key.remove(&(e.identifier.clone(), e.repo.clone()));
@@ -1129,9 +1148,17 @@ impl Core {
     /// clock, for the naughty list's calendar times.
     pub fn stats_at(&self, now: Instant, wall: std::time::SystemTime) -> Stats {
         let c = &self.counters;
-        let (domains, naughty) = self
+        #[cfg(test)]
+        for (domain, (kept, scanned)) in self
             .domains
-            .stats(now, wall, |id, g| self.still_parked(id, g));
+            .waiting_by_scan(|id, g| self.still_parked(id, g))
+        {
+            assert_eq!(
+                kept, scanned,
+                "entries waiting in {domain}: counted vs in the queue"
+            );
+        }
+        let (domains, naughty) = self.domains.stats(now, wall);
         Stats {
             domains,
             naughty,

@@ -1080,6 +1080,65 @@ impl Harness {
     }
 }
 
+/// The number of entries waiting in each domain's queue is kept as entries park and leave
+/// (the statistics no longer scan the queue): every way out of a queue lowers it, in every
+/// domain the entry waited in. (`stats` also checks the count against a scan of the queues in
+/// unit tests.)
+#[test]
+fn every_way_out_of_a_domain_queue_lowers_its_waiting_count() {
+    let mut h = polite(limits(1, 600_000, 100_000));
+    let queued = |h: &Harness| {
+        let s = h.core.stats();
+        let n = |d: &str| s.domains.get(d).map_or(0, |d| d.queued_identifiers);
+        (n("a.example"), n("b.example"))
+    };
+    // id0 and id1 take the only slot of each domain; id2..id5 wait in both queues.
+    h.submit(
+        "e0",
+        "id0",
+        "/r0",
+        &[oid(1)],
+        &["https://a.example/r"],
+        Origin::Sync,
+    );
+    h.submit(
+        "e1",
+        "id1",
+        "/r1",
+        &[oid(1)],
+        &["https://b.example/r"],
+        Origin::Sync,
+    );
+    let both = ["https://a.example/r", "https://b.example/r"];
+    for k in 2..=5u8 {
+        let (e, id) = (format!("e{k}"), format!("id{k}"));
+        h.submit(&e, &id, &format!("/r{k}"), &[oid(k)], &both, Origin::Sync);
+    }
+    assert_eq!(h.running_identifiers(), ["id0", "id1"]);
+    assert_eq!(queued(&h), (4, 4));
+    // Cancelled while waiting.
+    h.core.command(Command::Cancel("e2".into()), h.now());
+    h.pass();
+    assert_eq!(queued(&h), (3, 3), "cancel");
+    // Released by a push while waiting: the recheck finds its object.
+    h.core
+        .command(Command::GitDataArrived("id3".into()), h.now());
+    h.collect();
+    let (entry, _, _) = h.checks.remove(0);
+    h.core.checked(entry, Ok(vec![oid(3)]), h.now());
+    h.collect();
+    assert_eq!(h.released(), ["e3"]);
+    assert_eq!(queued(&h), (2, 2), "released by a push");
+    // Served: id4 takes a.example's slot and leaves both queues.
+    h.fail_ident("id0", FailureKind::NotFound);
+    assert_eq!(h.running_identifiers(), ["id1", "id4"]);
+    assert_eq!(queued(&h), (1, 1), "served");
+    // Expired while waiting.
+    h.advance(31 * 60 * SEC);
+    assert!(h.expired().contains(&"e5"), "{:?}", h.expired());
+    assert_eq!(queued(&h), (0, 0), "expired");
+}
+
 #[test]
 fn a_domain_never_has_more_fetches_in_flight_than_its_cap() {
     let mut h = polite(limits(2, 600, 100));

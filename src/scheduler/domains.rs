@@ -91,6 +91,9 @@ struct Domain {
     /// Entries waiting for capacity, oldest first, with the park generation that queued them
     /// (a stale generation means the entry moved on).
     queue: VecDeque<(EntryId, u64)>,
+    /// Entries parked here and still waiting: the queue's live records (one per entry), kept by
+    /// `park` and `leave` so that the statistics need not scan the queue.
+    waiting: usize,
     /// The queue's length after its last compaction: stale records are dropped from the front
     /// at every pass, and from the middle only once the queue has doubled since (amortised
     /// O(1) per park, instead of a full rebuild at every pass).
@@ -166,6 +169,7 @@ impl Domains {
                     limiter,
                     in_flight: 0,
                     queue: VecDeque::new(),
+                    waiting: 0,
                     compacted_len: 0,
                     blocked_until: None,
                     started: 0,
@@ -257,9 +261,25 @@ impl Domains {
         }
     }
 
-    /// Queues `entry` for `domain`'s capacity.
+    /// Queues `entry` for `domain`'s capacity. The caller parks an entry at most once per
+    /// domain per generation, and calls `leave` when that parking ends.
     pub fn park(&mut self, domain: &Arc<str>, entry: EntryId, generation: u64) {
-        self.domain(domain).queue.push_back((entry, generation));
+        let d = self.domain(domain);
+        d.queue.push_back((entry, generation));
+        d.waiting += 1;
+    }
+
+    /// An entry parked in `domain` stopped waiting there: its record is stale from now on
+    /// (dropped from the queue later).
+    pub fn leave(&mut self, domain: &str) {
+        let d = self.table.get_mut(domain);
+        debug_assert!(
+            d.as_ref().is_some_and(|d| d.waiting > 0),
+            "{domain}: more leaves than parks"
+        );
+        if let Some(d) = d {
+            d.waiting = d.waiting.saturating_sub(1);
+        }
     }
 
     /// Domains with entries waiting, in a stable order.
@@ -383,12 +403,34 @@ impl Domains {
         self.naughty.retain(|_, n| n.until > now);
     }
 
-    /// Per-domain stats and the naughty list; `valid` tells which queued entries still wait.
+    /// The number of distinct entries still waiting in each domain's queue, by a scan of the
+    /// queue (`live` tells which records are); the tests check `waiting` against it.
+    #[cfg(test)]
+    pub fn waiting_by_scan(
+        &self,
+        live: impl Fn(EntryId, u64) -> bool,
+    ) -> BTreeMap<String, (usize, usize)> {
+        self.table
+            .iter()
+            .map(|(name, d)| {
+                let mut queued: Vec<EntryId> = d
+                    .queue
+                    .iter()
+                    .filter(|(e, g)| live(*e, *g))
+                    .map(|(e, _)| *e)
+                    .collect();
+                queued.sort_unstable();
+                queued.dedup();
+                (name.to_string(), (d.waiting, queued.len()))
+            })
+            .collect()
+    }
+
+    /// Per-domain stats and the naughty list.
     pub fn stats(
         &self,
         now: Instant,
         wall: SystemTime,
-        valid: impl Fn(EntryId, u64) -> bool,
     ) -> (BTreeMap<String, DomainStats>, Vec<NaughtyEntry>) {
         let to_wall = |t: Instant| {
             if t >= now {
@@ -401,17 +443,9 @@ impl Domains {
             .table
             .iter()
             .map(|(name, d)| {
-                let mut queued: Vec<EntryId> = d
-                    .queue
-                    .iter()
-                    .filter(|(e, g)| valid(*e, *g))
-                    .map(|(e, _)| *e)
-                    .collect();
-                queued.sort_unstable();
-                queued.dedup();
                 let stats = DomainStats {
                     in_flight: d.in_flight,
-                    queued_identifiers: queued.len(),
+                    queued_identifiers: d.waiting,
                     requests_started: d.started,
                     succeeded: d.succeeded,
                     failed: d.failed.clone(),
