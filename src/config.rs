@@ -443,14 +443,14 @@ impl EngineBuilder {
     /// stopped again).
     pub fn build(self) -> Result<crate::Engine, BuildError> {
         self.validate()?;
-        let fetcher = match self.fetcher {
-            Some(f) => f,
+        let (fetcher, builtin) = match self.fetcher {
+            Some(f) => (f, false),
             None => {
                 crate::fetch::init(self.cfg.connect_timeout, self.cfg.io_timeout);
-                Arc::new(GitFetcher::new())
+                (Arc::new(GitFetcher::new()) as Arc<dyn crate::Fetcher>, true)
             }
         };
-        crate::engine::Engine::start(self.cfg, self.clock, fetcher)
+        crate::engine::Engine::start(self.cfg, self.clock, fetcher, builtin)
     }
 
     fn validate(&self) -> Result<(), BuildError> {

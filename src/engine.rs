@@ -60,6 +60,9 @@ pub struct Engine {
     cfg: Arc<Config>,
     clock: Arc<dyn Clock>,
     fetcher: Arc<dyn Fetcher>,
+    /// The fetcher is the built-in `GitFetcher`, whose `present` opens the repository as a
+    /// bare one: `submit` then need not open it once more to check that.
+    fetcher_checks_bare: bool,
     core: Arc<Mutex<Core>>,
     admitted: Arc<AtomicUsize>,
     counters: HandleCounters,
@@ -91,6 +94,7 @@ impl Engine {
         cfg: Config,
         clock: Arc<dyn Clock>,
         fetcher: Arc<dyn Fetcher>,
+        fetcher_checks_bare: bool,
     ) -> Result<Engine, BuildError> {
         let cfg = Arc::new(cfg);
         let admitted = Arc::new(AtomicUsize::new(0));
@@ -149,6 +153,7 @@ impl Engine {
             cfg,
             clock,
             fetcher,
+            fetcher_checks_bare,
             core,
             admitted,
             counters: HandleCounters::default(),
@@ -204,7 +209,14 @@ impl Engine {
                 return Ok(Admission::pending_with(checked.refused));
             }
         }
-        let repo = validate::repository(&event.repo)?;
+        // A custom fetcher may not check what the repository is, so the engine does; the
+        // built-in one's presence check below opens it as a bare repository and fails the same
+        // way (opening it twice was a fifth of the time a submit took).
+        let repo = if self.fetcher_checks_bare {
+            validate::existing_path(&event.repo)?
+        } else {
+            validate::repository(&event.repo)?
+        };
         let present = self.fetcher.present(&repo, &checked.oids).map_err(|e| {
             SubmitError::InvalidRepository {
                 path: event.repo.clone(),

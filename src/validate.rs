@@ -214,6 +214,17 @@ fn clashes(seen: &BTreeSet<&str>, name: &str) -> bool {
 /// Checks that `path` is an existing bare git repository and returns its canonical path, so
 /// that two spellings of one repository share a queue entry.
 pub(crate) fn repository(path: &Path) -> Result<PathBuf, SubmitError> {
+    let canonical = existing_path(path)?;
+    crate::fetch::open_bare(&canonical).map_err(|reason| SubmitError::InvalidRepository {
+        path: path.to_path_buf(),
+        reason,
+    })?;
+    Ok(canonical)
+}
+
+/// The canonical form of `path`, which must exist; whether it is a bare repository is left to
+/// the caller (the built-in fetcher's presence check opens it as one anyway).
+pub(crate) fn existing_path(path: &Path) -> Result<PathBuf, SubmitError> {
     let bad = |reason: String| SubmitError::InvalidRepository {
         path: path.to_path_buf(),
         reason,
@@ -221,9 +232,7 @@ pub(crate) fn repository(path: &Path) -> Result<PathBuf, SubmitError> {
     if path.as_os_str().is_empty() {
         return Err(bad("empty path".to_owned()));
     }
-    let canonical = std::fs::canonicalize(path).map_err(|e| bad(e.to_string()))?;
-    crate::fetch::open_bare(&canonical).map_err(bad)?;
-    Ok(canonical)
+    std::fs::canonicalize(path).map_err(|e| bad(e.to_string()))
 }
 
 #[cfg(test)]

@@ -444,6 +444,70 @@ fn objects_already_present_need_no_waiting() {
     engine.shutdown().unwrap();
 }
 
+/// A repository that is missing, not a repository or not bare is refused with
+/// `InvalidRepository`, whether the fetcher is the built-in one (whose presence check opens the
+/// repository as a bare one, so the engine does not open it first) or a custom fetcher that
+/// never looks at the repository (so the engine must check it itself).
+#[test]
+fn a_repository_that_is_missing_not_a_repository_or_not_bare_is_refused_with_any_fetcher() {
+    /// Reports every object absent without opening anything.
+    struct Blind;
+    impl Fetcher for Blind {
+        fn fetch(&self, _: &FetchRequest, _: &FetchControl) -> FetchReport {
+            FetchReport::default()
+        }
+        fn present(
+            &self,
+            _: &Path,
+            _: &[purgatory_sync::ObjectId],
+        ) -> Result<Vec<purgatory_sync::ObjectId>, FetchError> {
+            Ok(Vec::new())
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let repo = bare(dir.path(), "r.git");
+    let worktree = dir.path().join("work");
+    git2::Repository::init(&worktree).unwrap();
+    let plain = dir.path().join("plain");
+    std::fs::create_dir(&plain).unwrap();
+    let (a, _) = blob("a");
+    let clock = FakeClock::new();
+    for (name, custom) in [("built-in", false), ("blind", true)] {
+        let mut b = builder(name, &clock);
+        if custom {
+            b = b.fetcher(Blind);
+        }
+        let engine = b.build().unwrap();
+        let cases = [
+            (dir.path().join("missing.git"), "No such file"),
+            (plain.clone(), ""),
+            (worktree.clone(), "bare"),
+            (PathBuf::new(), "empty path"),
+        ];
+        for (k, (path, says)) in cases.iter().enumerate() {
+            let err = engine
+                .submit(event(&format!("e{k}"), "id", path, &[&a], &["git://m/r"]))
+                .expect_err(&format!("{name}: {path:?} must be refused"));
+            assert!(
+                matches!(&err, SubmitError::InvalidRepository { path: p, reason } if p == path && reason.contains(says)),
+                "{name}: {path:?}: {err:?}"
+            );
+        }
+        let admission = engine
+            .submit(event("good", "id", &repo, &[&a], &["git://m/r"]))
+            .unwrap();
+        assert!(admission.is_pending(), "{name}: {admission:?}");
+        // `submitted` counts when the scheduler takes the command.
+        let start = Instant::now();
+        while engine.stats().submitted == 0 && start.elapsed() < WAIT {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let s = engine.stats();
+        assert_eq!((s.refused, s.submitted), (cases.len() as u64, 1), "{name}");
+        engine.shutdown().unwrap();
+    }
+}
+
 #[test]
 fn every_bad_field_gets_its_own_error_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
