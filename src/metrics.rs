@@ -24,12 +24,14 @@
 //! | `purgatory_sync_ref_update_failures_total` | counter | |
 //! | `purgatory_sync_fetches_started_total` | counter | |
 //! | `purgatory_sync_fetches_succeeded_total` | counter | |
+//! | `purgatory_sync_fetches_partial_total` | counter | |
 //! | `purgatory_sync_fetches_failed_total` | counter | |
 //! | `purgatory_sync_naughty_domains` | gauge | |
 //! | `purgatory_sync_expired_ids_remembered` | gauge | |
 //! | `purgatory_sync_fetch_failures_total` | counter | `reason` |
 //! | `purgatory_sync_domain_fetches_started_total` | counter | `domain` |
 //! | `purgatory_sync_domain_fetches_succeeded_total` | counter | `domain` |
+//! | `purgatory_sync_domain_fetches_partial_total` | counter | `domain` |
 //! | `purgatory_sync_domain_in_flight` | gauge | `domain` |
 //! | `purgatory_sync_domain_queued_identifiers` | gauge | `domain` |
 //! | `purgatory_sync_domain_rate_wait_seconds` | gauge | `domain` |
@@ -83,7 +85,7 @@ pub fn render(stats: &Stats) -> String {
     let s = stats;
     let mut w = Writer::default();
 
-    let scalars: [(&str, Type, &str, Num); 20] = [
+    let scalars: [(&str, Type, &str, Num); 21] = [
         (
             "queued_identifiers",
             Gauge,
@@ -187,9 +189,15 @@ pub fn render(stats: &Stats) -> String {
             s.fetches_succeeded.into(),
         ),
         (
+            "fetches_partial_total",
+            Counter,
+            "Fetches that ended with an error but brought some of the wanted objects.",
+            s.fetches_partial.into(),
+        ),
+        (
             "fetches_failed_total",
             Counter,
-            "Fetches that ended with an error.",
+            "Fetches that ended with an error and brought none of the wanted objects.",
             s.fetches_failed.into(),
         ),
         (
@@ -211,12 +219,16 @@ pub fn render(stats: &Stats) -> String {
     }
 
     let name = "fetch_failures_total";
-    w.family(name, Counter, "Failed fetches by kind of failure.");
+    w.family(
+        name,
+        Counter,
+        "Failed fetches (not partial ones) by kind of failure.",
+    );
     for (kind, n) in &s.failures {
         w.sample(name, &[("reason", kind.as_str())], *n);
     }
 
-    let per_domain: [DomainFamily; 5] = [
+    let per_domain: [DomainFamily; 6] = [
         (
             "domain_fetches_started_total",
             Counter,
@@ -228,6 +240,12 @@ pub fn render(stats: &Stats) -> String {
             Counter,
             "Fetches that ended without an error, by remote domain.",
             |d| d.succeeded.into(),
+        ),
+        (
+            "domain_fetches_partial_total",
+            Counter,
+            "Fetches that ended with an error but brought some of the wanted objects, by remote domain.",
+            |d| d.partial.into(),
         ),
         (
             "domain_in_flight",
@@ -258,7 +276,7 @@ pub fn render(stats: &Stats) -> String {
     w.family(
         name,
         Counter,
-        "Failed fetches by remote domain and kind of failure.",
+        "Failed fetches (not partial ones) by remote domain and kind of failure.",
     );
     for (domain, d) in &s.domains {
         for (kind, n) in &d.failed {
@@ -426,6 +444,36 @@ mod tests {
     #[test]
     fn help_text_escapes_backslash_and_newline_but_not_quotes() {
         assert_eq!(escape_help("a \"b\" \\ c\nd"), "a \"b\" \\\\ c\\nd");
+    }
+
+    #[test]
+    fn partial_fetches_have_their_own_counters() {
+        let mut stats = Stats {
+            fetches_started: 6,
+            fetches_succeeded: 1,
+            fetches_partial: 3,
+            fetches_failed: 2,
+            ..Stats::default()
+        };
+        stats.domains.insert(
+            "m.example".into(),
+            DomainStats {
+                requests_started: 6,
+                succeeded: 1,
+                partial: 3,
+                failed: [(crate::FailureKind::NotFound, 2)].into_iter().collect(),
+                ..DomainStats::default()
+            },
+        );
+        let text = render(&stats);
+        for line in [
+            "purgatory_sync_fetches_partial_total 3\n",
+            "purgatory_sync_fetches_failed_total 2\n",
+            "purgatory_sync_domain_fetches_partial_total{domain=\"m.example\"} 3\n",
+            "purgatory_sync_domain_fetch_failures_total{domain=\"m.example\",reason=\"not_found\"} 2\n",
+        ] {
+            assert!(text.contains(line), "{line:?} in\n{text}");
+        }
     }
 
     #[test]

@@ -52,15 +52,19 @@ pub struct Stats {
     pub fetches_started: u64,
     /// Fetches that ended without an error.
     pub fetches_succeeded: u64,
-    /// Fetches that ended with an error (they may still have brought some objects).
+    /// Fetches that ended with an error after which some of the wanted objects were in the
+    /// repository: typically a server that had only some of them. Every fetch that ended is
+    /// counted once, in `fetches_succeeded`, `fetches_partial` or `fetches_failed`.
+    pub fetches_partial: u64,
+    /// Fetches that ended with an error and none of the wanted objects in the repository.
     pub fetches_failed: u64,
-    /// Failed fetches by kind of failure.
+    /// Failed fetches (not partial ones) by kind of failure.
     pub failures: BTreeMap<FailureKind, u64>,
     /// Per-domain counters and state, by domain.
     pub domains: BTreeMap<String, DomainStats>,
     /// Domains skipped for a while because of DNS or TLS failures.
     pub naughty: Vec<NaughtyEntry>,
-    /// The last 32 failed fetches, oldest first.
+    /// The last 32 fetches that ended with an error, partial ones included, oldest first.
     pub recent_failures: Vec<FailureRecord>,
     /// Expired event ids currently refused on re-submission.
     pub expired_ids_remembered: usize,
@@ -149,7 +153,7 @@ impl ReleaseHistogram {
     }
 }
 
-/// One failed fetch, as kept in [`Stats::recent_failures`].
+/// One fetch that ended with an error, as kept in [`Stats::recent_failures`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct FailureRecord {
@@ -175,7 +179,10 @@ pub struct DomainStats {
     pub requests_started: u64,
     /// Fetches that ended without an error.
     pub succeeded: u64,
-    /// Failed fetches by kind.
+    /// Fetches that ended with an error after which some of the wanted objects were in the
+    /// repository (see [`Stats::fetches_partial`]).
+    pub partial: u64,
+    /// Failed fetches (not partial ones) by kind.
     pub failed: BTreeMap<FailureKind, u64>,
     /// How long until the rate quota allows the next fetch start; zero when it allows one now.
     pub next_cell_in: std::time::Duration,

@@ -106,7 +106,7 @@ fn assert_quiet(s: &Stats) {
     assert_eq!(s.in_flight, 0, "{s:?}");
     assert_eq!(
         s.fetches_started,
-        s.fetches_succeeded + s.fetches_failed,
+        s.fetches_succeeded + s.fetches_partial + s.fetches_failed,
         "{s:?}"
     );
 }
@@ -138,8 +138,13 @@ fn one_event_is_released_from_one_mirror() {
     let s = engine.stats();
     assert_eq!((s.submitted, s.released, s.expired), (1, 1, 0), "{s:?}");
     assert_eq!(
-        (s.fetches_started, s.fetches_succeeded, s.fetches_failed),
-        (1, 1, 0),
+        (
+            s.fetches_started,
+            s.fetches_succeeded,
+            s.fetches_partial,
+            s.fetches_failed
+        ),
+        (1, 1, 0, 0),
         "{s:?}"
     );
     assert_quiet(&s);
@@ -219,12 +224,23 @@ fn objects_from_two_mirrors_on_two_domains_add_up() {
     let s = engine.stats();
     assert_eq!((s.submitted, s.released), (1, 1), "{s:?}");
     // One fetch per mirror. The first is asked for both and has one: it brings that one and
-    // reports a failure; the second is asked only for the other and succeeds.
+    // reports an error, a partial fetch; the second is asked only for the other and succeeds.
     assert_eq!(
-        (s.fetches_started, s.fetches_succeeded, s.fetches_failed),
-        (2, 1, 1),
+        (
+            s.fetches_started,
+            s.fetches_succeeded,
+            s.fetches_partial,
+            s.fetches_failed
+        ),
+        (2, 1, 1, 0),
         "{s:?}"
     );
+    assert!(
+        s.failures.is_empty(),
+        "a partial fetch is not a failure: {s:?}"
+    );
+    let first = &s.domains[&HOST_A.to_string()];
+    assert_eq!((first.succeeded, first.partial), (0, 1), "{first:?}");
     assert_quiet(&s);
     engine.shutdown().unwrap();
     assert_eq!(temp_refs(&target), Vec::<String>::new());
@@ -255,9 +271,15 @@ fn a_mirror_lacking_the_commit_costs_one_fetch() {
 
     assert!(testkit::has_object(&target, wanted));
     let s = engine.stats();
+    // The first mirror brought nothing: a failed fetch, not a partial one.
     assert_eq!(
-        (s.fetches_started, s.fetches_succeeded, s.fetches_failed),
-        (2, 1, 1),
+        (
+            s.fetches_started,
+            s.fetches_succeeded,
+            s.fetches_partial,
+            s.fetches_failed
+        ),
+        (2, 1, 0, 1),
         "{s:?}"
     );
     assert_eq!(s.failures.values().sum::<u64>(), 1, "{s:?}");

@@ -465,6 +465,17 @@ fn poll_times_out_and_release_goes_end_to_end() {
     assert_eq!(s["released"], 1);
     assert_eq!(s["already_satisfied"], 1);
     assert!(s["domains"].is_object() && s["failures"].is_object() && s["naughty"].is_array());
+    for counter in [
+        "fetches_started",
+        "fetches_succeeded",
+        "fetches_partial",
+        "fetches_failed",
+    ] {
+        assert_eq!(
+            s[counter], 0,
+            "{counter}: released by a push, nothing fetched"
+        );
+    }
     let times = &s["release_times"];
     assert_eq!(times["count"], 1);
     assert_eq!(times["sum_ms"], t.json["waited_ms"]);

@@ -27,7 +27,7 @@ const NOBODY: &str = "127.0.0.61";
 const UNRESOLVABLE: &str = "unresolvable.example";
 
 /// The families, in the order `render` writes them, with their types.
-const FAMILIES: [(&str, &str); 29] = [
+const FAMILIES: [(&str, &str); 31] = [
     ("purgatory_sync_queued_identifiers", "gauge"),
     ("purgatory_sync_waiting_events", "gauge"),
     ("purgatory_sync_awaiting_refs", "gauge"),
@@ -45,12 +45,14 @@ const FAMILIES: [(&str, &str); 29] = [
     ("purgatory_sync_ref_update_failures_total", "counter"),
     ("purgatory_sync_fetches_started_total", "counter"),
     ("purgatory_sync_fetches_succeeded_total", "counter"),
+    ("purgatory_sync_fetches_partial_total", "counter"),
     ("purgatory_sync_fetches_failed_total", "counter"),
     ("purgatory_sync_naughty_domains", "gauge"),
     ("purgatory_sync_expired_ids_remembered", "gauge"),
     ("purgatory_sync_fetch_failures_total", "counter"),
     ("purgatory_sync_domain_fetches_started_total", "counter"),
     ("purgatory_sync_domain_fetches_succeeded_total", "counter"),
+    ("purgatory_sync_domain_fetches_partial_total", "counter"),
     ("purgatory_sync_domain_in_flight", "gauge"),
     ("purgatory_sync_domain_queued_identifiers", "gauge"),
     ("purgatory_sync_domain_rate_wait_seconds", "gauge"),
@@ -236,6 +238,7 @@ fn a_real_engine_renders_releases_failures_and_naughty_domains() {
     assert_eq!(v("expired_total"), 0.0);
     assert_eq!(v("fetches_started_total"), 4.0);
     assert_eq!(v("fetches_succeeded_total"), 2.0);
+    assert_eq!(v("fetches_partial_total"), 0.0);
     assert_eq!(v("fetches_failed_total"), 2.0);
     assert_eq!(v("waiting_events"), 0.0);
     assert_eq!(v("queued_identifiers"), 0.0);
@@ -281,6 +284,10 @@ fn a_real_engine_renders_releases_failures_and_naughty_domains() {
     assert_eq!(
         per_domain(succeeded),
         expect(&[(&server, 2.0), (NOBODY, 0.0), (UNRESOLVABLE, 0.0)])
+    );
+    assert_eq!(
+        per_domain("purgatory_sync_domain_fetches_partial_total"),
+        all(0.0)
     );
     assert_eq!(per_domain("purgatory_sync_domain_in_flight"), all(0.0));
     assert_eq!(

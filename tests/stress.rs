@@ -215,6 +215,16 @@ struct Span {
     served: String,
     start: Instant,
     end: Option<Instant>,
+    /// How the fetch ended, from its report: the class the engine's counters must give it.
+    ended: Option<Ended>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    Ok,
+    /// An error, but some of the wanted objects are present.
+    Partial,
+    Failed,
 }
 
 #[derive(Default)]
@@ -313,6 +323,7 @@ impl Fetcher for Watched {
                 served,
                 start: Instant::now(),
                 end: None,
+                ended: None,
             });
             st.spans.len() - 1
         };
@@ -323,7 +334,13 @@ impl Fetcher for Watched {
             domain,
             span,
         };
-        self.0.inner.fetch(request, control)
+        let report = self.0.inner.fetch(request, control);
+        self.0.state().spans[span].ended = Some(match &report.error {
+            None => Ended::Ok,
+            Some(_) if !report.present.is_empty() => Ended::Partial,
+            Some(_) => Ended::Failed,
+        });
+        report
     }
 
     fn present(&self, repo: &Path, oids: &[ObjectId]) -> Result<Vec<ObjectId>, FetchError> {
@@ -1093,11 +1110,29 @@ fn ten_thousand_events_from_eight_threads_against_slow_flaky_and_incomplete_mirr
     );
     assert_eq!(
         s.fetches_started,
-        s.fetches_succeeded + s.fetches_failed,
+        s.fetches_succeeded + s.fetches_partial + s.fetches_failed,
         "{s:?}"
     );
     {
         let st = watch.state();
+        let ended = |class: Ended| st.spans.iter().filter(|sp| sp.ended == Some(class)).count();
+        assert_eq!(
+            (s.fetches_succeeded, s.fetches_partial, s.fetches_failed),
+            (
+                ended(Ended::Ok) as u64,
+                ended(Ended::Partial) as u64,
+                ended(Ended::Failed) as u64
+            ),
+            "fetches ok, partial and failed: the engine's counters against the reports"
+        );
+        for (domain, d) in &s.domains {
+            let failed: u64 = d.failed.values().sum();
+            assert_eq!(
+                d.requests_started,
+                d.succeeded + d.partial + failed,
+                "{domain}: {d:?}"
+            );
+        }
         assert_eq!(st.spans.len() as u64, s.fetches_started, "fetches seen");
         assert!(st.spans.iter().all(|sp| sp.end.is_some()), "a fetch runs");
         let per_domain: u64 = s.domains.values().map(|d| d.requests_started).sum();
@@ -1267,9 +1302,10 @@ fn ten_thousand_events_from_eight_threads_against_slow_flaky_and_incomplete_mirr
         logs.iter().map(|l| l.idle_rechecks).sum::<usize>(),
     );
     eprintln!(
-        "stress: fetches {} ({} ok, {} failed: {:?}); {} more during shutdown; {toggles} fault toggles",
+        "stress: fetches {} ({} ok, {} partial, {} failed: {:?}); {} more during shutdown; {toggles} fault toggles",
         s.fetches_started,
         s.fetches_succeeded,
+        s.fetches_partial,
         s.fetches_failed,
         s.failures,
         before.fetches_started - quiet_fetches,

@@ -180,6 +180,7 @@ struct Counters {
     ref_failures: u64,
     fetches_started: u64,
     fetches_succeeded: u64,
+    fetches_partial: u64,
     fetches_failed: u64,
     failures: BTreeMap<FailureKind, u64>,
     recent_failures: VecDeque<FailureRecord>,
@@ -981,16 +982,23 @@ impl Core {
         };
         self.busy_repos.remove(&run.repo);
         self.busy_identifiers.remove(&run.identifier);
+        // An error with some wanted objects present after all: a server that had only some.
+        let partial = !report.present.is_empty();
         self.domains.release(
             &run.domain,
             report.error.as_ref().map(|e| (e.kind, e.message.as_str())),
+            partial,
             now,
         );
         match &report.error {
             None => self.counters.fetches_succeeded += 1,
             Some(e) => {
-                self.counters.fetches_failed += 1;
-                *self.counters.failures.entry(e.kind).or_default() += 1;
+                if partial {
+                    self.counters.fetches_partial += 1;
+                } else {
+                    self.counters.fetches_failed += 1;
+                    *self.counters.failures.entry(e.kind).or_default() += 1;
+                }
                 if self.counters.recent_failures.len() == RECENT_FAILURES {
                     self.counters.recent_failures.pop_front();
                 }
@@ -1176,6 +1184,7 @@ impl Core {
             ref_update_failures: c.ref_failures,
             fetches_started: c.fetches_started,
             fetches_succeeded: c.fetches_succeeded,
+            fetches_partial: c.fetches_partial,
             fetches_failed: c.fetches_failed,
             failures: c.failures.clone(),
             recent_failures: c.recent_failures.iter().cloned().collect(),

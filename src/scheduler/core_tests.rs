@@ -670,6 +670,47 @@ fn a_panicked_fetch_counts_as_a_failure_and_the_next_url_is_tried() {
     assert_eq!(h.released(), ["e"]);
 }
 
+/// A fetch that ends with an error is partial when some wanted objects are present after it,
+/// failed when none are: each counted once, in the totals and per domain, and only failed ones
+/// by kind.
+#[test]
+fn a_fetch_with_an_error_is_partial_if_it_left_some_wanted_objects_else_failed() {
+    let mut h = Harness::new();
+    h.submit(
+        "e",
+        "id",
+        "/r",
+        &[oid(1), oid(2), oid(3)],
+        &["git://a/r", "git://b/r", "git://c/r"],
+        Origin::Sync,
+    );
+    h.advance(500 * MS);
+    h.finish(&[oid(1)], Some(FailureKind::NotFound));
+    h.finish(&[], Some(FailureKind::NotFound));
+    h.finish(&[oid(2), oid(3)], None);
+    assert_eq!(h.released(), ["e"]);
+    let s = h.core.stats();
+    assert_eq!(
+        (
+            s.fetches_started,
+            s.fetches_succeeded,
+            s.fetches_partial,
+            s.fetches_failed
+        ),
+        (3, 1, 1, 1)
+    );
+    assert_eq!(s.failures.get(&FailureKind::NotFound), Some(&1));
+    assert_eq!(s.recent_failures.len(), 2, "both errors are kept");
+    let per = |d: &str| {
+        let d = &s.domains[d];
+        (d.succeeded, d.partial, d.failed.values().sum::<u64>())
+    };
+    assert_eq!(
+        (per("a"), per("b"), per("c")),
+        ((0, 1, 0), (0, 0, 1), (1, 0, 0))
+    );
+}
+
 #[test]
 fn urls_of_later_events_join_the_running_attempt() {
     let mut h = Harness::new();

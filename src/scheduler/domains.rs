@@ -102,6 +102,7 @@ struct Domain {
     blocked_until: Option<Instant>,
     started: u64,
     succeeded: u64,
+    partial: u64,
     failed: BTreeMap<FailureKind, u64>,
 }
 
@@ -174,6 +175,7 @@ impl Domains {
                     blocked_until: None,
                     started: 0,
                     succeeded: 0,
+                    partial: 0,
                     failed: BTreeMap::new(),
                 },
             );
@@ -218,12 +220,14 @@ impl Domains {
         &mut self,
         domain: &Arc<str>,
         failure: Option<(FailureKind, &str)>,
+        partial: bool,
         now: Instant,
     ) {
         let d = self.domain(domain);
         d.in_flight = d.in_flight.saturating_sub(1);
         match failure {
             None => d.succeeded += 1,
+            Some(_) if partial => d.partial += 1,
             Some((kind, _)) => *d.failed.entry(kind).or_default() += 1,
         }
         let category = match failure {
@@ -448,6 +452,7 @@ impl Domains {
                     queued_identifiers: d.waiting,
                     requests_started: d.started,
                     succeeded: d.succeeded,
+                    partial: d.partial,
                     failed: d.failed.clone(),
                     next_cell_in: d
                         .blocked_until

@@ -423,12 +423,18 @@ fn demo(args: &DemoArgs) -> Result<Vec<String>, Box<dyn std::error::Error>> {
     println!("\nPer domain:\n{}", progress::domain_table(&stats, &label));
     println!("Per event:\n{}", event_table(&plan, &results));
     println!(
-        "{} released, {} expired in {} (engine: {} fetches, {} failed).",
+        "{} released, {} expired in {} (engine: {} fetches: {} ok, {} partial, {} failed{}).",
         stats.released,
         stats.expired,
         progress::seconds(elapsed),
         stats.fetches_started,
-        stats.fetches_failed
+        stats.fetches_succeeded,
+        stats.fetches_partial,
+        stats.fetches_failed,
+        match stats.in_flight {
+            0 => String::new(),
+            n => format!(", {n} still running at the end"),
+        }
     );
     let problems = check(&plan, &results, &stats, elapsed, io_timeout);
     if args.keep {

@@ -157,7 +157,8 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-/// Per domain: requests started, successes, failures by reason.
+/// Per domain: requests started, successes, partial fetches (an error, but some of the wanted
+/// objects arrived), failures (none arrived) by reason.
 pub fn domain_table(stats: &Stats, label: &dyn Fn(&str) -> String) -> String {
     let rows: Vec<Vec<String>> = stats
         .domains
@@ -181,11 +182,12 @@ pub fn domain_table(stats: &Stats, label: &dyn Fn(&str) -> String) -> String {
                 label(domain),
                 d.requests_started.to_string(),
                 d.succeeded.to_string(),
+                d.partial.to_string(),
                 failures,
             ]
         })
         .collect();
-    table(&["domain", "requests", "ok", "failures"], &rows)
+    table(&["domain", "requests", "ok", "partial", "failures"], &rows)
 }
 
 #[cfg(test)]
