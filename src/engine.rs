@@ -18,6 +18,7 @@ use crate::error::{BuildError, ShutdownError, SubmitError};
 use crate::event::{Admission, Outcome, PendingEvent};
 use crate::fetch::Fetcher;
 use crate::scheduler::core::{Command, Core, ValidEvent};
+use crate::scheduler::ids::{EventIds, IdState};
 use crate::scheduler::{join_all, start_workers, Scheduler};
 use crate::stats::Stats;
 use crate::{validate, EngineBuilder};
@@ -64,6 +65,9 @@ pub struct Engine {
     /// bare one: `submit` then need not open it once more to check that.
     fetcher_checks_bare: bool,
     core: Arc<Mutex<Core>>,
+    /// The core's index of waiting and expired event ids: `submit` reads it instead of taking
+    /// the core's lock.
+    ids: Arc<EventIds>,
     admitted: Arc<AtomicUsize>,
     counters: HandleCounters,
     commands: Option<Sender<Command>>,
@@ -118,6 +122,7 @@ impl Engine {
                 Err(e) => return Err(e),
             }
         }
+        let ids = restored.ids();
         let core = Arc::new(Mutex::new(restored));
         let final_write = Arc::new(Mutex::new(None));
         let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded();
@@ -155,6 +160,7 @@ impl Engine {
             fetcher,
             fetcher_checks_bare,
             core,
+            ids,
             admitted,
             counters: HandleCounters::default(),
             commands: Some(cmd_tx),
@@ -197,17 +203,20 @@ impl Engine {
 
     fn try_submit(&self, event: PendingEvent) -> Result<Admission, SubmitError> {
         let checked = validate::event(&event, &self.cfg)?;
-        {
-            let core = self.core.lock();
-            if let Some(left) = core.refused_for(&event.id, self.clock.now()) {
-                return Err(SubmitError::PreviouslyExpired {
-                    event_id: event.id,
-                    refused_for: left,
-                });
+        // Without the core's lock, which a pass, a checkpoint or a growing table can hold for
+        // long: the id index is kept in step with the core.
+        match self.ids.get(&event.id) {
+            Some(IdState::Expired(until)) => {
+                let now = self.clock.now();
+                if until > now {
+                    return Err(SubmitError::PreviouslyExpired {
+                        event_id: event.id,
+                        refused_for: until - now,
+                    });
+                }
             }
-            if core.is_waiting(&event.id) {
-                return Ok(Admission::pending_with(checked.refused));
-            }
+            Some(IdState::Waiting) => return Ok(Admission::pending_with(checked.refused)),
+            None => {}
         }
         // A custom fetcher may not check what the repository is, so the engine does; the
         // built-in one's presence check below opens it as a bare repository and fails the same
@@ -346,4 +355,87 @@ impl Drop for Engine {
 fn assert_send_sync() {
     fn is<T: Send + Sync>() {}
     is::<Engine>();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{FakeClock, ObjectId};
+    use std::time::Duration;
+
+    /// `submit` answers a duplicate, a recently expired id and a new event while the core's
+    /// lock is held (as it is during a pass, a checkpoint snapshot or a table growing), instead
+    /// of waiting for it.
+    #[test]
+    fn submit_never_waits_for_the_core_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = dir.path().join("r.git");
+        git2::Repository::init_bare(&repo).unwrap();
+        let clock = FakeClock::new();
+        let engine = Engine::builder()
+            .allow_private_addresses(true)
+            .thread_name("nolock")
+            .clock(clock.clone())
+            .tick(Duration::from_secs(3600))
+            .user_delay(Duration::from_secs(3600))
+            .event_lifetime(Duration::from_secs(60))
+            .build()
+            .unwrap();
+        let outcomes = engine.outcomes();
+        let event = |id: &str, byte: u8| PendingEvent {
+            id: id.into(),
+            identifier: "ident".into(),
+            repo: repo.clone(),
+            oids: vec![ObjectId::from_bytes([byte; 20]).to_string()],
+            clone_urls: vec!["git://127.0.0.1:9/r.git".into()],
+            origin: crate::Origin::User,
+            ..Default::default()
+        };
+        assert!(engine.submit(event("old", 1)).unwrap().is_pending());
+        clock.advance(Duration::from_secs(61));
+        let expired = outcomes.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(expired.event_id(), "old");
+        assert!(engine.submit(event("waiting", 2)).unwrap().is_pending());
+        // The scheduler takes the submit command; then the core is ours.
+        let start = Instant::now();
+        while engine.stats().submitted < 2 && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let held = engine.core.lock();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for (id, byte) in [("waiting", 2), ("old", 1), ("new", 3)] {
+                    let _ = tx.send((id, engine.submit(event(id, byte))));
+                }
+            });
+            let mut answers = Vec::new();
+            for _ in 0..3 {
+                match rx.recv_timeout(Duration::from_secs(5)) {
+                    Ok(answer) => answers.push(answer),
+                    Err(_) => break,
+                }
+            }
+            // Release the lock whatever happened, so that a blocked submit ends too.
+            drop(held);
+            assert_eq!(
+                answers.len(),
+                3,
+                "answered with the core locked: {answers:?}"
+            );
+            assert!(
+                matches!(&answers[0], ("waiting", Ok(a)) if a.is_pending()),
+                "{answers:?}"
+            );
+            assert!(
+                matches!(&answers[1], ("old", Err(SubmitError::PreviouslyExpired { refused_for, .. })) if *refused_for > Duration::ZERO),
+                "{answers:?}"
+            );
+            assert!(
+                matches!(&answers[2], ("new", Ok(a)) if a.is_pending()),
+                "{answers:?}"
+            );
+        });
+        engine.shutdown().unwrap();
+    }
 }

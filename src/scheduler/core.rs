@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::domains::Domains;
+use super::ids::EventIds;
 use crate::config::Config;
 use crate::event::{ExpiryReason, Origin, Outcome, RefUpdate};
 use crate::fetch::{FailureKind, FetchError, FetchReport, FetchRequest};
@@ -204,6 +205,9 @@ pub(crate) struct Core {
     expiries: BTreeSet<(Instant, Arc<str>)>,
     expired_ids: HashMap<Arc<str>, Instant>,
     expired_order: VecDeque<(Instant, Arc<str>)>,
+    /// `events` and `expired_ids` again, by id, for `submit` to read without this core's lock;
+    /// changed together with them.
+    ids: Arc<EventIds>,
     running: HashMap<JobId, Running>,
     busy_repos: HashSet<Arc<Path>>,
     busy_identifiers: HashSet<Arc<str>>,
@@ -236,6 +240,7 @@ impl Core {
             expiries: BTreeSet::new(),
             expired_ids: HashMap::new(),
             expired_order: VecDeque::new(),
+            ids: Arc::new(EventIds::default()),
             running: HashMap::new(),
             busy_repos: HashSet::new(),
             busy_identifiers: HashSet::new(),
@@ -252,20 +257,22 @@ impl Core {
         }
     }
 
+    /// The index of waiting and expired event ids, kept in step with this core.
+    pub fn ids(&self) -> Arc<EventIds> {
+        self.ids.clone()
+    }
+
     /// The actions decided since the last call, in the order they must be carried out.
     pub fn take_actions(&mut self) -> Vec<Action> {
         std::mem::take(&mut self.actions)
     }
 
-    /// How much longer `event_id` is refused because it expired, if it is.
+    /// How much longer `event_id` is refused because it expired, if it is (`submit` asks the
+    /// id index, which says the same).
+    #[cfg(test)]
     pub fn refused_for(&self, event_id: &str, now: Instant) -> Option<Duration> {
         let until = *self.expired_ids.get(event_id)?;
         (until > now).then(|| until - now)
-    }
-
-    /// Whether `event_id` waits in purgatory.
-    pub fn is_waiting(&self, event_id: &str) -> bool {
-        self.events.contains_key(event_id)
     }
 
     /// No further fetch is dispatched; results of running ones are still taken.
@@ -388,6 +395,7 @@ impl Core {
             // Refs are written at the next pass.
             self.awaiting_refs.insert(seq, ev.id.clone());
         }
+        self.ids.set_waiting(ev.id.clone());
         self.events.insert(
             ev.id,
             EventState {
@@ -473,6 +481,7 @@ impl Core {
             if self.expired_ids.get(&id) == Some(&until) {
                 self.expired_ids.remove(&id);
             }
+            self.ids.forget_expired(&id, until);
         }
         self.flush_drops();
         // Before dispatch, which could make a repository busy again.
@@ -556,6 +565,7 @@ impl Core {
             if !self.cfg.expired_memory.is_zero() {
                 let until = now + self.cfg.expired_memory;
                 self.expired_ids.insert(id.clone(), until);
+                self.ids.set_expired(id.clone(), until);
                 self.expired_order.push_back((until, id.clone()));
             }
             self.leave(&id);
@@ -875,6 +885,7 @@ impl Core {
             if left > downtime {
                 let until = now + (left - downtime);
                 self.expired_ids.insert(id.clone(), until);
+                self.ids.set_expired(id.clone(), until);
                 self.expired_order.push_back((until, id));
             }
         }
@@ -901,6 +912,7 @@ impl Core {
                 if !core.cfg.expired_memory.is_zero() {
                     let until = now + core.cfg.expired_memory;
                     core.expired_ids.insert(event.id.clone(), until);
+                    core.ids.set_expired(event.id.clone(), until);
                     core.expired_order.push_back((until, event.id.clone()));
                 }
             };
@@ -1094,6 +1106,7 @@ impl Core {
         let Some(ev) = self.events.remove(event_id) else {
             return;
         };
+        self.ids.forget_waiting(event_id);
         self.admitted.fetch_sub(1, Ordering::SeqCst);
         self.expiries.remove(&(ev.expires, Arc::from(event_id)));
         self.awaiting_refs.remove(&ev.seq);
@@ -1152,10 +1165,34 @@ impl Core {
         self.stats_at(self.last_now, std::time::SystemTime::now())
     }
 
+    /// Checks that the id index says what the core's maps say.
+    #[cfg(test)]
+    fn check_ids(&self) {
+        use super::ids::IdState;
+        let mut expect: HashMap<Arc<str>, IdState> = self
+            .expired_ids
+            .iter()
+            .map(|(id, until)| (id.clone(), IdState::Expired(*until)))
+            .collect();
+        for id in self.events.keys() {
+            assert!(
+                expect.insert(id.clone(), IdState::Waiting).is_none(),
+                "{id} waits and is refused as expired"
+            );
+        }
+        assert_eq!(
+            self.ids.all(),
+            expect,
+            "the id index against the core's maps"
+        );
+    }
+
     /// The core's part of [`Stats`]; `now` and `wall` are the same instant on the engine's
     /// clock, for the naughty list's calendar times.
     pub fn stats_at(&self, now: Instant, wall: std::time::SystemTime) -> Stats {
         let c = &self.counters;
+        #[cfg(test)]
+        self.check_ids();
         #[cfg(test)]
         for (domain, (kept, scanned)) in self
             .domains

@@ -8,6 +8,7 @@
 pub(crate) mod bench;
 pub(crate) mod core;
 pub(crate) mod domains;
+pub(crate) mod ids;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
