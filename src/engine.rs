@@ -68,6 +68,8 @@ pub struct Engine {
     /// The core's index of waiting and expired event ids: `submit` reads it instead of taking
     /// the core's lock.
     ids: Arc<EventIds>,
+    /// Commands sent and not yet applied by the scheduler (`Stats::commands_pending`).
+    unapplied: Arc<AtomicUsize>,
     admitted: Arc<AtomicUsize>,
     counters: HandleCounters,
     commands: Option<Sender<Command>>,
@@ -126,6 +128,7 @@ impl Engine {
         let core = Arc::new(Mutex::new(restored));
         let final_write = Arc::new(Mutex::new(None));
         let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded();
+        let unapplied = Arc::new(AtomicUsize::new(0));
         let (out_tx, out_rx) = crossbeam_channel::unbounded();
         let (results_tx, results_rx) = crossbeam_channel::unbounded();
         let workers = start_workers(&cfg.thread_name, cfg.workers).map_err(BuildError::Spawn)?;
@@ -135,6 +138,7 @@ impl Engine {
             fetcher: fetcher.clone(),
             core: core.clone(),
             commands: cmd_rx,
+            unapplied: unapplied.clone(),
             outcomes: out_tx,
             pool: workers.pool,
             cancel: Arc::new(AtomicBool::new(false)),
@@ -161,6 +165,7 @@ impl Engine {
             fetcher_checks_bare,
             core,
             ids,
+            unapplied,
             admitted,
             counters: HandleCounters::default(),
             commands: Some(cmd_tx),
@@ -288,13 +293,14 @@ impl Engine {
 
     /// A snapshot of the queue and the counters.
     pub fn stats(&self) -> Stats {
-        let mut s = self
-            .core
-            .lock()
-            .stats_at(self.clock.now(), self.clock.wall());
+        let core = self.core.lock();
+        let mut s = core.stats_at(self.clock.now(), self.clock.wall());
+        // Under the core's lock, where the scheduler counts a command out as it applies it:
+        // every command is either in this snapshot's figures or in `commands_pending`.
+        s.commands_pending = self.commands_pending();
+        drop(core);
         s.already_satisfied = self.counters.already_satisfied.load(Ordering::Relaxed);
         s.refused = self.counters.refused.load(Ordering::Relaxed);
-        s.commands_pending = self.commands.as_ref().map_or(0, Sender::len);
         s
     }
 
@@ -309,11 +315,22 @@ impl Engine {
         self.stop()
     }
 
+    /// Commands sent and not applied yet, including one the scheduler has taken from the
+    /// channel and is about to apply.
+    fn commands_pending(&self) -> usize {
+        self.unapplied.load(Ordering::SeqCst)
+    }
+
     fn send(&self, cmd: Command) -> Result<(), SubmitError> {
-        match &self.commands {
-            Some(tx) => tx.send(cmd).map_err(|_| SubmitError::ShuttingDown),
-            None => Err(SubmitError::ShuttingDown),
-        }
+        let Some(tx) = &self.commands else {
+            return Err(SubmitError::ShuttingDown);
+        };
+        // Counted before it is sent, so that it is never applied and not yet counted.
+        self.unapplied.fetch_add(1, Ordering::SeqCst);
+        tx.send(cmd).map_err(|_| {
+            self.unapplied.fetch_sub(1, Ordering::SeqCst);
+            SubmitError::ShuttingDown
+        })
     }
 
     fn stop(&mut self) -> Result<(), ShutdownError> {
@@ -436,6 +453,72 @@ mod tests {
                 "{answers:?}"
             );
         });
+        engine.shutdown().unwrap();
+    }
+
+    /// A command the scheduler has taken from the channel but not applied yet (it waits for
+    /// the core's lock) still counts as pending: `stats` never shows a command in neither
+    /// `commands_pending` nor the other figures.
+    #[test]
+    fn a_command_taken_but_not_applied_is_still_pending() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = dir.path().join("r.git");
+        git2::Repository::init_bare(&repo).unwrap();
+        let engine = Engine::builder()
+            .allow_private_addresses(true)
+            .thread_name("pending")
+            .clock(FakeClock::new())
+            .tick(Duration::from_secs(3600))
+            .user_delay(Duration::from_secs(3600))
+            .build()
+            .unwrap();
+        let event = |k: u8| PendingEvent {
+            id: format!("e{k}"),
+            identifier: format!("ident{k}"),
+            repo: repo.clone(),
+            oids: vec![ObjectId::from_bytes([k; 20]).to_string()],
+            clone_urls: vec!["git://127.0.0.1:9/r.git".into()],
+            origin: crate::Origin::User,
+            ..Default::default()
+        };
+        // Borrowed, not cloned: a sender left alive would keep the scheduler from stopping.
+        let channel = engine.commands.as_ref().unwrap();
+        let wait = |done: &dyn Fn() -> bool, limit: Duration| {
+            let start = Instant::now();
+            while !done() && start.elapsed() < limit {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            done()
+        };
+        // The scheduler must be waiting for a command when the lock is taken; if it was at the
+        // head of its loop instead (it takes the lock there too), let it go and try again.
+        let mut seen = false;
+        for k in 1..=50u8 {
+            let held = engine.core.lock();
+            assert!(engine.submit(event(k)).unwrap().is_pending());
+            if wait(&|| channel.is_empty(), Duration::from_millis(200)) {
+                // Taken from the channel, waiting for the lock we hold: not applied yet.
+                assert_eq!(engine.commands_pending(), 1, "taken, not applied");
+                seen = true;
+            }
+            drop(held);
+            assert!(wait(
+                &|| engine.stats().commands_pending == 0,
+                Duration::from_secs(10)
+            ));
+            let s = engine.stats();
+            assert_eq!(
+                (s.submitted, s.waiting_events),
+                (u64::from(k), usize::from(k))
+            );
+            if seen {
+                break;
+            }
+        }
+        assert!(
+            seen,
+            "the scheduler never took a command while the lock was held"
+        );
         engine.shutdown().unwrap();
     }
 }

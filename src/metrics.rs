@@ -119,7 +119,7 @@ pub fn render(stats: &Stats) -> String {
         (
             "commands_pending",
             Gauge,
-            "Commands sent by the host that the scheduler has not taken yet.",
+            "Commands sent by the host that the scheduler has not applied yet.",
             s.commands_pending.into(),
         ),
         (

@@ -7,15 +7,15 @@ use crate::fetch::FailureKind;
 
 /// What the engine holds and has done since it started. Taken by
 /// [`Engine::stats`](crate::Engine::stats) under the scheduler's lock, so the counts agree with
-/// each other. They describe the commands the scheduler has taken: a submit, cancel or
-/// `git_data_arrived` still in the command channel is counted in
+/// each other. They describe the commands the scheduler has applied: a submit, cancel or
+/// `git_data_arrived` not applied yet is counted in
 /// [`commands_pending`](Stats::commands_pending) and shows up in the other fields a moment
-/// later. [`already_satisfied`](Stats::already_satisfied) and [`refused`](Stats::refused) are
+/// later — every command is in one or the other, never in neither. [`already_satisfied`](Stats::already_satisfied) and [`refused`](Stats::refused) are
 /// decided on the caller's thread and count at once.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Stats {
-    /// Commands sent by the host that the scheduler has not taken yet.
+    /// Commands sent by the host that the scheduler has not applied yet.
     pub commands_pending: usize,
     /// Queue entries: distinct (identifier, repository) pairs with waiting events.
     pub queued_identifiers: usize,

@@ -250,7 +250,9 @@ fn an_event_with_every_url_refused_waits_for_a_push() {
         .unwrap();
     let indices: Vec<usize> = admission.refused_urls().iter().map(|r| r.index).collect();
     assert_eq!(indices, [0, 1, 2], "{admission:?}");
-    let s = wait_stats(&engine, |s| s.commands_pending == 0);
+    // `submitted` counts when the scheduler has applied the submit; `commands_pending` is 0 as
+    // soon as it has taken the command, before it applies it.
+    let s = wait_stats(&engine, |s| s.submitted == 1);
     assert_eq!((s.waiting_events, s.queued_identifiers), (1, 1), "{s:?}");
 
     clock.advance(Duration::from_secs(60));
@@ -308,7 +310,8 @@ fn every_fetch_carries_the_engines_policy() {
             UrlRefusal::Scheme("http".into())
         )]
     );
-    wait_stats(&engine, |s| s.commands_pending == 0);
+    // Applied before the clock moves, so that the first attempt is due after the advance.
+    wait_stats(&engine, |s| s.submitted == 1);
     clock.advance(Duration::from_millis(500));
     let (url, policy) = seen.recv_timeout(GENEROUS).expect("a fetch");
     assert_eq!(url, "git://10.0.0.7/x.git");

@@ -960,9 +960,8 @@ fn ten_thousand_events_from_eight_threads_against_slow_flaky_and_incomplete_mirr
             logs[0].cancelled.push(e);
         }
         let submitting = started.elapsed();
-        // Every event leaves within its lifetime: wait until every pending event was taken
-        // (`commands_pending` does not count the command the scheduler is about to apply),
-        // nothing waits or runs, and every outcome the engine counted has arrived (more would
+        // Every event leaves within its lifetime: wait until every command was applied and
+        // every pending event taken, nothing waits or runs, and every outcome the engine counted has arrived (more would
         // be a duplicate, reported below).
         let admitted = logs
             .iter()

@@ -11,7 +11,7 @@ pub(crate) mod domains;
 pub(crate) mod ids;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -36,6 +36,9 @@ pub(crate) struct Scheduler {
     pub fetcher: Arc<dyn Fetcher>,
     pub core: Arc<Mutex<Core>>,
     pub commands: Receiver<Command>,
+    /// Commands sent and not applied yet: the handle counts one up before sending, the loop
+    /// counts it down when the core has applied it, under the core's lock.
+    pub unapplied: Arc<AtomicUsize>,
     pub outcomes: Sender<Outcome>,
     pub pool: rayon::ThreadPool,
     pub cancel: Arc<AtomicBool>,
@@ -107,8 +110,10 @@ impl Scheduler {
     fn take_commands(&self, first: Command) {
         let mut core = self.core.lock();
         core.command(first, self.clock.now());
+        self.unapplied.fetch_sub(1, Ordering::SeqCst);
         for cmd in self.commands.try_iter().take(COMMAND_BATCH - 1) {
             core.command(cmd, self.clock.now());
+            self.unapplied.fetch_sub(1, Ordering::SeqCst);
         }
     }
 
