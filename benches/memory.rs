@@ -340,6 +340,8 @@ fn repository_steps(label: &str, repo: &Path, n: usize) {
 }
 
 fn main() {
+    // `repo_with_history` runs `git fast-import`.
+    purgatory_sync::testkit::require_git();
     let full = std::env::args().any(|a| a == "--bench");
     let dir = tempfile::tempdir().expect("temp dir");
     let empty: Vec<PathBuf> = (0..4)

@@ -378,46 +378,71 @@ fn assert_send_sync() {
 mod tests {
     use super::*;
     use crate::{FakeClock, ObjectId};
+    use std::path::Path;
     use std::time::Duration;
 
-    /// `submit` answers a duplicate, a recently expired id and a new event while the core's
-    /// lock is held (as it is during a pass, a checkpoint snapshot or a table growing), instead
-    /// of waiting for it.
-    #[test]
-    fn submit_never_waits_for_the_core_lock() {
+    /// An engine that never fetches on its own (hour-long tick and user delay) on `clock`, and
+    /// a bare repository for its events.
+    fn idle_engine(
+        name: &str,
+        clock: &FakeClock,
+    ) -> (tempfile::TempDir, std::path::PathBuf, Engine) {
         let dir = tempfile::tempdir().unwrap();
         let repo = dir.path().join("r.git");
         git2::Repository::init_bare(&repo).unwrap();
-        let clock = FakeClock::new();
         let engine = Engine::builder()
             .allow_private_addresses(true)
-            .thread_name("nolock")
+            .thread_name(name)
             .clock(clock.clone())
             .tick(Duration::from_secs(3600))
             .user_delay(Duration::from_secs(3600))
             .event_lifetime(Duration::from_secs(60))
             .build()
             .unwrap();
-        let outcomes = engine.outcomes();
-        let event = |id: &str, byte: u8| PendingEvent {
+        (dir, repo, engine)
+    }
+
+    /// A user event `id` in `repo` waiting for object `[byte; 20]`.
+    fn event(repo: &Path, id: &str, byte: u8) -> PendingEvent {
+        PendingEvent {
             id: id.into(),
-            identifier: "ident".into(),
-            repo: repo.clone(),
+            identifier: format!("ident-{id}"),
+            repo: repo.to_path_buf(),
             oids: vec![ObjectId::from_bytes([byte; 20]).to_string()],
             clone_urls: vec!["git://127.0.0.1:9/r.git".into()],
             origin: crate::Origin::User,
             ..Default::default()
-        };
+        }
+    }
+
+    /// Polls `done` every millisecond for at most `limit`; its last answer.
+    fn wait(done: impl Fn() -> bool, limit: Duration) -> bool {
+        let start = Instant::now();
+        while !done() && start.elapsed() < limit {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        done()
+    }
+
+    /// `submit` answers a duplicate, a recently expired id and a new event while the core's
+    /// lock is held (as it is during a pass, a checkpoint snapshot or a table growing), instead
+    /// of waiting for it.
+    #[test]
+    fn submit_never_waits_for_the_core_lock() {
+        let clock = FakeClock::new();
+        let (_dir, repo, engine) = idle_engine("nolock", &clock);
+        let outcomes = engine.outcomes();
+        let event = |id: &str, byte: u8| event(&repo, id, byte);
         assert!(engine.submit(event("old", 1)).unwrap().is_pending());
         clock.advance(Duration::from_secs(61));
         let expired = outcomes.recv_timeout(Duration::from_secs(10)).unwrap();
         assert_eq!(expired.event_id(), "old");
         assert!(engine.submit(event("waiting", 2)).unwrap().is_pending());
-        // The scheduler takes the submit command; then the core is ours.
-        let start = Instant::now();
-        while engine.stats().submitted < 2 && start.elapsed() < Duration::from_secs(10) {
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        // The scheduler applies the submit; then the core is ours.
+        assert!(wait(
+            || engine.stats().submitted == 2,
+            Duration::from_secs(10)
+        ));
         let held = engine.core.lock();
         let (tx, rx) = crossbeam_channel::unbounded();
         std::thread::scope(|s| {
@@ -461,49 +486,26 @@ mod tests {
     /// `commands_pending` nor the other figures.
     #[test]
     fn a_command_taken_but_not_applied_is_still_pending() {
-        let dir = tempfile::tempdir().unwrap();
-        let repo = dir.path().join("r.git");
-        git2::Repository::init_bare(&repo).unwrap();
-        let engine = Engine::builder()
-            .allow_private_addresses(true)
-            .thread_name("pending")
-            .clock(FakeClock::new())
-            .tick(Duration::from_secs(3600))
-            .user_delay(Duration::from_secs(3600))
-            .build()
-            .unwrap();
-        let event = |k: u8| PendingEvent {
-            id: format!("e{k}"),
-            identifier: format!("ident{k}"),
-            repo: repo.clone(),
-            oids: vec![ObjectId::from_bytes([k; 20]).to_string()],
-            clone_urls: vec!["git://127.0.0.1:9/r.git".into()],
-            origin: crate::Origin::User,
-            ..Default::default()
-        };
+        let (_dir, repo, engine) = idle_engine("pending", &FakeClock::new());
         // Borrowed, not cloned: a sender left alive would keep the scheduler from stopping.
         let channel = engine.commands.as_ref().unwrap();
-        let wait = |done: &dyn Fn() -> bool, limit: Duration| {
-            let start = Instant::now();
-            while !done() && start.elapsed() < limit {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            done()
-        };
         // The scheduler must be waiting for a command when the lock is taken; if it was at the
         // head of its loop instead (it takes the lock there too), let it go and try again.
         let mut seen = false;
         for k in 1..=50u8 {
             let held = engine.core.lock();
-            assert!(engine.submit(event(k)).unwrap().is_pending());
-            if wait(&|| channel.is_empty(), Duration::from_millis(200)) {
+            assert!(engine
+                .submit(event(&repo, &format!("e{k}"), k))
+                .unwrap()
+                .is_pending());
+            if wait(|| channel.is_empty(), Duration::from_millis(200)) {
                 // Taken from the channel, waiting for the lock we hold: not applied yet.
                 assert_eq!(engine.commands_pending(), 1, "taken, not applied");
                 seen = true;
             }
             drop(held);
             assert!(wait(
-                &|| engine.stats().commands_pending == 0,
+                || engine.stats().commands_pending == 0,
                 Duration::from_secs(10)
             ));
             let s = engine.stats();

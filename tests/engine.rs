@@ -480,7 +480,7 @@ fn a_repository_that_is_missing_not_a_repository_or_not_bare_is_refused_with_any
         let engine = b.build().unwrap();
         let cases = [
             (dir.path().join("missing.git"), "No such file"),
-            (plain.clone(), ""),
+            (plain.clone(), "repository"),
             (worktree.clone(), "bare"),
             (PathBuf::new(), "empty path"),
         ];

@@ -699,9 +699,7 @@ impl Core {
 
     /// Whether a queued (entry, generation) still waits.
     fn still_parked(&self, id: EntryId, generation: u64) -> bool {
-        self.entries
-            .get(&id)
-            .is_some_and(|e| e.parked && e.park_gen == generation)
+        parked_at(&self.entries, id, generation)
     }
 
     /// The first entry still waiting in `domain`'s queue, dropping stale ones in front of it.
@@ -761,11 +759,8 @@ impl Core {
             }
             // Drop what went stale (the statistics count only live records either way).
             let entries = &self.entries;
-            self.domains.tidy_queue(&domain, |id, generation| {
-                entries
-                    .get(&id)
-                    .is_some_and(|e| e.parked && e.park_gen == generation)
-            });
+            self.domains
+                .tidy_queue(&domain, |id, generation| parked_at(entries, id, generation));
         }
     }
 
@@ -1230,6 +1225,14 @@ impl Core {
             ..Stats::default()
         }
     }
+}
+
+/// Whether entry `id` is still parked by the parking `generation` (`Core::still_parked`, for
+/// where `self` is borrowed elsewhere).
+fn parked_at(entries: &HashMap<EntryId, Entry>, id: EntryId, generation: u64) -> bool {
+    entries
+        .get(&id)
+        .is_some_and(|e| e.parked && e.park_gen == generation)
 }
 
 fn remove_from_index<K: std::hash::Hash + Eq + ?Sized>(

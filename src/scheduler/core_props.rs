@@ -216,12 +216,8 @@ proptest! {
                     if h.jobs.is_empty() {
                         continue;
                     }
-                    let error = failure.map(|k| FetchError::new(k, "test failure"));
-                    let job = h.jobs.remove(0);
-                    let now = h.now();
-                    h.core.job_done(job.id, FetchReport::new(picked(&pool, &present), error), now);
-                    last_end = Some(now);
-                    h.pass();
+                    h.finish(&picked(&pool, &present), failure);
+                    last_end = Some(h.now());
                 }
             }
             let s = h.core.stats();

@@ -60,8 +60,9 @@ pub use daemon::GitDaemon;
 pub use http::{Fault, FaultTarget, HttpGitServer};
 pub use record::{max_concurrent, RequestRecord};
 pub use repos::{
-    commit, commit_large, has_object, init_bare, pseudo_random_bytes, push_all, refs_with_prefix,
-    served_repo, served_repo_with, WantPolicy, AUTHOR_EMAIL, AUTHOR_NAME, COMMIT_TIME,
+    commit, commit_large, has_object, init_bare, missing_objects, pseudo_random_bytes, push_all,
+    refs_with_prefix, served_repo, served_repo_with, WantPolicy, AUTHOR_EMAIL, AUTHOR_NAME,
+    COMMIT_TIME,
 };
 pub use tcp::{FaultyTcpServer, TcpFault};
 

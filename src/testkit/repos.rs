@@ -288,12 +288,22 @@ pub fn push_all(from: &Path, to: &Path) {
 /// # Panics
 /// When the repository cannot be opened.
 pub fn has_object(repo: &Path, oid: ObjectId) -> bool {
+    missing_objects(repo, &[oid]).is_empty()
+}
+
+/// The ids among `oids` that `repo`'s object database lacks, in their order (one open of the
+/// repository for all of them).
+pub fn missing_objects(repo: &Path, oids: &[ObjectId]) -> Vec<ObjectId> {
     let r = open(repo);
     let odb = r
         .odb()
         .unwrap_or_else(|e| panic!("testkit: object database of {}: {e}", repo.display()));
-    let git = git2::Oid::from_bytes(oid.as_bytes()).expect("20 bytes is a valid oid");
-    odb.exists(git)
+    oids.iter()
+        .copied()
+        .filter(|o| {
+            !odb.exists(git2::Oid::from_bytes(o.as_bytes()).expect("20 bytes is a valid oid"))
+        })
+        .collect()
 }
 
 /// The names of the refs of the repository at `repo` that start with `prefix` (such as
