@@ -252,23 +252,31 @@ impl std::fmt::Display for Host {
 /// The canonical form of a host as it appears in a URL or as libgit2 hands it to a socket:
 /// IPv6 literals with or without brackets, IPv4 in any form the WHATWG URL standard reads
 /// (`127.1`, `0x7f.0.0.1`, `2130706433`), names lower-cased and in ASCII, without trailing
-/// dot. `None` for something that is no valid host.
+/// dot. `None` for something that is no valid host, including a name with an empty label
+/// (`.a`, `a..b`, `a..`) and one written with percent-escapes (`a%2Eb`): the URL parser keeps
+/// those as they are for `git://`, libgit2 would resolve them as written, and no DNS name
+/// has them.
 pub(crate) fn canonical_host(raw: &str) -> Option<Host> {
     if let Ok(ip) = raw.parse::<IpAddr>() {
         return Some(Host::Ip(ip));
     }
-    let trimmed = raw.trim_end_matches('.');
-    if trimmed.is_empty() {
+    if raw.contains('%') {
         return None;
     }
-    match url::Host::parse(trimmed).ok()? {
+    let name = without_root_dot(raw)?;
+    match url::Host::parse(name).ok()? {
         url::Host::Ipv4(ip) => Some(Host::Ip(IpAddr::V4(ip))),
         url::Host::Ipv6(ip) => Some(Host::Ip(IpAddr::V6(ip))),
-        url::Host::Domain(d) => {
-            let d = d.trim_end_matches('.');
-            (!d.is_empty()).then(|| Host::Name(d.to_ascii_lowercase()))
-        }
+        // IDNA mapping can make dots of other characters (`a。。b`), so check the result too.
+        url::Host::Domain(d) => without_root_dot(&d).map(|d| Host::Name(d.to_ascii_lowercase())),
     }
+}
+
+/// `name` without the one trailing dot of a fully qualified name; `None` when a label is
+/// empty.
+fn without_root_dot(name: &str) -> Option<&str> {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    (!name.split('.').any(str::is_empty)).then_some(name)
 }
 
 /// The domain of `url`: its host, lower-cased, without user info, port or trailing dot;
@@ -443,6 +451,10 @@ mod tests {
             "mailto:alice@example.com",
             "https:git.example.com/x.git",
             "1http://git.example.com/x.git",
+            // git:// hosts are kept as written, escapes and empty labels included.
+            "git://127.0.0.1%2E%2E/x.git",
+            "git://git..example.com/x.git",
+            "git://.example.com/x.git",
         ] {
             assert!(
                 matches!(refusal(&p, url), UrlRefusal::Invalid(_)),
@@ -630,6 +642,21 @@ mod tests {
         assert_eq!(canonical_host("."), None);
         assert_eq!(canonical_host("a b"), None);
         assert_eq!(canonical_host("[::1"), None);
+        // Empty labels and percent-escapes (found by the url_policy fuzz target: the host
+        // `.a..0.2%2E%2E` became `.a..0.2`, which was then no valid host at all).
+        for bad in [
+            ".a",
+            "a..b",
+            "a..",
+            "..",
+            ".a..0.2%2E%2E",
+            "a%2Eb",
+            "127.0.0.1%2E%2E",
+        ] {
+            assert_eq!(canonical_host(bad), None, "{bad}");
+        }
+        assert_eq!(canonical_host("a\u{3002}\u{3002}b"), None);
+        assert_eq!(canonical_host("a\u{3002}b"), name("a.b"));
     }
 
     #[test]
