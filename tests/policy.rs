@@ -16,7 +16,7 @@ use purgatory_sync::testkit::{self, FaultyTcpServer, GitDaemon, HttpGitServer, T
 use purgatory_sync::{
     Admission, Engine, EngineBuilder, FailureKind, FakeClock, FetchControl, FetchError,
     FetchReport, FetchRequest, Fetcher, GitFetcher, ObjectId, Origin, Outcome, PendingEvent,
-    RefusedUrl, Stats, UrlPolicy, UrlRefusal,
+    RefusedUrl, UrlPolicy, UrlRefusal,
 };
 
 /// Far longer than anything here should take, even on a loaded 2-core machine.
@@ -53,18 +53,6 @@ fn event(id: &str, identifier: &str, repo: &Path, oid: ObjectId, urls: &[&str]) 
 }
 
 /// Polls the engine's stats until `done` holds, for at most [`GENEROUS`].
-fn wait_stats(engine: &Engine, done: impl Fn(&Stats) -> bool) -> Stats {
-    let start = Instant::now();
-    loop {
-        let s = engine.stats();
-        if done(&s) {
-            return s;
-        }
-        assert!(start.elapsed() < GENEROUS, "condition not reached: {s:?}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
 fn recv_outcome(engine: &Engine) -> Outcome {
     engine
         .outcomes()
@@ -208,7 +196,7 @@ fn submit_returns_refused_urls_with_their_reasons() {
         .submit(event("e1", "alice/x", &repo, oid, &urls))
         .unwrap();
     assert_eq!(again.refused_urls(), expected.as_slice());
-    let s = wait_stats(&engine, |s| {
+    let s = testkit::wait_for_stats(&engine, GENEROUS, |s| {
         s.commands_pending == 0 && s.waiting_events == 1
     });
     assert_eq!(s.refused, 0, "refused URLs are not refused submits");
@@ -223,13 +211,17 @@ fn submit_returns_refused_urls_with_their_reasons() {
     want.sort();
     assert_eq!(fetched, want);
     // Later attempts too.
-    wait_stats(&engine, |s| s.in_flight == 0 && s.fetches_failed == 2);
+    testkit::wait_for_stats(&engine, GENEROUS, |s| {
+        s.in_flight == 0 && s.fetches_failed == 2
+    });
     clock.advance(Duration::from_secs(20));
     for _ in 0..2 {
         let (url, _) = seen.recv_timeout(GENEROUS).expect("a second attempt");
         assert!(accepted.contains(&url.as_str()), "{url} was fetched");
     }
-    let s = wait_stats(&engine, |s| s.in_flight == 0 && s.fetches_failed == 4);
+    let s = testkit::wait_for_stats(&engine, GENEROUS, |s| {
+        s.in_flight == 0 && s.fetches_failed == 4
+    });
     assert_eq!(s.waiting_events, 1, "{s:?}");
     assert!(seen.try_recv().is_err());
     engine.shutdown().unwrap();
@@ -252,11 +244,11 @@ fn an_event_with_every_url_refused_waits_for_a_push() {
     assert_eq!(indices, [0, 1, 2], "{admission:?}");
     // `submitted` counts when the scheduler has applied the submit; `commands_pending` is 0 as
     // soon as it has taken the command, before it applies it.
-    let s = wait_stats(&engine, |s| s.submitted == 1);
+    let s = testkit::wait_for_stats(&engine, GENEROUS, |s| s.submitted == 1);
     assert_eq!((s.waiting_events, s.queued_identifiers), (1, 1), "{s:?}");
 
     clock.advance(Duration::from_secs(60));
-    let s = wait_stats(&engine, |s| s.commands_pending == 0);
+    let s = testkit::wait_for_stats(&engine, GENEROUS, |s| s.commands_pending == 0);
     assert_eq!(s.waiting_events, 1, "{s:?}");
     assert_eq!(s.fetches_started, 0, "{s:?}");
     assert!(seen.try_recv().is_err(), "nothing was fetched");
@@ -311,7 +303,7 @@ fn every_fetch_carries_the_engines_policy() {
         )]
     );
     // Applied before the clock moves, so that the first attempt is due after the advance.
-    wait_stats(&engine, |s| s.submitted == 1);
+    testkit::wait_for_stats(&engine, GENEROUS, |s| s.submitted == 1);
     clock.advance(Duration::from_millis(500));
     let (url, policy) = seen.recv_timeout(GENEROUS).expect("a fetch");
     assert_eq!(url, "git://10.0.0.7/x.git");
@@ -488,7 +480,7 @@ fn malformed_strings_are_still_submit_errors() {
             "{bad:?}: {err:?}"
         );
     }
-    let s = wait_stats(&engine, |s| s.commands_pending == 0);
+    let s = testkit::wait_for_stats(&engine, GENEROUS, |s| s.commands_pending == 0);
     assert_eq!((s.waiting_events, s.refused), (0, 3), "{s:?}");
     engine.shutdown().unwrap();
 }

@@ -7,11 +7,11 @@
 
 use std::net::Ipv4Addr;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use purgatory_sync::testkit::{self, GitDaemon};
 use purgatory_sync::{
-    Admission, Engine, EngineBuilder, ObjectId, Origin, Outcome, PendingEvent, RefUpdate, Stats,
+    Admission, Engine, EngineBuilder, ObjectId, Origin, Outcome, PendingEvent, RefUpdate,
     TEMP_REF_PREFIX,
 };
 
@@ -104,17 +104,6 @@ fn temp_refs(repo: &Path) -> Vec<String> {
 }
 
 /// Polls `stats()` until `done` holds, for at most [`GENEROUS`].
-fn wait_stats(engine: &Engine, done: impl Fn(&Stats) -> bool) -> Stats {
-    let start = Instant::now();
-    loop {
-        let s = engine.stats();
-        if done(&s) || start.elapsed() > GENEROUS {
-            return s;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 /// (a) A repository-state-like event: a branch, an annotated tag and `HEAD`. Once released,
 /// the target repository has exactly those refs, pointing at the right objects, and after
 /// shutdown no temporary ref is left.
@@ -219,8 +208,7 @@ fn a_locked_ref_holds_back_every_ref_of_the_event_until_it_is_free() {
     assert_eq!(engine.submit(ev).unwrap(), Admission::pending());
 
     // Fetched, then the write fails and is retried at each tick.
-    let s = wait_stats(&engine, |s| s.ref_update_failures >= 2);
-    assert!(s.ref_update_failures >= 2, "{s:?}");
+    let s = testkit::wait_for_stats(&engine, GENEROUS, |s| s.ref_update_failures >= 2);
     assert_eq!(
         (s.waiting_events, s.awaiting_refs, s.released),
         (1, 1, 0),

@@ -13,7 +13,9 @@
 //! - a request log on both servers ([`RequestRecord`], [`max_concurrent`]) to check
 //!   per-host concurrency and rate limits afterwards;
 //! - repositories built with libgit2 ([`init_bare`], [`served_repo`], [`served_repo_with`],
-//!   [`commit`], [`commit_large`], [`push_all`], [`has_object`], [`refs_with_prefix`]).
+//!   [`commit`], [`commit_large`], [`push_all`], [`has_object`], [`refs_with_prefix`]);
+//! - an engine builder for those servers ([`loopback_engine`]) and a bounded wait for the
+//!   engine's stats ([`wait_for_stats`]).
 //!
 //! Commits are deterministic: the same sequence of [`commit`] calls yields the same object ids
 //! in any repository, so one commit can be put on several mirrors.
@@ -190,4 +192,28 @@ pub fn loopback_engine() -> crate::EngineBuilder {
         .allow_private_addresses(true)
         .domain_limits(1024, 600_000)
         .domain_burst(100_000)
+}
+
+/// Polls `engine`'s [`Stats`](crate::Stats) every 2 ms until `done` holds and returns them;
+/// panics with the last stats when `within` passes first.
+///
+/// For integration tests that need the scheduler to have applied a command (say
+/// `submitted == 1`) before they go on; tests of timing use a fake clock instead.
+pub fn wait_for_stats(
+    engine: &crate::Engine,
+    within: std::time::Duration,
+    done: impl Fn(&crate::Stats) -> bool,
+) -> crate::Stats {
+    let start = std::time::Instant::now();
+    loop {
+        let stats = engine.stats();
+        if done(&stats) {
+            return stats;
+        }
+        assert!(
+            start.elapsed() < within,
+            "not reached within {within:?}: {stats:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
 }
