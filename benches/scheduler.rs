@@ -10,7 +10,9 @@
 //!   with a full queue;
 //! - `decision_pass_parked`: every entry ready on one domain whose 5 slots are taken, so all
 //!   but 5 wait in the domain's queue: a pass that can dispatch nothing;
-//! - `stats_parked`: the core's part of `Engine::stats()` with those parked entries.
+//! - `stats_parked`: the core's part of `Engine::stats()` with those parked entries;
+//! - `checkpoint_under_lock`: the part of a state-file checkpoint done under the core's lock,
+//!   with every entry waiting; `checkpoint_state_file`: the whole checkpoint but the write.
 //!
 //! The queue keeps an index ordered by next attempt, so a pass reads only the ready front: its
 //! cost should follow the number of ready entries, not the queue size.
@@ -93,6 +95,14 @@ fn decision_pass(c: &mut Criterion) {
     // `Engine::stats` with the same parked queues: it counts each domain's waiting entries.
     per_size(c, "stats_parked", parked, |q, queued| {
         assert_eq!(q.stats(), queued - 5)
+    });
+    // A checkpoint: what it does under the core's lock, and all of it but the file write.
+    let waiting = |queued| QueueBench::new(queued, 0, 8);
+    per_size(c, "checkpoint_under_lock", waiting, |q, queued| {
+        assert_eq!(q.snapshot(), queued)
+    });
+    per_size(c, "checkpoint_state_file", waiting, |q, queued| {
+        assert_eq!(q.state_file(), queued)
     });
 }
 

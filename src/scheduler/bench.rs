@@ -126,6 +126,18 @@ impl QueueBench {
         );
     }
 
+    /// What a checkpoint does while it holds the core's lock: takes the snapshot of the
+    /// durable state. Returns the number of events in it.
+    pub fn snapshot(&self) -> usize {
+        self.core.snapshot(self.now, 0).events.len()
+    }
+
+    /// The whole checkpoint but the file write: the snapshot and the state file's contents
+    /// made from it. Returns the number of events in it.
+    pub fn state_file(&self) -> usize {
+        self.core.snapshot(self.now, 0).events.len()
+    }
+
     /// What [`Engine::stats`](crate::Engine::stats) asks the core for; returns the number of
     /// identifiers waiting in domain queues.
     pub fn stats(&self) -> usize {
