@@ -23,7 +23,7 @@ use crate::config::Config;
 use crate::event::{ExpiryReason, Origin, Outcome, RefUpdate};
 use crate::fetch::{FailureKind, FetchError, FetchReport, FetchRequest};
 use crate::policy::CloneUrl;
-use crate::state::{SavedEvent, SavedExpiredId, SavedRef, StateFile};
+use crate::state::{SavedEvent, SavedExpiredId, SavedNaughty, SavedRef, StateFile};
 use crate::stats::{FailureRecord, ReleaseHistogram, Stats};
 use crate::ObjectId;
 use crate::RefTarget;
@@ -169,6 +169,89 @@ struct Running {
 
 /// How many failures [`Stats::recent_failures`] keeps.
 const RECENT_FAILURES: usize = 32;
+
+/// The durable state taken by [`Core::snapshot`].
+pub(crate) struct Snapshot {
+    written_at_ms: u64,
+    events: Vec<SnapshotEvent>,
+    /// Recently expired ids with the time they are still refused.
+    expired_ids: Vec<(Arc<str>, Duration)>,
+    naughty: Vec<SavedNaughty>,
+}
+
+/// A waiting event in a [`Snapshot`].
+struct SnapshotEvent {
+    /// Submission order.
+    seq: u64,
+    id: Arc<str>,
+    identifier: Arc<str>,
+    repo: Arc<Path>,
+    oids: Vec<ObjectId>,
+    urls: Vec<Arc<str>>,
+    origin: Origin,
+    refs: Arc<[RefUpdate]>,
+    remaining: Duration,
+    waited: Duration,
+}
+
+impl Snapshot {
+    /// The state file's contents: events in submission order (so that a restore keeps it),
+    /// expired ids sorted.
+    pub fn into_state_file(self) -> StateFile {
+        let ms = crate::state::millis;
+        let mut events = self.events;
+        events.sort_unstable_by_key(|e| e.seq);
+        let events = events
+            .into_iter()
+            .map(|ev| SavedEvent {
+                id: ev.id.to_string(),
+                identifier: ev.identifier.to_string(),
+                repo: ev.repo.to_path_buf(),
+                oids: ev.oids.iter().map(ObjectId::to_string).collect(),
+                clone_urls: ev.urls.iter().map(|u| u.to_string()).collect(),
+                origin: match ev.origin {
+                    Origin::User => "user",
+                    Origin::Sync => "sync",
+                }
+                .to_owned(),
+                ref_updates: ev
+                    .refs
+                    .iter()
+                    .map(|r| match &r.target {
+                        RefTarget::Oid(o) => SavedRef {
+                            name: r.name.clone(),
+                            oid: Some(o.clone()),
+                            symbolic: None,
+                        },
+                        RefTarget::Symbolic(t) => SavedRef {
+                            name: r.name.clone(),
+                            oid: None,
+                            symbolic: Some(t.clone()),
+                        },
+                    })
+                    .collect(),
+                remaining_ms: ms(ev.remaining),
+                waited_ms: ms(ev.waited),
+            })
+            .collect();
+        let mut expired_ids: Vec<SavedExpiredId> = self
+            .expired_ids
+            .into_iter()
+            .map(|(id, remaining)| SavedExpiredId {
+                id: id.to_string(),
+                remaining_ms: ms(remaining),
+            })
+            .collect();
+        expired_ids.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        StateFile {
+            version: crate::state::STATE_VERSION,
+            written_at_ms: self.written_at_ms,
+            events,
+            expired_ids,
+            naughty: self.naughty,
+        }
+    }
+}
 
 #[derive(Default)]
 struct Counters {
@@ -800,62 +883,38 @@ impl Core {
 
     /// The durable state: waiting events with their remaining lifetimes, the expired-id
     /// memory, the naughty list. `wall_ms` is `now` on the wall clock.
-    pub fn snapshot(&self, now: Instant, wall_ms: u64) -> StateFile {
-        let ms = crate::state::millis;
-        let mut events: Vec<(&u64, SavedEvent)> = self
+    ///
+    /// A checkpoint calls this under the core's lock, so it only copies shared handles and
+    /// plain values; [`Snapshot::into_state_file`] makes the file's text outside the lock.
+    pub fn snapshot(&self, now: Instant, wall_ms: u64) -> Snapshot {
+        let events = self
             .events
             .iter()
             .map(|(id, ev)| {
                 let e = &self.entries[&ev.entry];
-                let saved = SavedEvent {
-                    id: id.to_string(),
-                    identifier: e.identifier.to_string(),
-                    repo: e.repo.to_path_buf(),
-                    oids: ev.oids.iter().map(ObjectId::to_string).collect(),
-                    clone_urls: ev.urls.iter().map(|u| u.to_string()).collect(),
-                    origin: match ev.origin {
-                        Origin::User => "user",
-                        Origin::Sync => "sync",
-                    }
-                    .to_owned(),
-                    ref_updates: ev
-                        .refs
-                        .iter()
-                        .map(|r| match &r.target {
-                            RefTarget::Oid(o) => SavedRef {
-                                name: r.name.clone(),
-                                oid: Some(o.clone()),
-                                symbolic: None,
-                            },
-                            RefTarget::Symbolic(t) => SavedRef {
-                                name: r.name.clone(),
-                                oid: None,
-                                symbolic: Some(t.clone()),
-                            },
-                        })
-                        .collect(),
-                    remaining_ms: ms(ev.expires.saturating_duration_since(now)),
-                    waited_ms: ms(now.saturating_duration_since(ev.submitted)),
-                };
-                (&ev.seq, saved)
+                SnapshotEvent {
+                    seq: ev.seq,
+                    id: Arc::clone(id),
+                    identifier: Arc::clone(&e.identifier),
+                    repo: Arc::clone(&e.repo),
+                    oids: ev.oids.clone(),
+                    urls: ev.urls.clone(),
+                    origin: ev.origin,
+                    refs: Arc::clone(&ev.refs),
+                    remaining: ev.expires.saturating_duration_since(now),
+                    waited: now.saturating_duration_since(ev.submitted),
+                }
             })
             .collect();
-        // Submission order, so that a restore keeps it.
-        events.sort_by_key(|(seq, _)| **seq);
-        let mut expired_ids: Vec<SavedExpiredId> = self
+        let expired_ids = self
             .expired_ids
             .iter()
             .filter(|(_, until)| **until > now)
-            .map(|(id, until)| SavedExpiredId {
-                id: id.to_string(),
-                remaining_ms: ms(until.saturating_duration_since(now)),
-            })
+            .map(|(id, until)| (Arc::clone(id), until.saturating_duration_since(now)))
             .collect();
-        expired_ids.sort_by(|a, b| a.id.cmp(&b.id));
-        StateFile {
-            version: crate::state::STATE_VERSION,
+        Snapshot {
             written_at_ms: wall_ms,
-            events: events.into_iter().map(|(_, e)| e).collect(),
+            events,
             expired_ids,
             naughty: self.domains.save(now, wall_ms),
         }

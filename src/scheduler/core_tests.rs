@@ -1594,3 +1594,90 @@ fn restored_events_are_timed_from_their_first_submission() {
 
 #[path = "core_props.rs"]
 mod props;
+
+/// A checkpoint's snapshot, made into the state file: events in submission order (the map
+/// they live in has none), each with its identifier, repository, object ids, URLs, origin,
+/// ref updates and times; expired ids sorted with their remaining refusal.
+#[test]
+fn a_snapshot_keeps_submission_order_and_every_field() {
+    let mut h = Harness::new();
+    // Enough events that the map's order is most unlikely to be the submission order.
+    let ids: Vec<String> = (0..40).map(|i| format!("e{:02}", (i * 17) % 40)).collect();
+    let submit_all = |h: &mut Harness| {
+        for id in &ids {
+            h.submit(
+                id,
+                "alice/r",
+                "/srv/r",
+                &[oid(1)],
+                &["git://a/r"],
+                Origin::User,
+            );
+        }
+    };
+    submit_all(&mut h);
+    h.advance(10 * SEC);
+    h.submit("gone", "bob/x", "/srv/x", &[oid(2)], &[], Origin::Sync);
+    h.submit("old", "bob/x", "/srv/x", &[oid(2)], &[], Origin::Sync);
+    h.advance(30 * 60 * SEC - 10 * SEC);
+    h.advance(10 * SEC);
+    assert_eq!(
+        h.expired().len(),
+        42,
+        "all events expired: {:?}",
+        h.outcomes
+    );
+    h.submit_refs(
+        "refs",
+        "/srv/t",
+        &[oid(3), oid(4)],
+        &[
+            RefUpdate::oid("refs/heads/main", oid(3).to_string()),
+            RefUpdate::symbolic("HEAD", "refs/heads/main"),
+        ],
+    );
+    h.advance(2 * SEC);
+
+    let file = h.core.snapshot(h.now(), 1_000_000).into_state_file();
+    assert_eq!(file.written_at_ms, 1_000_000);
+    assert_eq!(file.events.len(), 1);
+    let e = &file.events[0];
+    assert_eq!(
+        (e.id.as_str(), e.identifier.as_str(), e.repo.as_path()),
+        ("refs", "id", Path::new("/srv/t"))
+    );
+    assert_eq!(e.oids, [oid(3).to_string(), oid(4).to_string()]);
+    assert_eq!(e.clone_urls, ["git://a/r"]);
+    assert_eq!(e.origin, "sync");
+    assert_eq!(e.ref_updates.len(), 2);
+    assert_eq!(e.ref_updates[0].oid.as_deref(), Some(&*oid(3).to_string()));
+    assert_eq!(
+        e.ref_updates[1].symbolic.as_deref(),
+        Some("refs/heads/main")
+    );
+    assert_eq!(
+        (e.waited_ms, e.remaining_ms),
+        (2_000, 30 * 60 * 1_000 - 2_000)
+    );
+    let expired: Vec<&str> = file.expired_ids.iter().map(|x| x.id.as_str()).collect();
+    let mut sorted = expired.clone();
+    sorted.sort_unstable();
+    assert_eq!(expired, sorted);
+    assert_eq!(expired.len(), 42);
+    // The first 40 expired 10 s before the last two.
+    let remaining = |id: &str| {
+        file.expired_ids
+            .iter()
+            .find(|x| x.id == id)
+            .unwrap()
+            .remaining_ms
+    };
+    assert_eq!(remaining("old") - remaining("e00"), 10_000);
+
+    // Submission order among many waiting events.
+    let mut h = Harness::new();
+    submit_all(&mut h);
+    let file = h.core.snapshot(h.now(), 0).into_state_file();
+    let saved: Vec<&str> = file.events.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(saved, ids.iter().map(String::as_str).collect::<Vec<_>>());
+}

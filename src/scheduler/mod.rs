@@ -244,7 +244,7 @@ impl Scheduler {
         };
         let wall_ms = crate::persist::unix_ms(self.clock.wall());
         let snapshot = self.core.lock().snapshot(self.clock.now(), wall_ms);
-        crate::state::write(path, &snapshot)
+        crate::state::write(path, &snapshot.into_state_file())
     }
 }
 
