@@ -398,6 +398,10 @@ impl EngineBuilder {
 
     /// Most events waiting at once; further submits get
     /// [`SubmitError::QueueFull`](crate::SubmitError::QueueFull) (default 1 000 000).
+    ///
+    /// Events restored from the [state file](Self::state_file) count too, but are never
+    /// dropped for it: a restart with a lower limit than the events saved keeps them all and
+    /// refuses new submits until fewer than `n` wait.
     pub fn max_events(mut self, n: usize) -> Self {
         self.cfg.max_events = n;
         self

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
+use purgatory_sync::testkit;
 use purgatory_sync::{
     check_state_file, Clock, Engine, EngineBuilder, ExpiryReason, FailureKind, FakeClock,
     FetchControl, FetchError, FetchReport, FetchRequest, Fetcher, Origin, Outcome, PendingEvent,
@@ -310,5 +311,43 @@ fn checkpoints_are_written_while_the_engine_runs() {
     clock.advance(MIN);
     assert_eq!(wait_for(2), 2, "the next checkpoint has the new event");
     // A crash now (no shutdown) would lose nothing: the file already holds both events.
+    engine.shutdown().unwrap();
+}
+
+/// A restart with a lower `max_events` than the events saved keeps every one of them (nothing
+/// saved is lost) and refuses new submits until fewer than `max_events` wait.
+#[test]
+fn a_restart_with_a_lower_max_events_keeps_every_event_and_refuses_new_ones_until_below() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.json");
+    let repo = bare(dir.path(), "r.git");
+    let clock = FakeClock::new();
+    let engine = builder("max-1", &clock, &state).build().unwrap();
+    for i in 0..3 {
+        let ev = event(&format!("e{i}"), &repo, &absent(&format!("x{i}")));
+        assert!(engine.submit(ev).unwrap().is_pending());
+    }
+    settle(&engine);
+    engine.shutdown().unwrap();
+
+    let engine = builder("max-2", &clock, &state)
+        .max_events(2)
+        .build()
+        .unwrap();
+    assert_eq!(engine.stats().waiting_events, 3);
+    let new = || event("new", &repo, &absent("y"));
+    assert_eq!(
+        engine.submit(new()),
+        Err(SubmitError::QueueFull { max_events: 2 })
+    );
+    engine.cancel("e0");
+    testkit::wait_for_stats(&engine, WAIT, |s| s.waiting_events == 2);
+    assert_eq!(
+        engine.submit(new()),
+        Err(SubmitError::QueueFull { max_events: 2 })
+    );
+    engine.cancel("e1");
+    testkit::wait_for_stats(&engine, WAIT, |s| s.waiting_events == 1);
+    assert!(engine.submit(new()).unwrap().is_pending());
     engine.shutdown().unwrap();
 }
