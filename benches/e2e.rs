@@ -38,6 +38,8 @@
 //! `RUST_LOG` (the engine's and the daemons' logs on stderr). The report (Markdown) goes to
 //! stdout, progress to stderr.
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
@@ -81,7 +83,7 @@ fn main() {
         failed: AtomicU64::new(0),
     };
 
-    let load_before = loadavg();
+    let load_before = common::loadavg();
     let mut samples: BTreeMap<Method, Vec<Sample>> = BTreeMap::new();
     for round in 0..params.runs {
         let mut order = params.methods.clone();
@@ -93,7 +95,7 @@ fn main() {
             let requests_before = counter.settled();
             let server_before = server_cpu_ticks();
             let machine_before = machine_ticks();
-            let load = loadavg();
+            let load = common::loadavg();
             let (wall, cpu, calls) = match method {
                 Method::Engine => measure(clk_tck, || run_engine(&params, &workload, &targets)),
                 Method::Cli => measure(clk_tck, || run_cli(&git, &params, &workload, &targets, 1)),
@@ -140,7 +142,7 @@ fn main() {
             samples.entry(method).or_default().push(sample);
         }
     }
-    let load_after = loadavg();
+    let load_after = common::loadavg();
     watchdog.stop();
     drop(workload);
 
@@ -823,12 +825,6 @@ fn command_line(program: &str, args: &[&str]) -> Option<String> {
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".to_owned())
 }
 
 /// The Markdown report: machine, parameters, the table.

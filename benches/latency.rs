@@ -19,6 +19,8 @@
 //! Run with `cargo bench --bench latency` (about 3 minutes). Without `--bench` (`cargo test
 //! --benches`) it runs a small smoke version.
 
+mod common;
+
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -43,13 +45,6 @@ fn spread(samples: &mut [Duration]) -> (Duration, Duration, Duration) {
     samples.sort_unstable();
     let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
     (at(0.5), at(0.99), at(1.0))
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .trim()
-        .to_owned()
 }
 
 /// Waits for the outcome of `event_id`, failing on any other outcome or after [`BOUND`].
@@ -242,7 +237,7 @@ fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     testkit::require_git();
     let dir = tempfile::tempdir().expect("temp dir");
-    println!("load average before: {}", loadavg());
+    println!("load average before: {}", common::loadavg());
     println!();
 
     println!("`git_data_arrived` → `Outcome::Released` (objects written into the repository just before; tick 1 s):");
@@ -324,5 +319,5 @@ fn main() {
         );
     }
     println!();
-    println!("load average after: {}", loadavg());
+    println!("load average after: {}", common::loadavg());
 }

@@ -19,6 +19,8 @@
 //! Run with `cargo bench --bench memory` (about 10 minutes on 2 cores: a million submits on one
 //! thread take 5 or 6 of them). Without `--bench` (`cargo test --benches`) it runs a small smoke version.
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -367,7 +369,7 @@ fn main() {
         ]
     };
 
-    println!("load average before: {}", loadavg());
+    println!("load average before: {}", common::loadavg());
     println!();
     println!(
         "| events | events per identifier | repositories | live heap / event | peak heap / event \
@@ -434,12 +436,5 @@ fn main() {
     repository_steps("empty", &empty[0], n);
     repository_steps("with history", &history[0], n);
     println!();
-    println!("load average after: {}", loadavg());
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .trim()
-        .to_owned()
+    println!("load average after: {}", common::loadavg());
 }
