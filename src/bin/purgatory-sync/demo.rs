@@ -370,7 +370,7 @@ fn demo(args: &DemoArgs) -> Result<Vec<String>, Box<dyn std::error::Error>> {
     let plan = build_scenario(root, &servers, args);
     let counts = |k: Kind| plan.iter().filter(|p| p.kind == k).count();
     println!(
-        "{} events: {} repository states, {} pull requests, {} user pushes, {} unfindable\n",
+        "{} events: {} repository states, {} pull requests, {} user pushes, {} unfindable",
         plan.len(),
         counts(Kind::State),
         counts(Kind::PullRequest),
@@ -385,6 +385,9 @@ fn demo(args: &DemoArgs) -> Result<Vec<String>, Box<dyn std::error::Error>> {
         }
     };
     let progress = Progress::new(plan.len() as u64, !args.no_progress);
+    // The events' lines go to stderr, after a blank line; stdout's next blank line comes
+    // before the tables, so a captured stdout has one, not two.
+    progress.line("");
     let started = Instant::now();
     let mut results: HashMap<String, Outcome> = HashMap::new();
     for p in &plan {
