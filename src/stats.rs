@@ -10,8 +10,9 @@ use crate::fetch::FailureKind;
 /// each other. They describe the commands the scheduler has applied: a submit, cancel or
 /// `git_data_arrived` not applied yet is counted in
 /// [`commands_pending`](Stats::commands_pending) and shows up in the other fields a moment
-/// later — every command is in one or the other, never in neither. [`already_satisfied`](Stats::already_satisfied) and [`refused`](Stats::refused) are
-/// decided on the caller's thread and count at once.
+/// later — every command is in one or the other, never in neither.
+/// [`already_satisfied`](Stats::already_satisfied) and [`refused`](Stats::refused) are decided
+/// on the caller's thread and count at once.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Stats {

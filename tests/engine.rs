@@ -498,11 +498,7 @@ fn a_repository_that_is_missing_not_a_repository_or_not_bare_is_refused_with_any
             .unwrap();
         assert!(admission.is_pending(), "{name}: {admission:?}");
         // `submitted` counts when the scheduler takes the command.
-        let start = Instant::now();
-        while engine.stats().submitted == 0 && start.elapsed() < WAIT {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let s = engine.stats();
+        let s = purgatory_sync::testkit::wait_for_stats(&engine, WAIT, |s| s.submitted > 0);
         assert_eq!((s.refused, s.submitted), (cases.len() as u64, 1), "{name}");
         engine.shutdown().unwrap();
     }

@@ -645,14 +645,24 @@ impl Core {
             };
             self.counters.expired += 1;
             self.actions.push(Action::Emit(outcome));
-            if !self.cfg.expired_memory.is_zero() {
-                let until = now + self.cfg.expired_memory;
-                self.expired_ids.insert(id.clone(), until);
-                self.ids.set_expired(id.clone(), until);
-                self.expired_order.push_back((until, id.clone()));
-            }
+            self.remember_expiry(&id, now);
             self.leave(&id);
         }
+    }
+
+    /// Refuses `id`, which expired at `now`, for `expired_memory` (not at all when that is
+    /// zero).
+    fn remember_expiry(&mut self, id: &Arc<str>, now: Instant) {
+        if !self.cfg.expired_memory.is_zero() {
+            self.remember_expired(id.clone(), now + self.cfg.expired_memory);
+        }
+    }
+
+    /// Refuses `id` until `until`: in the map, the id index and the pruning order together.
+    fn remember_expired(&mut self, id: Arc<str>, until: Instant) {
+        self.expired_ids.insert(id.clone(), until);
+        self.ids.set_expired(id.clone(), until);
+        self.expired_order.push_back((until, id));
     }
 
     fn flush_drops(&mut self) {
@@ -937,10 +947,7 @@ impl Core {
         self.last_now = self.last_now.max(now);
         for (id, left) in expired_ids {
             if left > downtime {
-                let until = now + (left - downtime);
-                self.expired_ids.insert(id.clone(), until);
-                self.ids.set_expired(id.clone(), until);
-                self.expired_order.push_back((until, id));
+                self.remember_expired(id, now + (left - downtime));
             }
         }
         self.expired_order.make_contiguous().sort();
@@ -963,12 +970,7 @@ impl Core {
                     missing: missing.iter().map(ObjectId::to_string).collect(),
                     reason,
                 }));
-                if !core.cfg.expired_memory.is_zero() {
-                    let until = now + core.cfg.expired_memory;
-                    core.expired_ids.insert(event.id.clone(), until);
-                    core.ids.set_expired(event.id.clone(), until);
-                    core.expired_order.push_back((until, event.id.clone()));
-                }
+                core.remember_expiry(&event.id, now);
             };
             if let Some(message) = gone {
                 let all = event.oids.clone();
