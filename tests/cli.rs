@@ -749,3 +749,43 @@ fn every_engine_setting_is_a_flag_of_run() {
         bad.stderr_text()
     );
 }
+
+/// An event id with multibyte characters is shortened for the progress line on a character
+/// boundary: `run` reports the event instead of panicking.
+#[test]
+fn run_reports_an_event_whose_id_is_multibyte() {
+    let work = tempfile::tempdir().expect("tempdir");
+    // 1 + 3 × 6 bytes: byte 12 falls inside a `€`.
+    let id = "a€€€€€€";
+    let missing = "0123456789abcdef0123456789abcdef01234567";
+    let manifest = write_manifest(
+        work.path(),
+        &[
+            json!({"repository": {"identifier": "carol/notes", "path": "relay/notes.git", "create": true}}),
+            json!({"event": {
+                "id": id, "identifier": "carol/notes", "repo": "relay/notes.git",
+                "oids": [missing],
+            }}),
+        ],
+    );
+    let mut args = vec![
+        "run",
+        "--manifest",
+        manifest.to_str().unwrap(),
+        "--event-lifetime",
+        "300ms",
+    ];
+    args.extend(fast_flags());
+    let done = run_to_end(&args, Duration::from_secs(30));
+    assert_eq!(
+        done.code,
+        Some(2),
+        "{:?}\n{}",
+        done.stdout,
+        done.stderr_text()
+    );
+    let lines = done.json_lines();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["event_id"], id);
+    assert_eq!(lines[0]["kind"], "expired");
+}

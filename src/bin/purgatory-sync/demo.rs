@@ -449,7 +449,7 @@ fn demo(args: &DemoArgs) -> Result<Vec<String>, Box<dyn std::error::Error>> {
 }
 
 fn short(p: &Planned) -> String {
-    format!("{} {}…", p.kind.name(), &p.event.id[..8])
+    format!("{} {}…", p.kind.name(), progress::id_prefix(&p.event.id, 8))
 }
 
 fn event_table(plan: &[Planned], results: &HashMap<String, Outcome>) -> String {
@@ -468,7 +468,7 @@ fn event_table(plan: &[Planned], results: &HashMap<String, Outcome>) -> String {
                 None => ("no outcome".to_owned(), "-".into()),
             };
             vec![
-                format!("{}…", &p.event.id[..12]),
+                format!("{}…", progress::id_prefix(&p.event.id, 12)),
                 p.kind.name().to_owned(),
                 p.event.identifier.clone(),
                 outcome,
@@ -495,7 +495,7 @@ fn check(
         let who = format!(
             "{} {} ({})",
             p.kind.name(),
-            &p.event.id[..12],
+            progress::id_prefix(&p.event.id, 12),
             p.event.identifier
         );
         match (p.kind, results.get(&p.event.id)) {

@@ -117,6 +117,14 @@ pub fn reason_text(reason: &ExpiryReason) -> String {
     }
 }
 
+/// The first `chars` characters of an event id, for a line or a table: cut on a character
+/// boundary, since ids come from hosts and manifests and need not be ASCII.
+pub fn id_prefix(id: &str, chars: usize) -> &str {
+    id.char_indices()
+        .nth(chars)
+        .map_or(id, |(end, _)| &id[..end])
+}
+
 /// `1.23s`.
 pub fn seconds(d: Duration) -> String {
     format!("{:.2}s", d.as_secs_f64())
@@ -193,6 +201,20 @@ pub fn domain_table(stats: &Stats, label: &dyn Fn(&str) -> String) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn id_prefixes_end_on_a_character_boundary() {
+        let hex = "3f1c9a0b5e7d2468ace13579bdf02468ace13579bdf02468ace13579bdf02468";
+        assert_eq!(id_prefix(hex, 12), &hex[..12]);
+        assert_eq!(id_prefix(hex, 8), &hex[..8]);
+        assert_eq!(id_prefix("short", 12), "short");
+        assert_eq!(id_prefix("", 12), "");
+        // Byte 12 falls inside the fourth `€`; twelve characters are 34 bytes.
+        assert_eq!(id_prefix("a€€€€€€", 12), "a€€€€€€");
+        assert_eq!(id_prefix("a€€€€€€", 4), "a€€€");
+        assert_eq!(id_prefix(&"é".repeat(20), 12), "é".repeat(12));
+        assert_eq!(id_prefix("\u{1F600}\u{1F600}x", 1), "\u{1F600}");
+    }
 
     #[test]
     fn table_pads_columns_to_the_widest_cell() {

@@ -105,7 +105,7 @@ impl Report {
         }
         self.done += 1;
         let id = outcome.event_id();
-        let name = format!("{}…", &id[..id.len().min(12)]);
+        let name = format!("{}…", progress::id_prefix(id, 12));
         progress.line(progress::outcome_line(outcome, &name));
         match outcome {
             Outcome::Released { .. } => self.tally.released += 1,
