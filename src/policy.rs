@@ -39,8 +39,9 @@ pub(crate) struct CloneUrl {
 ///   removing a trailing dot (`OwnDomain`);
 /// - unless private addresses are allowed, its host is a literal loopback, private (10/8,
 ///   172.16/12, 192.168/16, 100.64/10, fc00::/7), link-local, multicast, unspecified,
-///   broadcast or reserved address, also inside an IPv4-mapped IPv6 address, or the name
-///   `localhost` or `*.localhost` (`PrivateAddress`).
+///   broadcast or reserved address, also inside an IPv4-mapped IPv6 address, an address of
+///   the local-use translation prefix `64:ff9b:1::/48` (RFC 8215, never globally routed), or
+///   the name `localhost` or `*.localhost` (`PrivateAddress`).
 ///
 /// Names are not resolved here; the fetcher checks every resolved address at connect time.
 ///
@@ -298,7 +299,8 @@ pub fn domain_of(url: &str) -> Option<String> {
 /// Whether the engine may connect to `ip`: always when private addresses are allowed,
 /// otherwise only to a public address (not loopback, private, shared (100.64/10), link-local,
 /// multicast, unspecified, broadcast or reserved, nor such an IPv4 address inside an IPv6
-/// one: mapped, compatible, NAT64 or 6to4).
+/// one: mapped, compatible, NAT64 or 6to4; nor any address of the local-use translation
+/// prefix `64:ff9b:1::/48`).
 pub(crate) fn ip_allowed(ip: IpAddr, allow_private: bool) -> bool {
     allow_private
         || match ip {
@@ -332,6 +334,12 @@ fn public_v6(ip: Ipv6Addr) -> bool {
     if s[..5] == [0; 5] && (s[5] == 0xffff || s[5] == 0) {
         // IPv4-mapped (::ffff:a.b.c.d) or IPv4-compatible (::a.b.c.d).
         return public_v4(embedded(s[6], s[7]));
+    }
+    if s[..3] == [0x64, 0xff9b, 1] {
+        // Local-use IPv4/IPv6 translation prefix (RFC 8215): never globally routed, so it
+        // reaches only the operator's own translator, whatever IPv4 address it embeds (and
+        // where in the /48 it embeds it is the operator's choice).
+        return false;
     }
     if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
         // NAT64 well-known prefix.
@@ -548,6 +556,11 @@ mod tests {
             ("https://[::ffff:10.0.0.1]/x.git", "::ffff:10.0.0.1"),
             ("https://[::127.0.0.1]/x.git", "::7f00:1"),
             ("https://[64:ff9b::10.0.0.1]/x.git", "64:ff9b::a00:1"),
+            // RFC 8215's local-use translation prefix is never globally routed, whatever
+            // address it embeds.
+            ("https://[64:ff9b:1::10.0.0.1]/x.git", "64:ff9b:1::a00:1"),
+            ("https://[64:ff9b:1::8.8.8.8]/x.git", "64:ff9b:1::808:808"),
+            ("https://[64:ff9b:1:ffff::1]/x.git", "64:ff9b:1:ffff::1"),
             ("https://[2002:7f00:1::1]/x.git", "2002:7f00:1::1"),
             ("http://localhost/x.git", "localhost"),
             ("http://LOCALHOST./x.git", "localhost"),
@@ -688,6 +701,9 @@ mod tests {
             "::ffff:127.0.0.1",
             "::ffff:192.168.0.1",
             "64:ff9b::7f00:1",
+            "64:ff9b:1::a00:1",
+            "64:ff9b:1::808:808",
+            "64:ff9b:1:abcd::1",
             "2002:a00:1::1",
         ];
         for a in public {

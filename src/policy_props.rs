@@ -222,14 +222,15 @@ fn private_v6() -> impl Strategy<Value = Ipv6Addr> {
     prop_oneof![
         Just(Ipv6Addr::LOCALHOST),
         Just(Ipv6Addr::UNSPECIFIED),
-        v6_in(0xfc00 << 112, 7),       // unique local
-        v6_in(0xfe80 << 112, 10),      // link-local
-        v6_in(0xfec0 << 112, 10),      // site-local
-        v6_in(0xff00 << 112, 8),       // multicast
-        embedding(0xffff << 32, 0),    // IPv4-mapped
-        embedding(0, 0),               // IPv4-compatible
-        embedding(0x64_ff9b << 96, 0), // NAT64
-        embedding(0x2002 << 112, 80),  // 6to4
+        v6_in(0xfc00 << 112, 7),         // unique local
+        v6_in(0xfe80 << 112, 10),        // link-local
+        v6_in(0xfec0 << 112, 10),        // site-local
+        v6_in(0xff00 << 112, 8),         // multicast
+        embedding(0xffff << 32, 0),      // IPv4-mapped
+        embedding(0, 0),                 // IPv4-compatible
+        embedding(0x64_ff9b << 96, 0),   // NAT64
+        v6_in(0x64_ff9b_0001 << 80, 48), // local-use translation (RFC 8215)
+        embedding(0x2002 << 112, 80),    // 6to4
     ]
 }
 
@@ -320,7 +321,7 @@ proptest! {
     /// Loopback, private, shared, link-local, unspecified, multicast, broadcast and reserved
     /// IPv4 literals in any form, and IPv6 ones (loopback, unspecified, unique and site
     /// local, link-local, multicast, private IPv4 inside mapped, compatible, NAT64 and 6to4
-    /// addresses), are refused naming the address, unless private addresses are allowed.
+    /// addresses, anything in the local-use translation prefix 64:ff9b:1::/48), are refused naming the address, unless private addresses are allowed.
     #[test]
     fn private_ip_literals_are_refused(
         (url, domain) in prop_oneof![
