@@ -69,14 +69,16 @@ impl std::error::Error for BuildError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum SubmitError {
-    /// The event id is empty, too long or contains control characters.
+    /// The event id is empty, too long or contains control or Unicode bidirectional
+    /// formatting characters (which would make the printed id read as another).
     InvalidEventId {
         /// The id as given.
         value: String,
         /// What is wrong with it.
         reason: &'static str,
     },
-    /// The identifier is empty, too long or contains control characters.
+    /// The identifier is empty, too long or contains control or Unicode bidirectional
+    /// formatting characters.
     InvalidIdentifier {
         /// The identifier as given.
         value: String,
@@ -106,7 +108,8 @@ pub enum SubmitError {
         /// The limit.
         max: usize,
     },
-    /// A clone URL is empty, too long or contains whitespace or control characters.
+    /// A clone URL is empty, too long or contains whitespace, control or Unicode bidirectional
+    /// formatting characters.
     InvalidCloneUrl {
         /// Its position in [`PendingEvent::clone_urls`](crate::PendingEvent::clone_urls).
         index: usize,

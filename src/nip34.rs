@@ -92,6 +92,7 @@ use std::path::PathBuf;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use crate::validate::{is_bidi_control, BIDI_REASON};
 use crate::{ObjectId, Origin, PendingEvent, RefUpdate, TEMP_REF_PREFIX};
 
 /// Kind of a patch. Accepted by [`pending_event`] only with a `c` tag (then read as a pull
@@ -635,7 +636,9 @@ fn object_id(index: usize, tag: &str, value: &str, what: &str) -> Result<String,
 
 /// What makes `name` (under `refs/`) unusable as a git ref name, following
 /// `git check-ref-format`, or the engine's own namespace; `None` when it is fine. Control
-/// characters are refused beyond ASCII too (U+0080 to U+009F), as submit refuses them.
+/// characters are refused beyond ASCII too (U+0080 to U+009F), and so are Unicode
+/// bidirectional formatting characters, which git accepts: submit refuses both, since the
+/// engine prints ref names.
 fn ref_name_problem(name: &str) -> Option<&'static str> {
     let ours = TEMP_REF_PREFIX.trim_end_matches('/');
     let lower = name.to_ascii_lowercase();
@@ -646,6 +649,8 @@ fn ref_name_problem(name: &str) -> Option<&'static str> {
         .any(|c| c.is_control() || " ~^:?*[\\".contains(c))
     {
         Some("contains a space, a control character or one of ~ ^ : ? * [ \\")
+    } else if name.chars().any(is_bidi_control) {
+        Some(BIDI_REASON)
     } else if name.contains("..") {
         Some("contains `..`")
     } else if name.contains("@{") {
@@ -690,12 +695,29 @@ fn is_lower_hex(value: &str, len: usize) -> bool {
     is_hex(value, len) && !value.bytes().any(|b| b.is_ascii_uppercase())
 }
 
-/// `value` in backticks for an error message, cut after [`QUOTE_LIMIT`] characters.
+/// `value` in backticks for an error message, cut after [`QUOTE_LIMIT`] characters. Control
+/// and bidirectional formatting characters are written as `\u{..}` escapes: a tag value is
+/// anyone's text, and printed as it is one could reorder or hide the rest of the message.
 fn quote(value: &str) -> String {
-    match value.char_indices().nth(QUOTE_LIMIT) {
-        None => format!("`{value}`"),
-        Some((cut, _)) => format!("`{}…` ({} bytes)", &value[..cut], value.len()),
+    let (shown, cut) = match value.char_indices().nth(QUOTE_LIMIT) {
+        None => (value, false),
+        Some((end, _)) => (&value[..end], true),
+    };
+    let mut out = String::with_capacity(shown.len() + 16);
+    out.push('`');
+    for c in shown.chars() {
+        if c.is_control() || is_bidi_control(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
     }
+    if cut {
+        out.push_str(&format!("…` ({} bytes)", value.len()));
+    } else {
+        out.push('`');
+    }
+    out
 }
 
 fn json_type(value: &Value) -> &'static str {
@@ -861,7 +883,8 @@ mod tests {
     use super::*;
 
     /// The ref-name rules agree with libgit2's on names under `refs/` (the engine checks with
-    /// libgit2 at submit).
+    /// libgit2 at submit), but for the characters both refuse beyond git's rules (C1 controls,
+    /// bidirectional formatting characters).
     #[test]
     fn ref_name_rules_agree_with_libgit2() {
         let names = [
@@ -908,6 +931,29 @@ mod tests {
         ] {
             assert!(ref_name_problem(ours).is_some(), "{ours}");
         }
+    }
+
+    /// Names git accepts but the engine refuses, as submit does: a bidirectional formatting
+    /// character would make the printed name read differently from what it is.
+    #[test]
+    fn ref_names_with_bidirectional_formatting_characters_are_refused() {
+        for c in ['\u{061c}', '\u{200e}', '\u{202e}', '\u{2066}', '\u{2069}'] {
+            let name = format!("refs/heads/a{c}b");
+            assert!(git2::Reference::is_valid_name(&name), "{c:?}");
+            assert_eq!(
+                ref_name_problem(&name),
+                Some("contains Unicode bidirectional formatting characters"),
+                "{c:?}"
+            );
+        }
+    }
+
+    /// Values quoted back in an error are printed: control and bidirectional formatting
+    /// characters in them are escaped, not written as they are.
+    #[test]
+    fn quote_escapes_control_and_bidirectional_formatting_characters() {
+        assert_eq!(quote("a\u{202e}b\nc"), "`a\\u{202e}b\\u{a}c`");
+        assert_eq!(quote("ünïcode"), "`ünïcode`");
     }
 
     #[test]

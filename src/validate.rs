@@ -26,6 +26,21 @@ pub(crate) struct Checked {
     pub refs: Vec<RefUpdate>,
 }
 
+/// Why a value holding a [bidirectional formatting character](is_bidi_control) is refused.
+pub(crate) const BIDI_REASON: &str = "contains Unicode bidirectional formatting characters";
+
+/// Whether `c` is a Unicode bidirectional formatting character: the Arabic letter mark, the
+/// left-to-right and right-to-left marks, embeddings, overrides and isolates. Printed in a
+/// log line, a terminal or an error message, one makes the text after it read in another
+/// order than it is written ("Trojan Source", CVE-2021-42574), so that an id could pass for
+/// another; every value the engine prints refuses them, as it refuses control characters.
+pub(crate) fn is_bidi_control(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+    )
+}
+
 fn name(value: &str) -> Result<(), &'static str> {
     if value.is_empty() {
         Err("empty")
@@ -33,6 +48,8 @@ fn name(value: &str) -> Result<(), &'static str> {
         Err("longer than 256 bytes")
     } else if value.chars().any(char::is_control) {
         Err("contains control characters")
+    } else if value.chars().any(is_bidi_control) {
+        Err(BIDI_REASON)
     } else {
         Ok(())
     }
@@ -94,6 +111,9 @@ pub(crate) fn event(ev: &PendingEvent, cfg: &Config) -> Result<Checked, SubmitEr
         }
         if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(bad("contains whitespace or control characters"));
+        }
+        if value.chars().any(is_bidi_control) {
+            return Err(bad(BIDI_REASON));
         }
         match policy.check(value) {
             Ok(url) => {
@@ -185,6 +205,9 @@ fn ref_name(name: &str) -> Result<(), &'static str> {
         Err("longer than 1024 bytes")
     } else if name.chars().any(char::is_control) {
         Err("contains control characters")
+    } else if name.chars().any(is_bidi_control) {
+        // git accepts them; the engine prints ref names in errors and logs.
+        Err(BIDI_REASON)
     } else if !name.starts_with("refs/") {
         Err("not HEAD or a full ref name under refs/")
     } else if !git2::Reference::is_valid_name(name) {
@@ -260,6 +283,41 @@ mod tests {
             assert!(ref_name(bad).is_err(), "{bad:?}");
         }
         assert!(ref_name(&format!("refs/heads/{}", "x".repeat(1100))).is_err());
+    }
+
+    /// Every Unicode bidirectional formatting character: printed, each can make the text
+    /// around it read differently from what it is.
+    const BIDI: [char; 12] = [
+        '\u{061c}', '\u{200e}', '\u{200f}', '\u{202a}', '\u{202b}', '\u{202c}', '\u{202d}',
+        '\u{202e}', '\u{2066}', '\u{2067}', '\u{2068}', '\u{2069}',
+    ];
+
+    #[test]
+    fn ids_urls_and_ref_names_refuse_bidirectional_formatting_characters() {
+        let cfg = Config::default();
+        let why = Err("contains Unicode bidirectional formatting characters");
+        for c in BIDI {
+            assert_eq!(name(&format!("event-{c}1")), why, "{c:?}");
+            assert_eq!(name(&format!("{c}")), why, "{c:?}");
+            assert_eq!(ref_name(&format!("refs/heads/a{c}b")), why, "{c:?}");
+            let ev = PendingEvent::new("e", "alice/project", "/srv/r.git")
+                .oid("e92758a50bbf13ea1fe986bbe254a709b0bf741c")
+                .clone_url(format!("https://git.example.com/{c}x.git"));
+            match event(&ev, &cfg) {
+                Err(SubmitError::InvalidCloneUrl {
+                    index: 0, reason, ..
+                }) => {
+                    assert_eq!(Err(reason), why, "{c:?}")
+                }
+                Err(e) => panic!("{c:?}: {e}"),
+                Ok(_) => panic!("{c:?}: URL accepted"),
+            }
+        }
+        // Other non-ASCII text, and the characters next to the refused ranges, are fine.
+        for ok in ["ünïcode-€-\u{1F600}", "a\u{200d}b", "a\u{2065}b"] {
+            assert_eq!(name(ok), Ok(()), "{ok:?}");
+        }
+        assert_eq!(name("a\u{85}b"), Err("contains control characters"));
     }
 
     #[test]

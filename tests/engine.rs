@@ -555,11 +555,42 @@ fn every_bad_field_gets_its_own_error_and_changes_nothing() {
             Box::new(|e| matches!(e, SubmitError::InvalidEventId { .. })),
         ),
         (
+            // A right-to-left override would make the printed id read backwards.
+            PendingEvent {
+                id: "abc\u{202e}fed".into(),
+                ..ok()
+            },
+            Box::new(|e| {
+                matches!(
+                    e,
+                    SubmitError::InvalidEventId {
+                        reason: "contains Unicode bidirectional formatting characters",
+                        ..
+                    }
+                )
+            }),
+        ),
+        (
             PendingEvent {
                 identifier: "".into(),
                 ..ok()
             },
             Box::new(|e| matches!(e, SubmitError::InvalidIdentifier { .. })),
+        ),
+        (
+            PendingEvent {
+                identifier: "alice/\u{2067}project\u{2069}".into(),
+                ..ok()
+            },
+            Box::new(|e| {
+                matches!(
+                    e,
+                    SubmitError::InvalidIdentifier {
+                        reason: "contains Unicode bidirectional formatting characters",
+                        ..
+                    }
+                )
+            }),
         ),
         (
             PendingEvent {
@@ -630,6 +661,22 @@ fn every_bad_field_gets_its_own_error_and_changes_nothing() {
                 ..ok()
             },
             Box::new(|e| matches!(e, SubmitError::InvalidCloneUrl { index: 0, .. })),
+        ),
+        (
+            PendingEvent {
+                clone_urls: vec!["git://m/r".into(), "https://m/\u{200f}r.git".into()],
+                ..ok()
+            },
+            Box::new(|e| {
+                matches!(
+                    e,
+                    SubmitError::InvalidCloneUrl {
+                        index: 1,
+                        reason: "contains Unicode bidirectional formatting characters",
+                        ..
+                    }
+                )
+            }),
         ),
         (
             PendingEvent {
@@ -856,6 +903,11 @@ fn every_bad_ref_update_gets_its_own_error_and_changes_nothing() {
             vec![RefUpdate::oid("refs/heads/a\nb", &a)],
             0,
             "contains control characters",
+        ),
+        (
+            vec![main(&a), RefUpdate::oid("refs/heads/a\u{202d}b", &a)],
+            1,
+            "contains Unicode bidirectional formatting characters",
         ),
         (
             vec![RefUpdate::oid(long.clone(), &a)],

@@ -53,9 +53,11 @@ pub enum PsyncStatus {
     PSYNC_SHUTDOWN_ERROR = 10,
     /// The call was made on an engine already shut down.
     PSYNC_ENGINE_SHUT_DOWN = 11,
-    /// submit: the event id is empty, too long or has control characters.
+    /// submit: the event id is empty, too long or has control or bidirectional formatting
+    /// characters.
     PSYNC_INVALID_EVENT_ID = 20,
-    /// submit: the identifier is empty, too long or has control characters.
+    /// submit: the identifier is empty, too long or has control or bidirectional formatting
+    /// characters.
     PSYNC_INVALID_IDENTIFIER = 21,
     /// submit: the event lists no object id.
     PSYNC_NO_OBJECT_IDS = 22,
@@ -65,7 +67,8 @@ pub enum PsyncStatus {
     PSYNC_INVALID_OBJECT_ID = 24,
     /// submit: the event lists more clone URLs than allowed.
     PSYNC_TOO_MANY_CLONE_URLS = 25,
-    /// submit: a clone URL is empty, too long or has whitespace or control characters.
+    /// submit: a clone URL is empty, too long or has whitespace, control or bidirectional
+    /// formatting characters.
     PSYNC_INVALID_CLONE_URL = 26,
     /// submit: the repository path is not an existing bare git repository.
     PSYNC_INVALID_REPOSITORY = 27,
