@@ -144,7 +144,9 @@ pub(crate) fn restore(
                 submitted: now,
                 restored: None,
             },
-            remaining: Duration::from_millis(saved.remaining_ms),
+            // A file edited by hand, or written with a longer lifetime, cannot keep an event
+            // waiting past this engine's lifetime.
+            remaining: Duration::from_millis(saved.remaining_ms).min(cfg.event_lifetime),
             waited: Duration::from_millis(saved.waited_ms),
             gone,
         });
@@ -169,16 +171,27 @@ pub(crate) fn restore(
             r.event.missing.retain(|o| !found.contains(o));
         }
     }
+    // Like the events' lifetimes, the times left on expired ids and naughty domains are
+    // capped at this engine's settings.
     let expired = file
         .expired_ids
         .into_iter()
         .map(|e| {
             (
                 Arc::from(e.id.as_str()),
-                Duration::from_millis(e.remaining_ms),
+                Duration::from_millis(e.remaining_ms).min(cfg.expired_memory),
             )
         })
         .collect();
-    core.restore(events, expired, file.naughty, downtime, now, wall_ms);
+    let naughty_ms = state::millis(cfg.naughty_duration);
+    let naughty = file
+        .naughty
+        .into_iter()
+        .map(|n| state::SavedNaughty {
+            remaining_ms: n.remaining_ms.min(naughty_ms),
+            ..n
+        })
+        .collect();
+    core.restore(events, expired, naughty, downtime, now, wall_ms);
     Ok(())
 }

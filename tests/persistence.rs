@@ -351,3 +351,64 @@ fn a_restart_with_a_lower_max_events_keeps_every_event_and_refuses_new_ones_unti
     assert!(engine.submit(new()).unwrap().is_pending());
     engine.shutdown().unwrap();
 }
+
+/// A state file edited by hand (or written with longer settings) cannot keep an event waiting,
+/// an id refused or a domain skipped longer than the restoring engine's settings allow.
+#[test]
+fn remaining_times_in_a_state_file_are_capped_at_the_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.json");
+    let repo = bare(dir.path(), "r.git");
+    let wall_ms: u64 = 1_800_000_000_000;
+    let wall = SystemTime::UNIX_EPOCH + Duration::from_millis(wall_ms);
+    let file = serde_json::json!({
+        "version": 1,
+        "written_at_ms": wall_ms,
+        "events": [{
+            "id": "forever", "identifier": "ident", "repo": repo, "oids": [absent("forever")],
+            "clone_urls": [], "origin": "user", "ref_updates": [],
+            "remaining_ms": u64::MAX, "waited_ms": 0,
+        }],
+        "expired_ids": [{"id": "gone", "remaining_ms": u64::MAX}],
+        "naughty": [{
+            "domain": "dns.example", "category": "dns", "reason": "test",
+            "first_seen_ms": wall_ms, "last_seen_ms": wall_ms, "count": 1,
+            "remaining_ms": u64::MAX,
+        }],
+    });
+    std::fs::write(&state, file.to_string()).unwrap();
+    let clock = FakeClock::with_wall(wall);
+    let engine = builder("cap", &clock, &state)
+        .event_lifetime(30 * MIN)
+        .expired_memory(60 * MIN)
+        .naughty_duration(120 * MIN)
+        .build()
+        .unwrap();
+    assert_eq!(engine.stats().waiting_events, 1);
+    clock.advance(30 * MIN - Duration::from_secs(1));
+    assert!(engine
+        .outcomes()
+        .recv_timeout(Duration::from_millis(200))
+        .is_err());
+    clock.advance(Duration::from_secs(1));
+    match outcome(&engine) {
+        Outcome::Expired {
+            event_id, reason, ..
+        } => {
+            assert_eq!(event_id, "forever");
+            assert_eq!(reason, ExpiryReason::LifetimeEnded);
+        }
+        o => panic!("{o:?}"),
+    }
+    // 30 minutes in: the id is refused for at most the other half of the expired-id memory.
+    match engine.submit(event("gone", &repo, &absent("gone")).origin(Origin::Sync)) {
+        Err(SubmitError::PreviouslyExpired { refused_for, .. }) => {
+            assert!(refused_for <= 30 * MIN, "{refused_for:?}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let naughty = engine.stats().naughty;
+    assert_eq!(naughty.len(), 1);
+    assert!(naughty[0].until <= wall + 120 * MIN, "{:?}", naughty[0]);
+    engine.shutdown().unwrap();
+}
