@@ -374,6 +374,11 @@ impl EngineBuilder {
     /// [`shutdown`](crate::Engine::shutdown) and every
     /// [`checkpoint_interval`](Self::checkpoint_interval), and restored by `build`, so that a
     /// restart or a crash loses at most one interval. See the README's "Persistence".
+    ///
+    /// The file must be a regular file (or not exist yet: a first start); anything else, such
+    /// as a directory or a FIFO, is refused with [`BuildError::StateFile`] and
+    /// [`StateFileError::NotARegularFile`](crate::StateFileError::NotARegularFile), without
+    /// reading from it.
     pub fn state_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
         self.cfg.state_file = Some(path.into());
         self
@@ -387,7 +392,7 @@ impl EngineBuilder {
     }
 
     /// What `build` does with a state file it cannot use (corrupt, truncated, of an unknown
-    /// version, unreadable). `false` (the default): `build` fails with
+    /// version, unreadable, not a regular file). `false` (the default): `build` fails with
     /// [`BuildError::StateFile`] and the file is left as it is. `true`: the file is renamed to
     /// `<name>.unreadable-<unix seconds>` beside it, kept for inspection, and the engine starts
     /// empty.

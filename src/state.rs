@@ -12,7 +12,7 @@
 use std::ffi::OsStr;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -119,6 +119,13 @@ pub enum StateFileError {
     Corrupt(String),
     /// It was written by a version of the format this build does not know.
     UnknownVersion(u32),
+    /// It is not a regular file (nor a symbolic link to one) but, say, a directory or a FIFO.
+    /// Nothing is read from it: opening a FIFO to read waits until some process writes.
+    NotARegularFile {
+        /// What it is: `"a directory"`, `"a FIFO"`, `"a socket"`, `"a device"`, or
+        /// `"something else"`.
+        kind: &'static str,
+    },
 }
 
 impl fmt::Display for StateFileError {
@@ -130,6 +137,9 @@ impl fmt::Display for StateFileError {
                 f,
                 "has format version {v}, this build reads version {STATE_VERSION}"
             ),
+            StateFileError::NotARegularFile { kind } => {
+                write!(f, "is not a regular file: it is {kind}")
+            }
         }
     }
 }
@@ -145,8 +155,64 @@ impl std::error::Error for StateFileError {
 
 /// Reads and checks a state file.
 pub(crate) fn read(path: &Path) -> Result<StateFile, StateFileError> {
-    let bytes = fs::read(path).map_err(StateFileError::Unreadable)?;
+    let bytes = read_regular(path)?;
     parse(&bytes)
+}
+
+/// The bytes of `path`, which must be a regular file or a symbolic link to one. Anything else
+/// is refused before a byte is read: reading a FIFO would wait until some process wrote to it,
+/// and a device could give anything.
+fn read_regular(path: &Path) -> Result<Vec<u8>, StateFileError> {
+    let unreadable = StateFileError::Unreadable;
+    regular(&fs::metadata(path).map_err(unreadable)?)?;
+    // Opened without blocking, and checked again once open: something else may have been put
+    // at the path since, and opening a FIFO to read blocks until a writer comes.
+    let mut options = OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NONBLOCK);
+    }
+    let mut file = options.open(path).map_err(unreadable)?;
+    let meta = file.metadata().map_err(unreadable)?;
+    regular(&meta)?;
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    file.read_to_end(&mut bytes).map_err(unreadable)?;
+    Ok(bytes)
+}
+
+/// [`StateFileError::NotARegularFile`] unless `meta` is a regular file's.
+fn regular(meta: &fs::Metadata) -> Result<(), StateFileError> {
+    let t = meta.file_type();
+    if t.is_file() {
+        return Ok(());
+    }
+    let kind = if t.is_dir() {
+        "a directory"
+    } else {
+        special_kind(t)
+    };
+    Err(StateFileError::NotARegularFile { kind })
+}
+
+#[cfg(unix)]
+fn special_kind(t: fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_block_device() || t.is_char_device() {
+        "a device"
+    } else {
+        "something else"
+    }
+}
+
+#[cfg(not(unix))]
+fn special_kind(_: fs::FileType) -> &'static str {
+    "something else"
 }
 
 /// Parses and checks the bytes of a state file.
@@ -683,12 +749,15 @@ mod tests {
     }
 
     #[test]
-    fn a_directory_is_unreadable() {
+    fn a_directory_is_not_a_regular_file() {
         let dir = tempfile::tempdir().unwrap();
         match read(dir.path()) {
-            Err(e @ StateFileError::Unreadable(_)) => {
-                assert!(e.to_string().starts_with("cannot be read: "), "{e}");
-                assert!(std::error::Error::source(&e).is_some());
+            Err(
+                e @ StateFileError::NotARegularFile {
+                    kind: "a directory",
+                },
+            ) => {
+                assert_eq!(e.to_string(), "is not a regular file: it is a directory");
             }
             other => panic!("{other:?}"),
         }

@@ -360,15 +360,18 @@ fn valid_file(state: &Path, repo: &Path) -> Vec<u8> {
 enum Expect {
     Corrupt,
     Version(u32),
-    Unreadable,
+    /// Not a regular file, but what the string says.
+    NotARegularFile(&'static str),
 }
 
 impl Expect {
     fn matches(self, e: &StateFileError) -> bool {
         match (self, e) {
-            (Expect::Corrupt, StateFileError::Corrupt(_))
-            | (Expect::Unreadable, StateFileError::Unreadable(_)) => true,
+            (Expect::Corrupt, StateFileError::Corrupt(_)) => true,
             (Expect::Version(v), StateFileError::UnknownVersion(n)) => v == *n,
+            (Expect::NotARegularFile(want), StateFileError::NotARegularFile { kind }) => {
+                want == *kind
+            }
             _ => false,
         }
     }
@@ -377,7 +380,7 @@ impl Expect {
         match self {
             Expect::Corrupt => "is corrupt: ".into(),
             Expect::Version(v) => format!("has format version {v}, this build reads version 1"),
-            Expect::Unreadable => "cannot be read: ".into(),
+            Expect::NotARegularFile(kind) => format!("is not a regular file: it is {kind}"),
         }
     }
 }
@@ -443,7 +446,11 @@ fn bad_files() -> Vec<(&'static str, Box<dyn Fn(&[u8]) -> Option<Vec<u8>>>, Expe
             Box::new(|v: &[u8]| Some(replaced(v, r#""version":1"#, r#""version":0"#))),
             Expect::Version(0),
         ),
-        ("a directory", Box::new(|_: &[u8]| None), Expect::Unreadable),
+        (
+            "a directory",
+            Box::new(|_: &[u8]| None),
+            Expect::NotARegularFile("a directory"),
+        ),
     ]
 }
 
@@ -652,4 +659,69 @@ fn a_restart_keeps_an_entry_whose_events_name_many_urls_together() {
     let engine = builder(&state, &clock).build().unwrap();
     assert_eq!(engine.stats().waiting_events, 100);
     engine.shutdown().unwrap();
+}
+
+/// A state file that is not a regular file is refused at once, naming what it is. A FIFO is
+/// never opened to read in blocking mode, which would hold `build` until some process wrote to
+/// it. The build runs on a thread so that a hang fails the test instead of hanging it.
+#[cfg(unix)]
+#[test]
+fn a_state_file_that_is_not_a_regular_file_is_refused_without_waiting() {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo.json");
+    let made = Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("run mkfifo");
+    assert!(made.success(), "mkfifo {}", fifo.display());
+    let folder = dir.path().join("folder.json");
+    std::fs::create_dir(&folder).unwrap();
+    for (state, kind) in [(&fifo, "a FIFO"), (&folder, "a directory")] {
+        let (tx, rx) = mpsc::channel();
+        let path = state.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(builder(&path, &fake_clock()).build());
+        });
+        let Ok(built) = rx.recv_timeout(Duration::from_secs(5)) else {
+            // A writer that comes and goes lets a blocked open return, so that the thread ends.
+            let _ = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(state);
+            panic!("build with {kind} as its state file did not return within 5 s");
+        };
+        let err = match built {
+            Err(e) => e,
+            Ok(_) => panic!("{kind}: the engine started"),
+        };
+        match &err {
+            BuildError::StateFile {
+                path,
+                error: StateFileError::NotARegularFile { kind: found },
+            } => {
+                assert_eq!(path, state);
+                assert_eq!(*found, kind);
+            }
+            other => panic!("{kind}: {other:?}"),
+        }
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "state file {} is not a regular file: it is {kind}",
+                state.display()
+            )
+        );
+        assert!(
+            matches!(
+                check_state_file(state),
+                Err(StateFileError::NotARegularFile { kind: found }) if found == kind
+            ),
+            "{kind}"
+        );
+    }
+    // Both are left as they were.
+    assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
+    assert!(folder.is_dir());
 }
