@@ -34,6 +34,8 @@ typedef enum psync_status {
   PSYNC_SHUTDOWN_ERROR = 10,
   // The call was made on an engine already shut down.
   PSYNC_ENGINE_SHUT_DOWN = 11,
+  // The state file is in use: another engine (in this process or another) holds its lock.
+  PSYNC_STATE_FILE_LOCKED = 12,
   // submit: the event id is empty, too long or has control or bidirectional formatting
   // characters.
   PSYNC_INVALID_EVENT_ID = 20,
@@ -114,7 +116,8 @@ extern "C" {
 // On `PSYNC_OK`, `*out_engine` is a new engine owned by the caller: release it with
 // `psync_engine_free`. On failure it is set to NULL. Errors: `PSYNC_NULL_ARGUMENT`,
 // `PSYNC_INVALID_UTF8`, `PSYNC_INVALID_JSON`, `PSYNC_INVALID_CONFIG`, `PSYNC_STATE_FILE`,
-// `PSYNC_SPAWN_FAILED`, `PSYNC_PANIC`. May be called from any thread.
+// `PSYNC_STATE_FILE_LOCKED` (another engine uses `state_file`), `PSYNC_SPAWN_FAILED`,
+// `PSYNC_PANIC`. May be called from any thread.
 //
 // # Safety
 // `config_json` is NULL or a NUL-terminated string; `out_engine` is NULL or valid for a write.

@@ -379,6 +379,14 @@ impl EngineBuilder {
     /// as a directory or a FIFO, is refused with [`BuildError::StateFile`] and
     /// [`StateFileError::NotARegularFile`](crate::StateFileError::NotARegularFile), without
     /// reading from it.
+    ///
+    /// One engine at a time uses a state file. On Unix, `build` takes an exclusive advisory
+    /// lock (`flock`) on `<name>.lock` beside it, created if missing and never removed, before
+    /// reading the file, and holds it until the engine has shut down (after its final write)
+    /// or is dropped; the kernel drops it if the process dies. A second engine on the same
+    /// file, in this process or another, gets [`BuildError::StateFileLocked`]. The lock is on
+    /// its own file because every write replaces the state file by a rename. On other
+    /// platforms no lock is taken: do not share a state file between engines there.
     pub fn state_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
         self.cfg.state_file = Some(path.into());
         self

@@ -103,6 +103,9 @@ impl Engine {
         fetcher_checks_bare: bool,
     ) -> Result<Engine, BuildError> {
         let cfg = Arc::new(cfg);
+        // Taken before the state file is read, so that two engines never both restore it, and
+        // handed to the scheduler thread, which drops it after its final write.
+        let state_lock = crate::persist::lock(&cfg)?;
         let admitted = Arc::new(AtomicUsize::new(0));
         let mut restored = Core::new(cfg.clone(), admitted.clone());
         if let Some(file) = crate::persist::load(&cfg, clock.wall())? {
@@ -146,6 +149,7 @@ impl Engine {
             results_tx,
             results_rx,
             final_write: final_write.clone(),
+            state_lock,
         };
         let spawned = std::thread::Builder::new()
             .name(format!("{}-sched", cfg.thread_name))

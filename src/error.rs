@@ -38,6 +38,16 @@ pub enum BuildError {
         /// What is wrong with it.
         error: crate::StateFileError,
     },
+    /// Another engine, in this process or another, holds the state file: its lock file
+    /// (`<name>.lock` beside it) is locked. Two engines on one file would overwrite each
+    /// other's checkpoints and lose events. See
+    /// [`EngineBuilder::state_file`](crate::EngineBuilder::state_file).
+    StateFileLocked {
+        /// The state file.
+        path: PathBuf,
+        /// Its lock file.
+        lock_file: PathBuf,
+    },
 }
 
 impl fmt::Display for BuildError {
@@ -50,6 +60,12 @@ impl fmt::Display for BuildError {
             BuildError::StateFile { path, error } => {
                 write!(f, "state file {} {error}", path.display())
             }
+            BuildError::StateFileLocked { path, lock_file } => write!(
+                f,
+                "state file {} is in use: another engine holds its lock file {}",
+                path.display(),
+                lock_file.display()
+            ),
         }
     }
 }

@@ -1,6 +1,6 @@
-//! Restoring the engine's state at start: reads the state file and checks every saved event
-//! again (the same validation as `submit`, the repository, the objects present now) before the
-//! scheduler core rebuilds its queue from them.
+//! Restoring the engine's state at start: takes the state file's lock, reads the file and
+//! checks every saved event again (the same validation as `submit`, the repository, the
+//! objects present now) before the scheduler core rebuilds its queue from them.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -15,6 +15,83 @@ use crate::state::{self, StateFile, StateFileError};
 use crate::{ObjectId, Origin, PendingEvent, RefUpdate};
 
 pub(crate) use crate::state::unix_ms;
+
+/// The state file's lock: the engine holding it is the only one that reads and writes the
+/// file. It is released when this value is dropped (or the process dies).
+///
+/// The lock is on a separate file, `<name>.lock` beside the state file, because every write
+/// replaces the state file by a rename: a lock on the state file itself would stay on the
+/// replaced file. The lock file is never removed: another engine may have it open already,
+/// and a removed and re-created lock file could then be locked by two engines at once.
+#[derive(Debug)]
+#[cfg_attr(not(unix), allow(dead_code))]
+pub(crate) struct StateLock {
+    /// Open for as long as the lock is held: closing it releases the lock.
+    _file: std::fs::File,
+}
+
+/// `<name>.lock` beside the state file `path`; `None` if `path` names no file.
+#[cfg_attr(not(unix), allow(dead_code))]
+fn lock_file_of(path: &Path) -> Option<PathBuf> {
+    let mut name = path.file_name()?.to_os_string();
+    name.push(".lock");
+    Some(path.with_file_name(name))
+}
+
+/// Takes the configured state file's lock, before the file is read; `None` without a state
+/// file. On Unix it is an `flock` on the lock file, created if missing. Elsewhere no lock is
+/// taken and `None` is returned: two engines sharing a state file there is the host's mistake
+/// to avoid.
+///
+/// # Errors
+/// [`BuildError::StateFileLocked`] if another engine holds the lock, in this process or
+/// another; [`BuildError::StateFile`] with [`StateFileError::Lock`] if the lock file cannot be
+/// opened or locked (a missing or read-only directory, for one).
+pub(crate) fn lock(cfg: &Config) -> Result<Option<StateLock>, BuildError> {
+    let Some(path) = &cfg.state_file else {
+        return Ok(None);
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let failed = |file: PathBuf, error| BuildError::StateFile {
+            path: path.clone(),
+            error: StateFileError::Lock { file, error },
+        };
+        let Some(lock_file) = lock_file_of(path) else {
+            return Err(failed(
+                path.clone(),
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "the state file path names no file",
+                ),
+            ));
+        };
+        // Non-blocking, in case something else than a plain file was put there: opening a
+        // FIFO could otherwise wait.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&lock_file)
+            .map_err(|e| failed(lock_file.clone(), e))?;
+        match crate::ffi::try_lock_exclusive(&file) {
+            Ok(true) => Ok(Some(StateLock { _file: file })),
+            Ok(false) => Err(BuildError::StateFileLocked {
+                path: path.clone(),
+                lock_file,
+            }),
+            Err(e) => Err(failed(lock_file, e)),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        Ok(None)
+    }
+}
 
 /// Moves an unusable state file aside, keeping it for inspection.
 pub(crate) fn move_aside(

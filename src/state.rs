@@ -126,6 +126,15 @@ pub enum StateFileError {
         /// `"something else"`.
         kind: &'static str,
     },
+    /// Its lock file (`<name>.lock` beside it, see
+    /// [`EngineBuilder::state_file`](crate::EngineBuilder::state_file)) could not be opened or
+    /// locked, for another reason than another engine holding it.
+    Lock {
+        /// The lock file.
+        file: PathBuf,
+        /// Why.
+        error: io::Error,
+    },
 }
 
 impl fmt::Display for StateFileError {
@@ -140,6 +149,9 @@ impl fmt::Display for StateFileError {
             StateFileError::NotARegularFile { kind } => {
                 write!(f, "is not a regular file: it is {kind}")
             }
+            StateFileError::Lock { file, error } => {
+                write!(f, "cannot be locked: {}: {error}", file.display())
+            }
         }
     }
 }
@@ -147,7 +159,7 @@ impl fmt::Display for StateFileError {
 impl std::error::Error for StateFileError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            StateFileError::Unreadable(e) => Some(e),
+            StateFileError::Unreadable(e) | StateFileError::Lock { error: e, .. } => Some(e),
             _ => None,
         }
     }

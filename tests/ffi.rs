@@ -635,3 +635,25 @@ fn eight_threads_share_one_engine() {
         psync_engine_free(e);
     }
 }
+
+/// A state file another engine holds has its own status, and is free again once that engine
+/// is released.
+#[test]
+fn a_state_file_in_use_has_its_own_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = json!({"state_file": dir.path().join("state.json")});
+    let first = new_engine(config.clone());
+    let c = cs(&config.to_string());
+    let mut second = null_mut();
+    // SAFETY: valid string and out-pointer.
+    let st = unsafe { psync_engine_new(c.as_ptr(), &mut second) };
+    assert_eq!(st, PSYNC_STATE_FILE_LOCKED, "{:?}", last_error());
+    assert!(second.is_null());
+    let message = last_error().unwrap();
+    assert!(message.contains("another engine"), "{message}");
+    // SAFETY: a live engine, not used afterwards.
+    unsafe { psync_engine_free(first) };
+    let again = new_engine(config);
+    // SAFETY: a live engine, not used afterwards.
+    unsafe { psync_engine_free(again) };
+}

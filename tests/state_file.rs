@@ -573,7 +573,11 @@ fn a_bad_state_file_is_moved_aside_on_request_and_replaced_at_shutdown() {
         assert_same(&aside, &bad, name);
         assert_eq!(
             listing(dir.path()),
-            ["repo.git", &format!("state.json.unreadable-{WALL_SECS}")],
+            [
+                "repo.git",
+                "state.json.lock",
+                &format!("state.json.unreadable-{WALL_SECS}")
+            ],
             "{name}"
         );
 
@@ -587,6 +591,7 @@ fn a_bad_state_file_is_moved_aside_on_request_and_replaced_at_shutdown() {
             [
                 "repo.git",
                 "state.json",
+                "state.json.lock",
                 &format!("state.json.unreadable-{WALL_SECS}")
             ],
             "{name}"
@@ -635,7 +640,10 @@ fn a_missing_state_file_is_a_first_start() {
     engine.submit(simple_event(1, &repo)).unwrap();
     engine.shutdown().unwrap();
     assert_eq!(check_state_file(&state).unwrap(), 1);
-    assert_eq!(listing(dir.path()), ["repo.git", "state.json"]);
+    assert_eq!(
+        listing(dir.path()),
+        ["repo.git", "state.json", "state.json.lock"]
+    );
 }
 
 /// The events of one entry may name more URLs together than one event may: each event is
@@ -724,4 +732,85 @@ fn a_state_file_that_is_not_a_regular_file_is_refused_without_waiting() {
     // Both are left as they were.
     assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
     assert!(folder.is_dir());
+}
+
+/// Two engines on one state file would overwrite each other's checkpoints: a second `build`
+/// is refused while the first runs (in the same process too), changes nothing, and succeeds
+/// once the first is shut down or dropped, which writes its final state first.
+#[test]
+fn a_second_engine_on_the_same_state_file_is_refused_while_the_first_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = init_bare(&dir.path().join("repo.git"));
+    let state = dir.path().join("state.json");
+    let clock = fake_clock();
+    let first = builder(&state, &clock).build().unwrap();
+    first.submit(simple_event(1, &repo)).unwrap();
+    for attempt in 0..2 {
+        let err = match builder(&state, &clock).build() {
+            Err(e) => e,
+            Ok(_) => panic!("attempt {attempt}: a second engine started on the state file"),
+        };
+        match &err {
+            BuildError::StateFileLocked { path, lock_file } => {
+                assert_eq!(path, &state);
+                assert_eq!(lock_file, &dir.path().join("state.json.lock"));
+            }
+            other => panic!("attempt {attempt}: {other:?}"),
+        }
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "state file {} is in use: another engine holds its lock file {}",
+                state.display(),
+                dir.path().join("state.json.lock").display()
+            )
+        );
+    }
+    // The first engine runs on and writes its final state at shutdown.
+    first.submit(simple_event(2, &repo)).unwrap();
+    first.shutdown().unwrap();
+    assert_eq!(check_state_file(&state).unwrap(), 2);
+
+    // Free after a shutdown, and after a drop.
+    let second = builder(&state, &clock).build().unwrap();
+    assert_eq!(second.stats().waiting_events, 2);
+    drop(second);
+    let third = builder(&state, &clock).build().unwrap();
+    assert_eq!(third.stats().waiting_events, 2);
+    third.shutdown().unwrap();
+    // The lock file stays: removing it could let two engines lock two different files.
+    assert_eq!(
+        listing(dir.path()),
+        ["repo.git", "state.json", "state.json.lock"]
+    );
+}
+
+/// The lock is the kernel's: an engine in another process holds the state file, and the
+/// process's death (SIGKILL, no shutdown) releases it.
+#[cfg(unix)]
+#[test]
+fn an_engine_in_another_process_holds_the_state_file_until_it_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let repos = dir.path().join("repos");
+    for r in 0..REPOS {
+        init_bare(&repos.join(format!("r{r}.git")));
+    }
+    let state = dir.path().join("state.json");
+    let running = Running::spawn(&state, &repos);
+    if running.ready.recv_timeout(CHILD_PATIENCE).is_err() {
+        let (out, err) = running.kill();
+        panic!("the child never got ready\nchild stdout:\n{out}\nchild stderr:\n{err}");
+    }
+    match crash_builder(&state).build() {
+        Err(BuildError::StateFileLocked { path, .. }) => assert_eq!(path, state),
+        Err(e) => panic!("{e:?}"),
+        Ok(_) => {
+            running.kill();
+            panic!("an engine started on the state file another process uses");
+        }
+    }
+    running.kill();
+    let engine = crash_builder(&state).build().unwrap();
+    assert_eq!(engine.stats().waiting_events, EVENTS);
+    engine.shutdown().unwrap();
 }

@@ -49,6 +49,11 @@ pub(crate) struct Scheduler {
     pub results_rx: Receiver<(JobId, FetchReport)>,
     /// Where the final state-file write reports a failure to the handle.
     pub final_write: Arc<Mutex<Option<std::io::Error>>>,
+    /// The state file's lock, held by the thread that writes the file: it is dropped after the
+    /// final write in [`Scheduler::stop`] (or as a panic unwinds the thread), and so before
+    /// `Engine::shutdown`, which joins this thread, returns: a new engine can then take the
+    /// file.
+    pub state_lock: Option<crate::persist::StateLock>,
 }
 
 impl Scheduler {
@@ -235,6 +240,8 @@ impl Scheduler {
                 *self.final_write.lock() = Some(e);
             }
         }
+        // Only now: nothing writes the state file after this.
+        drop(self.state_lock);
     }
 
     /// Writes the state file: a snapshot under the lock, the write outside it.
