@@ -10,6 +10,9 @@
 //!   redirect), optionally only for one phase of a fetch ([`FaultTarget`]);
 //! - [`FaultyTcpServer`]: a `git://` proxy in front of a [`GitDaemon`] that misbehaves on
 //!   demand ([`TcpFault`]);
+//! - [`PackBuilder`]: raw git packs written entry by entry, well-formed or crafted (delta
+//!   bombs from [`delta_bomb`] and hand-written [`delta`]s, zlib bombs, lying object counts),
+//!   with the object ids of what they hold ([`hash_object`], [`ObjectKind`]);
 //! - a request log on both servers ([`RequestRecord`], [`max_concurrent`]) to check
 //!   per-host concurrency and rate limits afterwards;
 //! - repositories built with libgit2 ([`init_bare`], [`served_repo`], [`served_repo_with`],
@@ -54,12 +57,14 @@ use std::sync::OnceLock;
 mod daemon;
 mod http;
 mod net;
+mod pack;
 mod record;
 mod repos;
 mod tcp;
 
 pub use daemon::GitDaemon;
 pub use http::{Fault, FaultTarget, HttpGitServer};
+pub use pack::{delta, delta_bomb, hash_object, ObjectKind, PackBuilder, RESOLVE_LIMIT};
 pub use record::{max_concurrent, RequestRecord};
 pub use repos::{
     commit, commit_large, has_object, init_bare, missing_objects, pseudo_random_bytes, push_all,
