@@ -7,7 +7,7 @@
 //! - [`GitDaemon`]: `git daemon` serving `git://` on a loopback address;
 //! - [`HttpGitServer`]: `git http-backend` behind a small HTTP/1.1 server, with [`Fault`]s that
 //!   can be switched on at run time (hang, drip, garbage, cut mid-pack, error status,
-//!   redirect), optionally only for one phase of a fetch ([`FaultTarget`]);
+//!   redirect, a huge header line), optionally only for one phase of a fetch ([`FaultTarget`]);
 //! - [`FaultyTcpServer`]: a `git://` proxy in front of a [`GitDaemon`] that misbehaves on
 //!   demand ([`TcpFault`]);
 //! - [`ScriptedGitServer`]: a hostile `git://` server with no repository behind it, saying
@@ -19,8 +19,7 @@
 //!   bombs from [`delta_bomb`] and hand-written [`delta`]s, zlib bombs, lying object counts),
 //!   with the object ids of what they hold ([`hash_object`], [`ObjectKind`]);
 //! - a request log on the HTTP, faulty and scripted servers ([`RequestRecord`],
-//!   [`max_concurrent`]) to check
-//!   per-host concurrency and rate limits afterwards;
+//!   [`max_concurrent`]) to check per-host concurrency and rate limits afterwards;
 //! - repositories built with libgit2 ([`init_bare`], [`served_repo`], [`served_repo_with`],
 //!   [`commit`], [`commit_large`], [`push_all`], [`has_object`], [`refs_with_prefix`]);
 //! - an engine builder for those servers ([`loopback_engine`]) and a bounded wait for the
