@@ -61,6 +61,15 @@ pub enum Fault {
     /// query, which is the form of redirect git clients follow when a repository moved
     /// to another host.
     RedirectTo(String),
+    /// Serves `git http-backend`'s response with one more header line after the backend's
+    /// headers: `X-Huge: xxx…`, `bytes` bytes long (at least the 8 of `X-Huge: `; the CRLF
+    /// not counted), written 64 KiB at a time as the client reads it, never held in memory.
+    /// A client that buffers header lines whole holds all of it; the rest of the response
+    /// (`Content-Length`, the body) follows intact for a client that copes.
+    HugeHeader {
+        /// Length of the header line.
+        bytes: usize,
+    },
 }
 
 /// Which requests a [`Fault`] applies to, by the phase of a smart-HTTP fetch.
@@ -565,7 +574,10 @@ fn respond(
             net::write_counted(out, &body, entry)?;
             return Ok(Ending::Close);
         }
-        Fault::None | Fault::Drip { .. } | Fault::CloseMidPack { .. } => {}
+        Fault::None
+        | Fault::Drip { .. }
+        | Fault::CloseMidPack { .. }
+        | Fault::HugeHeader { .. } => {}
     }
     let response = match run_backend(shared, request, peer) {
         Ok(response) => response,
@@ -599,6 +611,13 @@ fn respond(
             let mut pacer = Pacer::new(*bytes_per_sec);
             pacer.write(out, &head, &shared.stopper, entry)?;
             pacer.write(out, &response.body, &shared.stopper, entry)?;
+            Ok(Ending::Close)
+        }
+        Fault::HugeHeader { bytes } => {
+            net::write_counted(out, &head_start(response.status, &response.headers), entry)?;
+            write_huge_header(out, *bytes, &shared.stopper, entry)?;
+            net::write_counted(out, &head_end(response.body.len()), entry)?;
+            net::write_counted(out, &response.body, entry)?;
             Ok(Ending::Close)
         }
         Fault::CloseMidPack { after_bytes } => {
@@ -643,6 +662,13 @@ fn send_simple(out: &mut TcpStream, entry: &Entry, status: u16, body: &[u8]) -> 
 
 /// Status line and headers, with `Content-Length` and `Connection: close`.
 fn response_head(status: u16, headers: &[(String, String)], content_length: usize) -> Vec<u8> {
+    let mut head = head_start(status, headers);
+    head.extend(head_end(content_length));
+    head
+}
+
+/// Status line and `headers`, without the hop-by-hop ones this server sets itself.
+fn head_start(status: u16, headers: &[(String, String)]) -> Vec<u8> {
     let mut head = format!("HTTP/1.1 {status} {}\r\n", reason(status));
     for (name, value) in headers {
         let hop = [
@@ -655,10 +681,36 @@ fn response_head(status: u16, headers: &[(String, String)], content_length: usiz
             head.push_str(&format!("{name}: {value}\r\n"));
         }
     }
-    head.push_str(&format!(
-        "Content-Length: {content_length}\r\nConnection: close\r\n\r\n"
-    ));
     head.into_bytes()
+}
+
+/// `Content-Length`, `Connection: close` and the blank line that ends the head.
+fn head_end(content_length: usize) -> Vec<u8> {
+    format!("Content-Length: {content_length}\r\nConnection: close\r\n\r\n").into_bytes()
+}
+
+/// Writes the header line of [`Fault::HugeHeader`]: `X-Huge: ` and `x`s up to `bytes` bytes,
+/// then CRLF, 64 KiB at a time. Fails with [`io::ErrorKind::Interrupted`] if the server
+/// stops.
+fn write_huge_header(
+    out: &mut TcpStream,
+    bytes: usize,
+    stopper: &Stopper,
+    entry: &Entry,
+) -> io::Result<()> {
+    const NAME: &[u8] = b"X-Huge: ";
+    net::write_counted(out, NAME, entry)?;
+    let filler = [b'x'; 64 * 1024];
+    let mut left = bytes.saturating_sub(NAME.len());
+    while left > 0 {
+        if stopper.is_stopped() {
+            return Err(io::ErrorKind::Interrupted.into());
+        }
+        let n = left.min(filler.len());
+        net::write_counted(out, &filler[..n], entry)?;
+        left -= n;
+    }
+    net::write_counted(out, b"\r\n", entry)
 }
 
 fn reason(status: u16) -> &'static str {
@@ -872,6 +924,64 @@ mod tests {
         assert!(matches!(read_chunked(&mut input), Err(Bad::Gone)));
         assert_eq!(percent_decode("/a%20b/c.git").unwrap(), "/a b/c.git");
         assert!(percent_decode("/a%2").is_none() && percent_decode("/%zz").is_none());
+    }
+
+    #[test]
+    fn huge_header_lines_reach_plain_clients() {
+        crate::testkit::require_git();
+        let dir = std::env::temp_dir().join(format!(
+            "purgatory-testkit-{}-huge-header",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        let repo = served_repo(&dir, "r.git");
+        crate::testkit::commit(&repo, "main", &[("f", b"1")], "first");
+        let server = HttpGitServer::start(Ipv4Addr::new(127, 0, 0, 2), &dir).unwrap();
+        let huge = 1 << 20;
+        server.set_fault_on(FaultTarget::InfoRefs, Fault::HugeHeader { bytes: huge });
+
+        let mut client = TcpStream::connect(server.addr()).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        write!(
+            client,
+            "GET /r.git/info/refs?service=git-upload-pack HTTP/1.1\r\nHost: {}\r\n\r\n",
+            server.addr()
+        )
+        .unwrap();
+        let mut reader = BufReader::new(client);
+        let mut lines = Vec::new();
+        loop {
+            let mut line = Vec::new();
+            reader.read_until(b'\n', &mut line).unwrap();
+            assert!(
+                line.ends_with(b"\r\n"),
+                "{:?}",
+                String::from_utf8_lossy(&line)
+            );
+            line.truncate(line.len() - 2);
+            if line.is_empty() {
+                break;
+            }
+            lines.push(line);
+        }
+        assert_eq!(lines[0], b"HTTP/1.1 200 OK");
+        let long = lines.iter().find(|l| l.starts_with(b"X-Huge: ")).unwrap();
+        assert_eq!(long.len(), huge);
+        let length = lines
+            .iter()
+            .find_map(|l| l.strip_prefix(b"Content-Length: "))
+            .map(|l| String::from_utf8_lossy(l).parse::<usize>().unwrap())
+            .unwrap();
+        let mut body = Vec::new();
+        reader.read_to_end(&mut body).unwrap();
+        assert_eq!(body.len(), length);
+        assert!(body.starts_with(b"001e# service=git-upload-pack\n"));
+        assert!(server.wait_idle(Duration::from_secs(10)));
+        assert!(server.requests()[0].bytes_sent > huge as u64);
+        drop(server);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! Test kit: loopback git servers, faulty servers and repository fixtures (cargo feature
-//! `testkit`).
+//! Test kit: loopback git servers, faulty and hostile servers, a pack builder and repository
+//! fixtures (cargo feature `testkit`).
 //!
 //! Integration tests, examples and benches need real git servers and repositories with known
 //! commits. This module provides:
@@ -7,11 +7,19 @@
 //! - [`GitDaemon`]: `git daemon` serving `git://` on a loopback address;
 //! - [`HttpGitServer`]: `git http-backend` behind a small HTTP/1.1 server, with [`Fault`]s that
 //!   can be switched on at run time (hang, drip, garbage, cut mid-pack, error status,
-//!   redirect), optionally only for one phase of a fetch ([`FaultTarget`]);
+//!   redirect, a huge header line), optionally only for one phase of a fetch ([`FaultTarget`]);
 //! - [`FaultyTcpServer`]: a `git://` proxy in front of a [`GitDaemon`] that misbehaves on
 //!   demand ([`TcpFault`]);
-//! - a request log on both servers ([`RequestRecord`], [`max_concurrent`]) to check
-//!   per-host concurrency and rate limits afterwards;
+//! - [`ScriptedGitServer`]: a hostile `git://` server with no repository behind it, saying
+//!   what its [`Script`] says: any [`Advertisement`] (refs, a streamed flood of a million refs,
+//!   an empty repository, an `ERR` line with terminal escapes), any capabilities, and an
+//!   [`Answer`] to the client's wants (a [`Pack`] of bytes or streamed chunks, an `ERR` line);
+//!   it keeps what each client asked for ([`Negotiation`]);
+//! - [`PackBuilder`]: raw git packs written entry by entry, well-formed or crafted (delta
+//!   bombs from [`delta_bomb`] and hand-written [`delta`]s, zlib bombs, lying object counts),
+//!   with the object ids of what they hold ([`hash_object`], [`ObjectKind`]);
+//! - a request log on the HTTP, faulty and scripted servers ([`RequestRecord`],
+//!   [`max_concurrent`]) to check per-host concurrency and rate limits afterwards;
 //! - repositories built with libgit2 ([`init_bare`], [`served_repo`], [`served_repo_with`],
 //!   [`commit`], [`commit_large`], [`push_all`], [`has_object`], [`refs_with_prefix`]);
 //! - an engine builder for those servers ([`loopback_engine`]) and a bounded wait for the
@@ -54,17 +62,23 @@ use std::sync::OnceLock;
 mod daemon;
 mod http;
 mod net;
+mod pack;
 mod record;
 mod repos;
+mod scripted;
 mod tcp;
 
 pub use daemon::GitDaemon;
 pub use http::{Fault, FaultTarget, HttpGitServer};
+pub use pack::{delta, delta_bomb, hash_object, ObjectKind, PackBuilder, RESOLVE_LIMIT};
 pub use record::{max_concurrent, RequestRecord};
 pub use repos::{
     commit, commit_large, has_object, init_bare, missing_objects, pseudo_random_bytes, push_all,
     refs_with_prefix, served_repo, served_repo_with, WantPolicy, AUTHOR_EMAIL, AUTHOR_NAME,
     COMMIT_TIME,
+};
+pub use scripted::{
+    Advertisement, Answer, Negotiation, Pack, Script, ScriptedGitServer, DEFAULT_CAPABILITIES,
 };
 pub use tcp::{FaultyTcpServer, TcpFault};
 

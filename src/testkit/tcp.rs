@@ -205,7 +205,7 @@ fn serve_connection(mut client: TcpStream, peer: SocketAddr, shared: &Shared) {
 }
 
 /// Reads one pkt-line and returns it whole (length prefix included).
-fn read_pkt_line(client: &mut dyn Read) -> io::Result<Vec<u8>> {
+pub(super) fn read_pkt_line(client: &mut dyn Read) -> io::Result<Vec<u8>> {
     let mut line = vec![0u8; 4];
     client.read_exact(&mut line)?;
     let len = std::str::from_utf8(&line)
@@ -220,7 +220,7 @@ fn read_pkt_line(client: &mut dyn Read) -> io::Result<Vec<u8>> {
 
 /// Service, path and `host=` parameter of a `git://` request pkt-line
 /// (`0033git-upload-pack /project.git\0host=myserver.com\0`).
-fn parse_request(pkt: &[u8]) -> (String, String, String) {
+pub(super) fn parse_request(pkt: &[u8]) -> (String, String, String) {
     let text = String::from_utf8_lossy(pkt.get(4..).unwrap_or_default()).into_owned();
     let mut fields = text.split('\0');
     let command = fields.next().unwrap_or_default().trim_end_matches('\n');
