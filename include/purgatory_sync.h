@@ -65,6 +65,9 @@ typedef enum psync_status {
   PSYNC_TOO_MANY_REF_UPDATES = 31,
   // submit: a ref update has a bad name or target.
   PSYNC_INVALID_REF_UPDATE = 32,
+  // submit: the event's clone URLs would give its identifier more distinct URLs than
+  // allowed (`max_urls_per_identifier`).
+  PSYNC_TOO_MANY_IDENTIFIER_URLS = 33,
   // submit: a refusal added to the library after this header was written.
   PSYNC_OTHER_SUBMIT_ERROR = 39,
 } psync_status;
@@ -106,8 +109,9 @@ extern "C" {
 // `workers`, `tick_ms`, `user_delay_ms`, `sync_delay_ms`, `backoff_base_ms`,
 // `backoff_cap_ms`, `event_lifetime_ms`, `expired_memory_ms`, `fetch_deadline_ms`,
 // `connect_timeout_ms`, `io_timeout_ms`, `shutdown_timeout_ms`, `checkpoint_interval_ms`,
-// `max_events`, `max_oids_per_event`, `max_urls_per_event`, `max_ref_updates_per_event`,
-// `max_fetch_bytes`, `fetch_depth` (null or n), `thread_name`,
+// `max_events`, `max_oids_per_event`, `max_urls_per_event`, `max_urls_per_identifier`,
+// `max_ref_updates_per_event`, `max_fetch_bytes`, `max_fetch_memory`, `max_object_size`,
+// `fetch_depth` (null or n), `thread_name`,
 // `domain_limits` `{"max_concurrent", "per_minute", "burst"?}`,
 // `domain_overrides` `{"host": {"max_concurrent", "per_minute", "burst"?}}`, `our_domain`,
 // `naughty_duration_ms`, `allow_private_addresses`, `allowed_schemes` `[..]`, `state_file`,

@@ -7,6 +7,11 @@ use crate::clock::{Clock, SystemClock};
 use crate::error::BuildError;
 use crate::fetch::{Fetcher, GitFetcher};
 
+/// Default of [`EngineBuilder::max_fetch_memory`].
+pub(crate) const DEFAULT_MAX_FETCH_MEMORY: u64 = 512 << 20;
+/// Default of [`EngineBuilder::max_object_size`].
+pub(crate) const DEFAULT_MAX_OBJECT_SIZE: u64 = 100 << 20;
+
 /// Validated settings, shared read-only by the scheduler and the handle.
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
@@ -22,10 +27,13 @@ pub(crate) struct Config {
     pub connect_timeout: Duration,
     pub io_timeout: Duration,
     pub max_fetch_bytes: u64,
+    pub max_fetch_memory: u64,
+    pub max_object_size: u64,
     pub fetch_depth: Option<u32>,
     pub max_events: usize,
     pub max_oids_per_event: usize,
     pub max_urls_per_event: usize,
+    pub max_urls_per_identifier: usize,
     pub max_ref_updates_per_event: usize,
     pub shutdown_timeout: Duration,
     pub thread_name: String,
@@ -118,10 +126,13 @@ impl Default for Config {
             connect_timeout: Duration::from_secs(10),
             io_timeout: Duration::from_secs(30),
             max_fetch_bytes: 1 << 30,
+            max_fetch_memory: DEFAULT_MAX_FETCH_MEMORY,
+            max_object_size: DEFAULT_MAX_OBJECT_SIZE,
             fetch_depth: None,
             max_events: 1_000_000,
             max_oids_per_event: 1024,
             max_urls_per_event: 64,
+            max_urls_per_identifier: 256,
             max_ref_updates_per_event: 256,
             shutdown_timeout: Duration::from_secs(10),
             thread_name: "psync".to_owned(),
@@ -285,6 +296,37 @@ impl EngineBuilder {
         self
     }
 
+    /// Most memory libgit2 may hold for one fetch at once (default 512 MiB; 16 MiB to 1 TiB):
+    /// the advertisement, the objects it holds while it resolves deltas, the index of the pack.
+    /// A fetch that needs more fails with [`FailureKind::MemoryCap`](crate::FailureKind::MemoryCap)
+    /// and costs nothing else. With `workers` fetches at once, the engine's fetches never hold
+    /// more than `workers × max_fetch_memory` (4 GiB with the defaults) whatever the servers
+    /// send; see the README's "Limits".
+    ///
+    /// libgit2's allocations are counted through an allocator the engine installs for the
+    /// process (plain `malloc`, `realloc` and `free` outside a fetch); on targets whose C
+    /// library cannot tell a block's size (other than Linux, Android, FreeBSD and Apple's) the
+    /// budget is not enforced.
+    pub fn max_fetch_memory(mut self, bytes: u64) -> Self {
+        self.cfg.max_fetch_memory = bytes;
+        self
+    }
+
+    /// Largest object libgit2 may build by applying a delta (default 100 MiB; 1 MiB to
+    /// 4 GiB). A pack whose delta expands to a larger object fails the fetch with
+    /// [`FailureKind::SizeCap`](crate::FailureKind::SizeCap): 80 KB on the wire can otherwise
+    /// describe a gigabyte. Whole (non-delta) objects are never held in memory while a pack is
+    /// indexed; they are bounded by [`max_fetch_bytes`](Self::max_fetch_bytes), and by the
+    /// memory budget when a delta is applied to one.
+    ///
+    /// This is libgit2's `GIT_OPT_SET_PACK_MAX_OBJECT_SIZE`, which is process-wide: the first
+    /// engine built in a process sets it (like [`connect_timeout`](Self::connect_timeout)),
+    /// and it also applies to the host's own libgit2 reads of packed objects.
+    pub fn max_object_size(mut self, bytes: u64) -> Self {
+        self.cfg.max_object_size = bytes;
+        self
+    }
+
     /// Fetch only the last `depth` commits of history (a shallow fetch). Off by default: a
     /// released repository is served to cloners and needs its full history. `Some(0)` is
     /// refused.
@@ -432,6 +474,17 @@ impl EngineBuilder {
         self
     }
 
+    /// Most distinct clone URLs the waiting events of one identifier may list together
+    /// (default 256; 1 to 65 536; URLs are the same when they are fetched the same: case,
+    /// default port and trailing dot do not count). A submit that would pass it is refused
+    /// with [`SubmitError::TooManyIdentifierUrls`](crate::SubmitError::TooManyIdentifierUrls);
+    /// URLs of events that left no longer count. It bounds what one identifier costs every
+    /// attempt and the work of each command on it, however many events strangers publish.
+    pub fn max_urls_per_identifier(mut self, n: usize) -> Self {
+        self.cfg.max_urls_per_identifier = n;
+        self
+    }
+
     /// Most [ref updates](crate::PendingEvent::ref_updates) one event may carry (default 256;
     /// 1 to 65 536).
     pub fn max_ref_updates_per_event(mut self, n: usize) -> Self {
@@ -463,7 +516,7 @@ impl EngineBuilder {
         let (fetcher, builtin) = match self.fetcher {
             Some(f) => (f, false),
             None => {
-                crate::fetch::init(self.cfg.connect_timeout, self.cfg.io_timeout);
+                crate::fetch::init(&self.cfg);
                 (Arc::new(GitFetcher::new()) as Arc<dyn crate::Fetcher>, true)
             }
         };
@@ -508,6 +561,11 @@ impl EngineBuilder {
         count("max_oids_per_event", c.max_oids_per_event, 1 << 20)?;
         count("max_urls_per_event", c.max_urls_per_event, 4096)?;
         count(
+            "max_urls_per_identifier",
+            c.max_urls_per_identifier,
+            1 << 16,
+        )?;
+        count(
             "max_ref_updates_per_event",
             c.max_ref_updates_per_event,
             1 << 16,
@@ -518,6 +576,16 @@ impl EngineBuilder {
                 format!("{} is below 1024", c.max_fetch_bytes),
             );
         }
+        let mib = 1u64 << 20;
+        let bytes_range = |setting, v: u64, lo: u64, hi: u64| {
+            if v < lo || v > hi {
+                bad(setting, format!("{v} is outside {lo} ..= {hi} bytes"))
+            } else {
+                Ok(())
+            }
+        };
+        bytes_range("max_fetch_memory", c.max_fetch_memory, 16 * mib, 1 << 40)?;
+        bytes_range("max_object_size", c.max_object_size, mib, 4 << 30)?;
         if c.fetch_depth == Some(0) {
             return bad("fetch_depth", "a depth of 0 fetches nothing".to_owned());
         }
@@ -591,12 +659,24 @@ mod tests {
                 "max_ref_updates_per_event",
             ),
             (
+                EngineBuilder::new().max_urls_per_identifier(0),
+                "max_urls_per_identifier",
+            ),
+            (
                 EngineBuilder::new().thread_name("much-too-long"),
                 "thread_name",
             ),
             (EngineBuilder::new().thread_name("a b"), "thread_name"),
             (EngineBuilder::new().max_fetch_bytes(10), "max_fetch_bytes"),
             (EngineBuilder::new().fetch_depth(Some(0)), "fetch_depth"),
+            (
+                EngineBuilder::new().max_fetch_memory(1 << 20),
+                "max_fetch_memory",
+            ),
+            (
+                EngineBuilder::new().max_object_size(1024),
+                "max_object_size",
+            ),
             (EngineBuilder::new().domain_limits(0, 30), "domain_limits"),
             (EngineBuilder::new().domain_limits(5, 0), "domain_limits"),
             (EngineBuilder::new().domain_burst(0), "domain_limits"),

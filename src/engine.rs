@@ -18,7 +18,7 @@ use crate::error::{BuildError, ShutdownError, SubmitError};
 use crate::event::{Admission, Outcome, PendingEvent};
 use crate::fetch::Fetcher;
 use crate::scheduler::core::{Command, Core, ValidEvent};
-use crate::scheduler::ids::{EventIds, IdState};
+use crate::scheduler::ids::{EventIds, IdState, IdentifierUrls};
 use crate::scheduler::{join_all, start_workers, Scheduler};
 use crate::stats::Stats;
 use crate::{validate, EngineBuilder};
@@ -68,6 +68,9 @@ pub struct Engine {
     /// The core's index of waiting and expired event ids: `submit` reads it instead of taking
     /// the core's lock.
     ids: Arc<EventIds>,
+    /// The core's index of each identifier's distinct clone URLs: `submit` reserves an event's
+    /// URLs there, within `max_urls_per_identifier`.
+    identifier_urls: Arc<IdentifierUrls>,
     /// Commands sent and not yet applied by the scheduler (`Stats::commands_pending`).
     unapplied: Arc<AtomicUsize>,
     admitted: Arc<AtomicUsize>,
@@ -128,6 +131,7 @@ impl Engine {
             }
         }
         let ids = restored.ids();
+        let identifier_urls = restored.identifier_urls();
         let core = Arc::new(Mutex::new(restored));
         let final_write = Arc::new(Mutex::new(None));
         let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded();
@@ -169,6 +173,7 @@ impl Engine {
             fetcher_checks_bare,
             core,
             ids,
+            identifier_urls,
             unapplied,
             admitted,
             counters: HandleCounters::default(),
@@ -258,9 +263,19 @@ impl Engine {
             self.admitted.fetch_sub(1, Ordering::SeqCst);
             return Err(SubmitError::QueueFull { max_events: max });
         }
+        let identifier: Arc<str> = event.identifier.into();
+        if let Err(full) = self.identifier_urls.reserve(&identifier, &checked.urls) {
+            self.admitted.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::TooManyIdentifierUrls {
+                identifier: identifier.to_string(),
+                distinct: full.distinct,
+                new: full.new,
+                max: full.max,
+            });
+        }
         let valid = ValidEvent {
             id: event.id.into(),
-            identifier: event.identifier.into(),
+            identifier: identifier.clone(),
             repo: Arc::from(repo.as_path()),
             oids: checked.oids,
             missing,
@@ -270,8 +285,10 @@ impl Engine {
             submitted: self.clock.now(),
             restored: None,
         };
+        let urls = valid.urls.clone();
         self.send(Command::Submit(valid)).inspect_err(|_| {
             self.admitted.fetch_sub(1, Ordering::SeqCst);
+            self.identifier_urls.release(&identifier, &urls);
         })?;
         Ok(Admission::pending_with(checked.refused))
     }

@@ -124,6 +124,19 @@ pub enum SubmitError {
         /// The limit.
         max: usize,
     },
+    /// The event's clone URLs would give its identifier more distinct URLs than
+    /// [`EngineBuilder::max_urls_per_identifier`](crate::EngineBuilder::max_urls_per_identifier)
+    /// allows, counting those of its waiting events. Nothing was queued.
+    TooManyIdentifierUrls {
+        /// The identifier.
+        identifier: String,
+        /// Distinct URLs its waiting events list now.
+        distinct: usize,
+        /// Distinct URLs the event would add.
+        new: usize,
+        /// The limit.
+        max: usize,
+    },
     /// A clone URL is empty, too long or contains whitespace, control or Unicode bidirectional
     /// formatting characters.
     InvalidCloneUrl {
@@ -204,6 +217,17 @@ impl fmt::Display for SubmitError {
                 value,
                 reason,
             } => write!(f, "invalid clone_urls[{index}] {}: {reason}", quoted(value)),
+            SubmitError::TooManyIdentifierUrls {
+                identifier,
+                distinct,
+                new,
+                max,
+            } => write!(
+                f,
+                "invalid clone_urls: identifier {} has {distinct} distinct clone URLs waiting \
+                 and the event adds {new}, at most {max} allowed",
+                quoted(identifier)
+            ),
             SubmitError::TooManyRefUpdates { count, max } => write!(
                 f,
                 "invalid ref_updates: {count} ref updates, at most {max} allowed"

@@ -26,6 +26,7 @@
 //! | `purgatory_sync_fetches_succeeded_total` | counter | |
 //! | `purgatory_sync_fetches_partial_total` | counter | |
 //! | `purgatory_sync_fetches_failed_total` | counter | |
+//! | `purgatory_sync_memory_leaked_bytes` | gauge | |
 //! | `purgatory_sync_naughty_domains` | gauge | |
 //! | `purgatory_sync_expired_ids_remembered` | gauge | |
 //! | `purgatory_sync_fetch_failures_total` | counter | `reason` |
@@ -36,7 +37,7 @@
 //! | `purgatory_sync_domain_queued_identifiers` | gauge | `domain` |
 //! | `purgatory_sync_domain_rate_wait_seconds` | gauge | `domain` |
 //! | `purgatory_sync_domain_fetch_failures_total` | counter | `domain`, `reason` |
-//! | `purgatory_sync_naughty_domain` | gauge (always 1) | `domain`, `category` |
+//! | `purgatory_sync_naughty_domain` | gauge (always 1) | `domain`, `endpoint`, `category` |
 //! | `purgatory_sync_time_to_release_seconds` | histogram | `le` |
 //!
 //! `reason` is [`FailureKind::as_str`] (`connection_refused`, `not_found`, `dns`, …) and
@@ -68,7 +69,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use crate::stats::{DomainStats, NaughtyCategory, Stats};
+use crate::stats::{DomainStats, Stats};
 
 /// The `Content-Type` of [`render`]'s output: the Prometheus text format, version 0.0.4.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -85,7 +86,7 @@ pub fn render(stats: &Stats) -> String {
     let s = stats;
     let mut w = Writer::default();
 
-    let scalars: [(&str, Type, &str, Num); 21] = [
+    let scalars: [(&str, Type, &str, Num); 22] = [
         (
             "queued_identifiers",
             Gauge,
@@ -201,9 +202,15 @@ pub fn render(stats: &Stats) -> String {
             s.fetches_failed.into(),
         ),
         (
+            "memory_leaked_bytes",
+            Gauge,
+            "Memory libgit2 lost for good on what hostile servers sent; a restart gives it back.",
+            s.memory_leaked.into(),
+        ),
+        (
             "naughty_domains",
             Gauge,
-            "Remote domains skipped for a while because of DNS or TLS failures.",
+            "Host names and endpoints skipped for a while after DNS or TLS failures or a hostile answer.",
             s.naughty.len().into(),
         ),
         (
@@ -288,14 +295,23 @@ pub fn render(stats: &Stats) -> String {
     w.family(
         name,
         Gauge,
-        "Remote domains skipped for a while because of DNS or TLS failures (value always 1).",
+        "Host names (endpoint \"\") and endpoints (scheme:port) skipped for a while (value always 1).",
     );
     for n in &s.naughty {
-        let category = match n.category {
-            NaughtyCategory::Dns => "dns",
-            NaughtyCategory::Tls => "tls",
+        // A name is skipped as a whole, or one endpoint of it: each is its own series.
+        let endpoint = match (&n.scheme, n.port) {
+            (Some(scheme), Some(port)) => format!("{scheme}:{port}"),
+            _ => String::new(),
         };
-        w.sample(name, &[("domain", &n.domain), ("category", category)], 1u64);
+        w.sample(
+            name,
+            &[
+                ("domain", &n.domain),
+                ("endpoint", &endpoint),
+                ("category", n.category.as_str()),
+            ],
+            1u64,
+        );
     }
 
     let name = "time_to_release_seconds";

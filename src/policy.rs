@@ -19,8 +19,40 @@ use crate::event::UrlRefusal;
 /// A clone URL accepted at submit, with its domain.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct CloneUrl {
+    /// As the event gave it.
     pub url: Arc<str>,
+    /// What the engine fetches: the URL with its scheme in lower case and its host in the
+    /// canonical form the policy checked (`git\u{AD}hub.com` is fetched as `github.com`), so
+    /// that the name a connection resolves, a TLS certificate is checked against and the
+    /// naughty list records is the name the policy passed. Two URLs with the same fetch URL
+    /// are one URL.
+    pub fetch_url: Arc<str>,
+    /// The canonical host: the unit of politeness.
     pub domain: Arc<str>,
+    /// The scheme, lower case.
+    pub scheme: Arc<str>,
+    /// The port a connection goes to: the URL's, or the scheme's default.
+    pub port: u16,
+}
+
+/// `url` as a clone URL accepted by an open policy, for tests.
+#[cfg(test)]
+pub(crate) fn clone_url(url: &str) -> CloneUrl {
+    UrlPolicy::new()
+        .allow_private_addresses(true)
+        .check(url)
+        .unwrap_or_else(|r| panic!("{url}: {r}"))
+}
+
+/// The port of `scheme` when a URL names none.
+pub(crate) fn default_port(scheme: &str) -> Option<u16> {
+    match scheme {
+        "https" => Some(443),
+        "http" => Some(80),
+        "git" => Some(9418),
+        "ssh" | "git+ssh" | "ssh+git" => Some(22),
+        _ => None,
+    }
 }
 
 /// Which clone URLs may be fetched.
@@ -188,6 +220,12 @@ impl UrlPolicy {
             })?,
         };
         let domain = host.to_string();
+        // 0 for a scheme allowed by configuration whose default port nobody knows.
+        let port = parsed
+            .port()
+            .or_else(|| default_port(&scheme))
+            .or_else(|| parsed.port_or_known_default())
+            .unwrap_or(0);
         if self.our_domain.as_deref() == Some(domain.as_str()) {
             return Err(UrlRefusal::OwnDomain);
         }
@@ -200,9 +238,21 @@ impl UrlPolicy {
                 return Err(UrlRefusal::PrivateAddress(domain));
             }
         }
+        let host_in_url = match host {
+            Host::Ip(IpAddr::V6(ip)) => format!("[{ip}]"),
+            _ => domain.clone(),
+        };
+        let port_in_url = parsed.port().map(|p| format!(":{p}")).unwrap_or_default();
+        let fetch_url = format!(
+            "{scheme}://{host_in_url}{port_in_url}{}",
+            &rest[authority.len()..]
+        );
         Ok(CloneUrl {
             url: Arc::from(url),
+            fetch_url: Arc::from(fetch_url),
             domain: Arc::from(domain),
+            scheme: Arc::from(scheme),
+            port,
         })
     }
 }
@@ -404,6 +454,96 @@ mod tests {
             ("not a url", None),
         ] {
             assert_eq!(domain_of(url).as_deref(), domain, "{url}");
+        }
+    }
+
+    /// What the engine fetches is the URL with the host the policy checked: a name that IDNA
+    /// maps onto another (a soft hyphen, fullwidth letters, an ideographic full stop) is
+    /// fetched as that other name, never resolved as written.
+    #[test]
+    fn the_fetched_url_has_the_checked_host_and_the_port_is_known() {
+        let p = strict();
+        for (url, fetch, port) in [
+            (
+                "https://git.example.com/alice/r.git",
+                "https://git.example.com/alice/r.git",
+                443,
+            ),
+            (
+                "HTTPS://Git.Example.COM./r.git?x=1",
+                "https://git.example.com/r.git?x=1",
+                443,
+            ),
+            (
+                "http://git.example.com:8080/r",
+                "http://git.example.com:8080/r",
+                8080,
+            ),
+            (
+                "http://git.example.com:80/r",
+                "http://git.example.com/r",
+                80,
+            ),
+            (
+                "git://git.example.com/r.git",
+                "git://git.example.com/r.git",
+                9418,
+            ),
+            (
+                "git://git.example.com:22/r.git",
+                "git://git.example.com:22/r.git",
+                22,
+            ),
+            (
+                "https://git\u{AD}hub.com/a/b.git",
+                "https://github.com/a/b.git",
+                443,
+            ),
+            (
+                "https://\u{FF47}\u{FF49}\u{FF54}hub.com/a/b.git",
+                "https://github.com/a/b.git",
+                443,
+            ),
+            (
+                "https://github\u{3002}com/a/b.git",
+                "https://github.com/a/b.git",
+                443,
+            ),
+            (
+                "https://bücher.example/r.git",
+                "https://xn--bcher-kva.example/r.git",
+                443,
+            ),
+            (
+                "https://[2606:2800:21F:CB07::1]:8443/r.git",
+                "https://[2606:2800:21f:cb07::1]:8443/r.git",
+                8443,
+            ),
+            (
+                "git://93.184.215.14/r.git",
+                "git://93.184.215.14/r.git",
+                9418,
+            ),
+        ] {
+            let c = p.check(url).unwrap_or_else(|r| panic!("{url}: {r}"));
+            assert_eq!(&*c.fetch_url, fetch, "{url}");
+            // The fetched URL is its own canonical form.
+            assert_eq!(p.check(fetch).unwrap().fetch_url, c.fetch_url, "{fetch}");
+            assert_eq!(c.port, port, "{url}");
+            assert_eq!(&*c.url, url);
+            assert_eq!(domain_of(fetch).as_deref(), Some(&*c.domain), "{url}");
+        }
+        // git:// hosts are not mapped by the URL standard (the scheme is not a special one):
+        // written with anything but ASCII, they are refused rather than resolved as written.
+        for url in [
+            "git://github\u{3002}com/a/b.git",
+            "git://git\u{AD}hub.com/a/b.git",
+        ] {
+            assert!(
+                matches!(p.check(url), Err(UrlRefusal::Invalid(_))),
+                "{url}: {:?}",
+                p.check(url)
+            );
         }
     }
 

@@ -40,6 +40,8 @@ pub(crate) const ORIGIN_SYNC: &str = "sync";
 pub(crate) const NAUGHTY_DNS: &str = "dns";
 /// [`SavedNaughty::category`] of a TLS failure.
 pub(crate) const NAUGHTY_TLS: &str = "tls";
+/// [`SavedNaughty::category`] of a server whose answer made libgit2 lose memory.
+pub(crate) const NAUGHTY_HOSTILE: &str = "hostile";
 
 /// The whole file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,12 +96,19 @@ pub(crate) struct SavedExpiredId {
     pub remaining_ms: u64,
 }
 
-/// A domain on the naughty list.
+/// A host name or endpoint on the naughty list.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct SavedNaughty {
+    /// The host.
     pub domain: String,
-    /// [`NAUGHTY_DNS`] or [`NAUGHTY_TLS`].
+    /// The scheme and port of an endpoint; both absent for a whole host name (files written
+    /// before endpoints were kept have neither: their TLS entries are read as `https` on 443).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// [`NAUGHTY_DNS`], [`NAUGHTY_TLS`] or [`NAUGHTY_HOSTILE`].
     pub category: String,
     pub reason: String,
     /// Wall-clock times, milliseconds since the Unix epoch.
@@ -277,10 +286,15 @@ fn check(state: &StateFile) -> Result<(), StateFileError> {
         }
     }
     for (i, n) in state.naughty.iter().enumerate() {
-        if n.category != NAUGHTY_DNS && n.category != NAUGHTY_TLS {
+        if ![NAUGHTY_DNS, NAUGHTY_TLS, NAUGHTY_HOSTILE].contains(&n.category.as_str()) {
             return corrupt(format!(
-                "naughty[{i}].category is {:?}, not \"dns\" or \"tls\"",
+                "naughty[{i}].category is {:?}, not \"dns\", \"tls\" or \"hostile\"",
                 n.category
+            ));
+        }
+        if n.scheme.is_some() != n.port.is_some() {
+            return corrupt(format!(
+                "naughty[{i}] must have both or neither of \"scheme\" and \"port\""
             ));
         }
     }
@@ -574,6 +588,8 @@ mod tests {
             naughty: vec![
                 SavedNaughty {
                     domain: "nxdomain.example".into(),
+                    scheme: None,
+                    port: None,
                     category: NAUGHTY_DNS.into(),
                     reason: "failed to resolve address".into(),
                     first_seen_ms: 1_731_990_000_000,
@@ -583,6 +599,8 @@ mod tests {
                 },
                 SavedNaughty {
                     domain: "badcert.example".into(),
+                    scheme: Some("https".into()),
+                    port: Some(8443),
                     category: NAUGHTY_TLS.into(),
                     reason: "certificate has expired".into(),
                     first_seen_ms: 1_731_999_999_000,
@@ -898,7 +916,7 @@ mod tests {
             (r#""id":"ev-user","#, r#""id":"ev-user","priority":3,"#),
             (r#""name":"HEAD","#, r#""name":"HEAD","force":true,"#),
             (r#""id":"gone-1","#, r#""id":"gone-1","why":"x","#),
-            (r#""count":3,"#, r#""count":3,"port":443,"#),
+            (r#""count":3,"#, r#""count":3,"weight":443,"#),
         ] {
             let msg = corrupt(edited(from, to).as_bytes());
             assert!(msg.contains("unknown field"), "{to}: {msg}");

@@ -61,9 +61,15 @@ pub struct Stats {
     pub fetches_failed: u64,
     /// Failed fetches (not partial ones) by kind of failure.
     pub failures: BTreeMap<FailureKind, u64>,
+    /// Memory libgit2 lost for good on what servers sent (it leaks the object of a delta that
+    /// duplicates another, which only a hostile server sends), summed over every fetch.
+    /// It comes out of the fetches' total budget (`workers × max_fetch_memory`), and each such
+    /// server's endpoint is skipped for the naughty duration. Only a restart gives it back.
+    pub memory_leaked: u64,
     /// Per-domain counters and state, by domain.
     pub domains: BTreeMap<String, DomainStats>,
-    /// Domains skipped for a while because of DNS or TLS failures.
+    /// Host names and endpoints skipped for a while after DNS or TLS failures or a hostile
+    /// answer, sorted.
     pub naughty: Vec<NaughtyEntry>,
     /// The last 32 fetches that ended with an error, partial ones included, oldest first.
     pub recent_failures: Vec<FailureRecord>,
@@ -197,14 +203,33 @@ pub enum NaughtyCategory {
     Dns,
     /// Its TLS handshake or certificate failed.
     Tls,
+    /// What it sent made libgit2 lose memory for good (a pack with objects that duplicate
+    /// others, which no real server sends).
+    Hostile,
 }
 
-/// A domain skipped for a while: its URLs are not fetched until `until`.
+impl NaughtyCategory {
+    /// A short stable name, for logs, metrics and the state file: `dns`, `tls`, `hostile`.
+    pub fn as_str(self) -> &'static str {
+        crate::scheduler::domains::category_name(self)
+    }
+}
+
+/// A host name, or one endpoint of a host, skipped for a while: the URLs it covers are not
+/// fetched until `until`.
+///
+/// A DNS failure skips the whole name (`scheme` and `port` are `None`): nothing on it can be
+/// reached. A TLS failure or a hostile answer skips only that scheme, host and port, so that
+/// one URL with a wrong port or scheme cannot take a host's other URLs out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct NaughtyEntry {
-    /// The domain.
+    /// The host (canonical, as the connection resolved it).
     pub domain: String,
+    /// The scheme of the skipped endpoint; `None` when the whole name is skipped.
+    pub scheme: Option<String>,
+    /// The port of the skipped endpoint; `None` when the whole name is skipped.
+    pub port: Option<u16>,
     /// Why.
     pub category: NaughtyCategory,
     /// The last failure's message.

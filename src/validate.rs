@@ -18,7 +18,7 @@ pub(crate) const MAX_REF_NAME_BYTES: usize = 1024;
 
 pub(crate) struct Checked {
     pub oids: Vec<ObjectId>,
-    /// The URLs the policy accepted, in the order given, without duplicates.
+    /// The URLs the policy accepted, in the order given, each fetch URL once.
     pub urls: Vec<CloneUrl>,
     /// The URLs the policy refused, in the order given: returned to the host, never fetched.
     pub refused: Vec<RefusedUrl>,
@@ -96,6 +96,7 @@ pub(crate) fn event(ev: &PendingEvent, cfg: &Config) -> Result<Checked, SubmitEr
     }
     let policy = UrlPolicy::from_config(cfg);
     let mut urls: Vec<CloneUrl> = Vec::with_capacity(ev.clone_urls.len());
+    let mut seen = std::collections::HashSet::with_capacity(ev.clone_urls.len());
     let mut refused = Vec::new();
     for (index, value) in ev.clone_urls.iter().enumerate() {
         let bad = |reason| SubmitError::InvalidCloneUrl {
@@ -117,7 +118,8 @@ pub(crate) fn event(ev: &PendingEvent, cfg: &Config) -> Result<Checked, SubmitEr
         }
         match policy.check(value) {
             Ok(url) => {
-                if !urls.iter().any(|u| u.url == url.url) {
+                // URLs fetched the same are one URL (case, default port, trailing dot).
+                if seen.insert(url.fetch_url.clone()) {
                     urls.push(url);
                 }
             }

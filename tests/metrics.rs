@@ -27,7 +27,7 @@ const NOBODY: &str = "127.0.0.61";
 const UNRESOLVABLE: &str = "unresolvable.example";
 
 /// The families, in the order `render` writes them, with their types.
-const FAMILIES: [(&str, &str); 31] = [
+const FAMILIES: [(&str, &str); 32] = [
     ("purgatory_sync_queued_identifiers", "gauge"),
     ("purgatory_sync_waiting_events", "gauge"),
     ("purgatory_sync_awaiting_refs", "gauge"),
@@ -47,6 +47,7 @@ const FAMILIES: [(&str, &str); 31] = [
     ("purgatory_sync_fetches_succeeded_total", "counter"),
     ("purgatory_sync_fetches_partial_total", "counter"),
     ("purgatory_sync_fetches_failed_total", "counter"),
+    ("purgatory_sync_memory_leaked_bytes", "gauge"),
     ("purgatory_sync_naughty_domains", "gauge"),
     ("purgatory_sync_expired_ids_remembered", "gauge"),
     ("purgatory_sync_fetch_failures_total", "counter"),
@@ -303,7 +304,8 @@ fn a_real_engine_renders_releases_failures_and_naughty_domains() {
         2,
         "the mirror never failed"
     );
-    let naughty = [("domain", UNRESOLVABLE), ("category", "dns")];
+    // A name that does not resolve is skipped as a whole: no endpoint.
+    let naughty = [("domain", UNRESOLVABLE), ("endpoint", ""), ("category", "dns")];
     assert_eq!(value(&m, "purgatory_sync_naughty_domain", &naughty), 1.0);
 
     // The histogram holds exactly the waits the outcomes reported.

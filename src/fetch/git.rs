@@ -4,10 +4,9 @@
 //! pinned under [`TEMP_REF_PREFIX`] so that `git gc` cannot drop it while its event waits.
 
 use std::cell::Cell;
+use std::collections::HashSet;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Once};
-use std::time::Duration;
 
 use git2::{
     AutotagOption, ErrorClass, FetchOptions, RemoteCallbacks, RemoteRedirect, Repository,
@@ -15,6 +14,7 @@ use git2::{
 };
 
 use super::net::{self, Guard, NetContext};
+use super::quarantine::{self, Quarantine};
 use super::{
     FailureKind, FetchControl, FetchError, FetchReport, FetchRequest, Fetcher, StopReason,
 };
@@ -28,13 +28,28 @@ pub const TEMP_REF_PREFIX: &str = "refs/purgatory-sync/";
 const MAX_SPLIT_FETCHES: u32 = 32;
 
 /// Initialises libgit2 once per process: its process-wide socket timeouts (for sockets our
-/// stream does not serve) and the engine's socket stream, which enforces every fetch's limits.
-/// Called from `EngineBuilder::build` before the engine's threads exist.
-pub(crate) fn init(connect: Duration, io: Duration) {
+/// stream does not serve), the largest object a delta may build, the allocator that counts each
+/// fetch's memory, and the engine's socket stream, which enforces every fetch's limits. Called
+/// from `EngineBuilder::build` before the engine's threads exist; the first engine's settings
+/// are the process's.
+pub(crate) fn init(cfg: &crate::config::Config) {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        if let Err(e) = crate::ffi::set_git_timeouts(connect, io) {
+        // First: the git2 call initialises libgit2, which the raw calls below need.
+        if let Err(e) = crate::ffi::set_git_timeouts(cfg.connect_timeout, cfg.io_timeout) {
             log::warn!("could not set libgit2 socket timeouts: {e}");
+        }
+        if let Err(e) = crate::ffi::set_max_object_size(cfg.max_object_size) {
+            log::warn!("could not set libgit2's largest object size: {e}");
+        }
+        match crate::ffi::alloc::install() {
+            Ok(true) => {}
+            Ok(false) => log::info!(
+                "this platform cannot size allocations: fetches are not held to a memory budget"
+            ),
+            Err(e) => log::warn!(
+                "could not install the allocator, fetches are not held to a memory budget: {e}"
+            ),
         }
         if let Err(e) = crate::ffi::stream::register() {
             log::warn!(
@@ -176,8 +191,7 @@ impl GitFetcher {
     /// A fetcher. Its limits come with each call's [`FetchControl`]. The first fetcher or
     /// engine made in a process initialises libgit2 and registers the engine's socket stream.
     pub fn new() -> Self {
-        let defaults = crate::config::Config::default();
-        init(defaults.connect_timeout, defaults.io_timeout);
+        init(&crate::config::Config::default());
         GitFetcher { _private: () }
     }
 }
@@ -217,7 +231,7 @@ impl Fetcher for GitFetcher {
                     present,
                     missing,
                     error: Some(error),
-                    bytes_received: 0,
+                    ..FetchReport::default()
                 }
             }
         }
@@ -232,14 +246,6 @@ impl GitFetcher {
         control: &FetchControl,
         guard: Guard,
     ) -> FetchReport {
-        let repo = match open(&request.repo) {
-            Ok(r) => r,
-            Err(e) => {
-                let mut report = FetchReport::failed(e);
-                report.missing = request.wanted.clone();
-                return report;
-            }
-        };
         let ctx = Arc::new(
             NetContext::new(
                 control.deadline(),
@@ -248,61 +254,133 @@ impl GitFetcher {
                 control.connect_timeout(),
                 control.io_timeout(),
             )
+            .with_memory_limit(control.max_memory())
             .with_guard(guard),
         );
-        let mut job = Job {
-            repo: &repo,
-            control,
-            ctx: ctx.clone(),
-            fetches: 0,
-            error: None,
-            scratch: format!(
-                "{TEMP_REF_PREFIX}scratch/{}-{}/",
-                std::process::id(),
-                SCRATCH.fetch_add(1, Ordering::Relaxed)
-            ),
-        };
-        net::with_context(&ctx, || job.run(&request.url, &request.wanted));
-        job.drop_scratch_refs();
-        let missing = job.missing(&request.wanted);
-        let present: Vec<ObjectId> = request
-            .wanted
-            .iter()
-            .copied()
-            .filter(|o| !missing.contains(o))
-            .collect();
-        for oid in &present {
-            if let Err(e) =
-                repo.reference(&temp_ref(*oid), oid.to_git(), true, "purgatory-sync: pin")
-            {
-                job.error.get_or_insert_with(|| local(e));
-            }
+        // Everything libgit2 allocates for the fetch, from opening the repository to freeing
+        // the last handle, is counted against its budget.
+        let mut report = net::with_context(&ctx, || {
+            let mut report = fetch_into(request, control, &ctx);
+            // Every libgit2 handle of the fetch is freed: what libgit2 still holds for it, it
+            // lost (libgit2 1.9 leaks the object of a delta that duplicates another one).
+            report.memory_leaked = ctx.memory_live();
+            report
+        });
+        report.bytes_received = ctx.received();
+        report.memory_peak = ctx.memory_peak();
+        if report.memory_leaked > 0 {
+            log::debug!(
+                "libgit2 kept {} bytes after the fetch from {}",
+                report.memory_leaked,
+                request.url
+            );
         }
-        let error = if missing.is_empty() {
-            None
-        } else {
-            Some(job.error.take().unwrap_or_else(|| {
-                FetchError::new(
-                    FailureKind::NotFound,
-                    format!(
-                        "the server does not have {} of the {} wanted objects",
-                        missing.len(),
-                        request.wanted.len()
-                    ),
-                )
-            }))
-        };
-        FetchReport {
-            present,
-            missing,
-            error,
-            bytes_received: ctx.received(),
-        }
+        report
     }
 }
 
-/// Numbers scratch namespaces within the process.
-static SCRATCH: AtomicU64 = AtomicU64::new(0);
+/// Most object ids one request asks for by id: libgit2 matches every advertised ref against
+/// every requested id, so a request's cost grows with their product. The rest are asked for at
+/// the next visit.
+const MAX_WANTS_PER_REQUEST: usize = 4096;
+
+/// How many ids or refs a loop handles between two looks at the deadline.
+const CHECK_EVERY: usize = 1024;
+
+/// The fetch, inside the fetch's context: repository handles are opened and freed here.
+fn fetch_into(
+    request: &FetchRequest,
+    control: &FetchControl,
+    ctx: &Arc<NetContext>,
+) -> FetchReport {
+    let failed = |e: FetchError| {
+        let mut report = FetchReport::failed(e);
+        report.missing = request.wanted.clone();
+        report
+    };
+    let repo = match open(&request.repo) {
+        Ok(r) => r,
+        Err(e) => return failed(e),
+    };
+    let swept = quarantine::sweep(&repo.path().join("objects"));
+    if swept > 0 {
+        log::info!(
+            "removed {swept} fetch quarantine(s) left by processes that no longer run in {}",
+            request.repo.display()
+        );
+    }
+    let mut job = Job {
+        repo: &repo,
+        control,
+        ctx: ctx.clone(),
+        fetches: 0,
+        error: None,
+    };
+    let missing_before = job.missing(&request.wanted);
+    if !missing_before.is_empty() && job.error.is_none() {
+        let quarantine = match Quarantine::open(&repo) {
+            Ok(q) => q,
+            Err(m) => return failed(FetchError::new(FailureKind::LocalRepository, m)),
+        };
+        job.run(&request.url, &missing_before);
+        let left = job.missing(&missing_before);
+        if left.len() < missing_before.len() {
+            // A wanted object arrived: what came with it stays.
+            if let Err(e) = quarantine.keep() {
+                job.note(FetchError::new(
+                    FailureKind::LocalRepository,
+                    format!("could not move the fetched pack into the repository: {e}"),
+                ));
+            }
+        }
+        // Otherwise the quarantine, and whatever the server sent, goes with it.
+    }
+    let mut error = job.error.take();
+    drop(job);
+    drop(repo);
+    // A new handle: the packs moved in are seen where they are now, not through the
+    // quarantine's backend.
+    let repo = match open(&request.repo) {
+        Ok(r) => r,
+        Err(e) => return failed(e),
+    };
+    let present_set: HashSet<ObjectId> = match repo.odb() {
+        Ok(odb) => request
+            .wanted
+            .iter()
+            .copied()
+            .filter(|o| odb.exists(o.to_git()))
+            .collect(),
+        Err(e) => return failed(local(e)),
+    };
+    let (present, missing): (Vec<ObjectId>, Vec<ObjectId>) =
+        request.wanted.iter().partition(|o| present_set.contains(o));
+    for oid in &present {
+        if let Err(e) = repo.reference(&temp_ref(*oid), oid.to_git(), true, "purgatory-sync: pin") {
+            error.get_or_insert_with(|| local(e));
+        }
+    }
+    let error = if missing.is_empty() {
+        None
+    } else {
+        Some(error.unwrap_or_else(|| {
+            FetchError::new(
+                FailureKind::NotFound,
+                format!(
+                    "the server does not have {} of the {} wanted objects",
+                    missing.len(),
+                    request.wanted.len()
+                ),
+            )
+        }))
+    };
+    FetchReport {
+        present,
+        missing,
+        error,
+        ..FetchReport::default()
+    }
+}
 
 /// What one libgit2 fetch call came to.
 enum Call {
@@ -318,19 +396,30 @@ struct Job<'a> {
     ctx: Arc<NetContext>,
     fetches: u32,
     error: Option<FetchError>,
-    scratch: String,
 }
 
 impl Job<'_> {
-    fn missing(&self, oids: &[ObjectId]) -> Vec<ObjectId> {
-        match self.repo.odb() {
-            Ok(odb) => oids
-                .iter()
-                .copied()
-                .filter(|o| !odb.exists(o.to_git()))
-                .collect(),
-            Err(_) => oids.to_vec(),
+    /// Which of `oids` the repository (with the fetch's quarantine) lacks. Stops at the
+    /// deadline, counting the unchecked ones as missing.
+    fn missing(&mut self, oids: &[ObjectId]) -> Vec<ObjectId> {
+        let odb = match self.repo.odb() {
+            Ok(odb) => odb,
+            Err(e) => {
+                self.note(local(e));
+                return oids.to_vec();
+            }
+        };
+        let mut missing = Vec::new();
+        for (i, o) in oids.iter().enumerate() {
+            if i % CHECK_EVERY == CHECK_EVERY - 1 && self.stop_now() {
+                missing.extend_from_slice(&oids[i..]);
+                break;
+            }
+            if !odb.exists(o.to_git()) {
+                missing.push(*o);
+            }
         }
+        missing
     }
 
     /// Keeps the most telling failure: one that ends the attempt wins over the first
@@ -346,11 +435,19 @@ impl Job<'_> {
             || self.control.should_stop().is_some()
     }
 
-    fn run(&mut self, url: &str, wanted: &[ObjectId]) {
-        let missing = self.missing(wanted);
-        if missing.is_empty() {
-            return;
+    /// Whether the fetch must stop now; records why.
+    fn stop_now(&mut self) -> bool {
+        match self.control.should_stop() {
+            Some(reason) => {
+                self.note(stopped(reason));
+                true
+            }
+            None => self.stopped(),
         }
+    }
+
+    /// Asks `url` for `missing` (ids the repository lacks).
+    fn run(&mut self, url: &str, missing: &[ObjectId]) {
         let mut remote = match self.repo.remote_anonymous(url) {
             // git config `insteadOf` rewrites can turn a checked URL into another one.
             Ok(r) if r.url().ok() != Some(url) => {
@@ -364,24 +461,28 @@ impl Job<'_> {
             Err(e) => {
                 self.note(FetchError::new(
                     FailureKind::Refused,
-                    strip_urls(e.message()),
+                    sanitize(&strip_urls(e.message())),
                 ));
                 return;
             }
         };
-        if !self.fetch_by_id(&mut remote, missing.clone()) {
+        let asked = &missing[..missing.len().min(MAX_WANTS_PER_REQUEST)];
+        if !self.fetch_by_id(&mut remote, asked.to_vec()) {
             return;
         }
-        // The server does not allow wants by id: use its advertisement.
-        let left = self.missing(&missing);
+        // The server does not allow wants by id: use its advertisement. Refspecs without a
+        // destination fetch the objects and write no ref.
+        let left: HashSet<ObjectId> = self.missing(missing).into_iter().collect();
         let mut tips: Vec<String> = Vec::new();
-        let mut seen = Vec::new();
+        let mut seen = HashSet::new();
         if let Ok(heads) = remote.list() {
-            for h in heads {
+            for (i, h) in heads.iter().enumerate() {
+                if i % CHECK_EVERY == CHECK_EVERY - 1 && self.stop_now() {
+                    return;
+                }
                 let oid = ObjectId::from_git(h.oid());
-                if left.contains(&oid) && !seen.contains(&oid) && h.name().starts_with("refs/") {
-                    seen.push(oid);
-                    tips.push(format!("+{}:{}", h.name(), temp_ref(oid)));
+                if left.contains(&oid) && h.name().starts_with("refs/") && seen.insert(oid) {
+                    tips.push(h.name().to_owned());
                 }
             }
         }
@@ -390,15 +491,11 @@ impl Job<'_> {
                 self.note(e);
             }
         }
-        if self.missing(&left).is_empty() || self.stopped() {
+        let left: Vec<ObjectId> = left.into_iter().collect();
+        if self.stopped() || self.missing(&left).is_empty() {
             return;
         }
-        let ns = &self.scratch;
-        let broad = [
-            format!("+refs/heads/*:{ns}heads/*"),
-            format!("+refs/tags/*:{ns}tags/*"),
-            format!("+refs/nostr/*:{ns}nostr/*"),
-        ];
+        let broad = ["refs/heads/*", "refs/tags/*", "refs/nostr/*"].map(str::to_owned);
         if let Call::Failed(e) = self.call(&mut remote, &broad) {
             self.note(e);
         }
@@ -410,7 +507,7 @@ impl Job<'_> {
         let mut work = vec![wanted];
         let mut first = true;
         while let Some(set) = work.pop() {
-            if self.fetches >= MAX_SPLIT_FETCHES || self.stopped() {
+            if self.fetches >= MAX_SPLIT_FETCHES || self.stop_now() {
                 break;
             }
             let set = self.missing(&set);
@@ -485,21 +582,14 @@ impl Job<'_> {
             }
         }
     }
+}
 
-    fn drop_scratch_refs(&self) {
-        let Ok(refs) = self.repo.references_glob(&format!("{}*", self.scratch)) else {
-            return;
-        };
-        let names: Vec<String> = refs
-            .flatten()
-            .filter_map(|r| r.name().map(str::to_owned).ok())
-            .collect();
-        for name in names {
-            if let Ok(mut r) = self.repo.find_reference(&name) {
-                if let Err(e) = r.delete() {
-                    log::warn!("could not remove scratch ref {name}: {e}");
-                }
-            }
+/// The failure of a fetch stopped by the engine.
+fn stopped(reason: StopReason) -> FetchError {
+    match reason {
+        StopReason::Deadline => FetchError::new(FailureKind::Deadline, "the fetch deadline passed"),
+        StopReason::Cancelled => {
+            FetchError::new(FailureKind::Cancelled, "the engine is shutting down")
         }
     }
 }
@@ -523,15 +613,9 @@ fn classify(
     pack_started: bool,
     advertised: bool,
 ) -> FetchError {
-    let message = strip_urls(e.message());
-    match stop {
-        Some(StopReason::Deadline) => {
-            return FetchError::new(FailureKind::Deadline, "the fetch deadline passed")
-        }
-        Some(StopReason::Cancelled) => {
-            return FetchError::new(FailureKind::Cancelled, "the engine is shutting down")
-        }
-        None => {}
+    let message = sanitize(&strip_urls(e.message()));
+    if let Some(reason) = stop {
+        return stopped(reason);
     }
     if let Some((kind, msg)) = &stream {
         if *kind != FailureKind::Network {
@@ -590,6 +674,28 @@ fn classify(
     }
 }
 
+/// A message from a server (or from libgit2 quoting one) made safe to log and show: control
+/// characters (terminal escapes, CR, LF, NUL) and Unicode bidirectional controls become
+/// spaces, and it is cut to 1 000 characters.
+pub(crate) fn sanitize(message: &str) -> String {
+    const MAX_CHARS: usize = 1000;
+    let mut out: String = message
+        .chars()
+        .take(MAX_CHARS)
+        .map(|c| {
+            if c.is_control() || crate::validate::is_bidi_control(c) {
+                ' '
+            } else {
+                c
+            }
+        })
+        .collect();
+    if message.chars().nth(MAX_CHARS).is_some() {
+        out.push('…');
+    }
+    out
+}
+
 /// Replaces every URL in a message with `<url>`: URLs come from other people's events and must
 /// neither leak credentials into logs nor sway classification.
 pub(crate) fn strip_urls(message: &str) -> String {
@@ -633,6 +739,7 @@ mod tests {
     fn connections_go_only_to_the_urls_host_and_public_addresses() {
         use std::net::TcpListener;
         use std::sync::atomic::AtomicBool;
+        use std::time::Duration;
         use std::time::Instant;
 
         let fetcher = GitFetcher::new();
@@ -673,7 +780,7 @@ mod tests {
     #[test]
     fn a_refused_url_is_not_fetched() {
         use std::sync::atomic::AtomicBool;
-        use std::time::Instant;
+        use std::time::{Duration, Instant};
 
         let dir = tempfile::tempdir().unwrap();
         let repo = Repository::init_bare(dir.path()).unwrap();

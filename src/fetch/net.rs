@@ -12,6 +12,14 @@
 //! stream opened outside any fetch (a host using libgit2 for its own purposes) gets plain
 //! sockets with the default timeouts.
 //!
+//! The context also counts the memory libgit2 holds for the fetch: the engine's allocator
+//! (`crate::ffi::alloc`) asks [`may_allocate`] before every allocation libgit2 makes and
+//! reports each block to [`allocated`]. A fetch may hold at most its budget at once, and once
+//! its deadline has passed or the engine is shutting down, every large allocation is refused.
+//! Resolving a pack's deltas happens inside libgit2 with no socket read, and allocates the
+//! result of every delta it applies, so this is what bounds a pack crafted to expand (a "delta
+//! bomb") in memory and in time.
+//!
 //! The context also carries the URL policy's last word ([`Guard`]): a fetch may only connect
 //! to the host of its URL (libgit2 follows no redirect with our options, and `insteadOf`
 //! rewrites are refused, but this makes it a guarantee), and, unless private addresses are
@@ -22,7 +30,7 @@
 use std::cell::RefCell;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,6 +42,11 @@ use crate::policy::{canonical_host, ip_allowed, Host};
 /// Longest a single blocking socket call waits before the limits are checked again, so that
 /// cancellation is noticed promptly even on a silent connection.
 const SLICE: Duration = Duration::from_millis(200);
+
+/// Allocations at least this large are refused once the fetch must stop: libgit2 applies a
+/// delta into a block as large as its result, so a pack that keeps libgit2 busy without reading
+/// the socket (deltas expanding to large objects) is stopped at its next delta.
+const STOP_CHECKED_BLOCK: usize = 64 * 1024;
 
 /// Timeouts used by streams opened outside any fetch.
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -50,6 +63,13 @@ pub(crate) struct NetContext {
     guard: Option<Guard>,
     received: AtomicU64,
     failure: Mutex<Option<(FailureKind, String)>>,
+    /// Most bytes libgit2 may hold for the fetch at once.
+    memory_limit: usize,
+    /// Bytes libgit2 holds for the fetch now: allocated on the fetch's thread while the context
+    /// was current and not freed yet (blocks from before the fetch freed during it make it a
+    /// little low, never high).
+    memory_live: AtomicUsize,
+    memory_peak: AtomicUsize,
 }
 
 /// Where the connections of one fetch may go.
@@ -88,7 +108,61 @@ impl NetContext {
             guard: None,
             received: AtomicU64::new(0),
             failure: Mutex::new(None),
+            memory_limit: usize::MAX,
+            memory_live: AtomicUsize::new(0),
+            memory_peak: AtomicUsize::new(0),
         }
+    }
+
+    /// Limits the memory libgit2 may hold for the fetch at once to `bytes`.
+    pub fn with_memory_limit(mut self, bytes: u64) -> Self {
+        self.memory_limit = usize::try_from(bytes).unwrap_or(usize::MAX);
+        self
+    }
+
+    /// The memory libgit2 holds for the fetch now.
+    pub fn memory_live(&self) -> u64 {
+        self.memory_live.load(Ordering::Relaxed) as u64
+    }
+
+    /// The most memory libgit2 held for the fetch at once.
+    pub fn memory_peak(&self) -> u64 {
+        self.memory_peak.load(Ordering::Relaxed) as u64
+    }
+
+    /// Whether libgit2 may allocate a block of `len` bytes that adds `grow` bytes to what the
+    /// fetch holds. A refusal records why, unless a reason is recorded already.
+    fn may_allocate(&self, len: usize, grow: usize) -> bool {
+        let live = self.memory_live.load(Ordering::Relaxed);
+        if live.saturating_add(grow) > self.memory_limit {
+            self.fail_first(
+                FailureKind::MemoryCap,
+                format!(
+                    "the fetch needed more than its memory budget of {} bytes (it held {live} \
+                     and asked for {len} more)",
+                    self.memory_limit
+                ),
+            );
+            return false;
+        }
+        if len >= STOP_CHECKED_BLOCK {
+            if self.cancel.load(Ordering::Relaxed) {
+                self.fail_first(FailureKind::Cancelled, "the engine is shutting down".into());
+                return false;
+            }
+            if Instant::now() >= self.deadline {
+                self.fail_first(FailureKind::Deadline, "the fetch deadline passed".into());
+                return false;
+            }
+        }
+        true
+    }
+
+    fn allocated(&self, added: usize, removed: usize) {
+        let live = self.memory_live.load(Ordering::Relaxed);
+        let live = live.saturating_add(added).saturating_sub(removed);
+        self.memory_live.store(live, Ordering::Relaxed);
+        self.memory_peak.fetch_max(live, Ordering::Relaxed);
     }
 
     /// Restricts the fetch's connections to `guard`'s host and addresses.
@@ -113,6 +187,15 @@ impl NetContext {
         message
     }
 
+    /// Records why the fetch failed unless a reason is recorded already: libgit2 may go on
+    /// allocating after a refusal, and the first refusal is the cause.
+    fn fail_first(&self, kind: FailureKind, message: String) {
+        let mut failure = self.failure.lock();
+        if failure.is_none() {
+            *failure = Some((kind, message));
+        }
+    }
+
     fn check_limits(&self) -> Result<(), String> {
         if self.cancel.load(Ordering::Relaxed) {
             return Err(self.fail(FailureKind::Cancelled, "the engine is shutting down".into()));
@@ -126,6 +209,27 @@ impl NetContext {
 
 thread_local! {
     static CURRENT: RefCell<Option<Arc<NetContext>>> = const { RefCell::new(None) };
+}
+
+/// Whether libgit2 may allocate a block of `len` bytes that adds `grow` bytes to what it holds,
+/// for the current thread's fetch; always outside a fetch. Called by the engine's allocator.
+pub(crate) fn may_allocate(len: usize, grow: usize) -> bool {
+    with_current(|ctx| ctx.may_allocate(len, grow)).unwrap_or(true)
+}
+
+/// libgit2 allocated `added` bytes and freed `removed` bytes on this thread. Called by the
+/// engine's allocator for every block, inside a fetch or not.
+pub(crate) fn allocated(added: usize, removed: usize) {
+    with_current(|ctx| ctx.allocated(added, removed));
+}
+
+/// `f` of the current thread's fetch context, if there is one. Never panics: it runs inside
+/// libgit2's allocator, also while the thread's locals are being torn down.
+fn with_current<R>(f: impl FnOnce(&NetContext) -> R) -> Option<R> {
+    CURRENT
+        .try_with(|c| c.try_borrow().ok()?.as_deref().map(f))
+        .ok()
+        .flatten()
 }
 
 /// Runs `f` with `ctx` as the current thread's fetch limits.

@@ -19,8 +19,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::{
-    Admission, BuildError, DomainLimits, Engine, EngineBuilder, NaughtyCategory, Origin, Outcome,
-    PendingEvent, RefUpdate, Stats, SubmitError,
+    Admission, BuildError, DomainLimits, Engine, EngineBuilder, Origin, Outcome, PendingEvent,
+    RefUpdate, Stats, SubmitError,
 };
 
 /// What a `psync_` call returned. `PSYNC_OK` is success; for every other value
@@ -84,6 +84,9 @@ pub enum PsyncStatus {
     PSYNC_TOO_MANY_REF_UPDATES = 31,
     /// submit: a ref update has a bad name or target.
     PSYNC_INVALID_REF_UPDATE = 32,
+    /// submit: the event's clone URLs would give its identifier more distinct URLs than
+    /// allowed (`max_urls_per_identifier`).
+    PSYNC_TOO_MANY_IDENTIFIER_URLS = 33,
     /// submit: a refusal added to the library after this header was written.
     PSYNC_OTHER_SUBMIT_ERROR = 39,
 }
@@ -257,8 +260,11 @@ struct ConfigJson {
     max_events: Option<usize>,
     max_oids_per_event: Option<usize>,
     max_urls_per_event: Option<usize>,
+    max_urls_per_identifier: Option<usize>,
     max_ref_updates_per_event: Option<usize>,
     max_fetch_bytes: Option<u64>,
+    max_fetch_memory: Option<u64>,
+    max_object_size: Option<u64>,
     fetch_depth: Option<u32>,
     thread_name: Option<String>,
     domain_limits: Option<LimitsJson>,
@@ -304,8 +310,11 @@ impl ConfigJson {
         set!(max_events => max_events);
         set!(max_oids_per_event => max_oids_per_event);
         set!(max_urls_per_event => max_urls_per_event);
+        set!(max_urls_per_identifier => max_urls_per_identifier);
         set!(max_ref_updates_per_event => max_ref_updates_per_event);
         set!(max_fetch_bytes => max_fetch_bytes);
+        set!(max_fetch_memory => max_fetch_memory);
+        set!(max_object_size => max_object_size);
         set!(naughty_duration_ms ms => naughty_duration);
         set!(allow_private_addresses => allow_private_addresses);
         set!(state_file => state_file);
@@ -435,6 +444,7 @@ fn submit_status(e: &SubmitError) -> PsyncStatus {
         SubmitError::InvalidObjectId { .. } => PSYNC_INVALID_OBJECT_ID,
         SubmitError::TooManyCloneUrls { .. } => PSYNC_TOO_MANY_CLONE_URLS,
         SubmitError::InvalidCloneUrl { .. } => PSYNC_INVALID_CLONE_URL,
+        SubmitError::TooManyIdentifierUrls { .. } => PSYNC_TOO_MANY_IDENTIFIER_URLS,
         SubmitError::TooManyRefUpdates { .. } => PSYNC_TOO_MANY_REF_UPDATES,
         SubmitError::InvalidRefUpdate { .. } => PSYNC_INVALID_REF_UPDATE,
         SubmitError::InvalidRepository { .. } => PSYNC_INVALID_REPOSITORY,
@@ -470,6 +480,7 @@ fn stats_json(s: &Stats) -> Value {
         fetches_succeeded,
         fetches_partial,
         fetches_failed,
+        memory_leaked,
         failures,
         domains,
         naughty,
@@ -505,10 +516,9 @@ fn stats_json(s: &Stats) -> Value {
         .map(|n| {
             json!({
                 "domain": n.domain,
-                "category": match n.category {
-                    NaughtyCategory::Dns => "dns",
-                    NaughtyCategory::Tls => "tls",
-                },
+                "scheme": n.scheme,
+                "port": n.port,
+                "category": n.category.as_str(),
                 "reason": n.reason,
                 "first_seen_unix_ms": unix_ms(n.first_seen),
                 "last_seen_unix_ms": unix_ms(n.last_seen),
@@ -548,6 +558,7 @@ fn stats_json(s: &Stats) -> Value {
         "fetches_succeeded": fetches_succeeded,
         "fetches_partial": fetches_partial,
         "fetches_failed": fetches_failed,
+        "memory_leaked": memory_leaked,
         "failures": by_kind(failures),
         "domains": domains,
         "naughty": naughty,
@@ -574,8 +585,9 @@ fn stats_json(s: &Stats) -> Value {
 /// `workers`, `tick_ms`, `user_delay_ms`, `sync_delay_ms`, `backoff_base_ms`,
 /// `backoff_cap_ms`, `event_lifetime_ms`, `expired_memory_ms`, `fetch_deadline_ms`,
 /// `connect_timeout_ms`, `io_timeout_ms`, `shutdown_timeout_ms`, `checkpoint_interval_ms`,
-/// `max_events`, `max_oids_per_event`, `max_urls_per_event`, `max_ref_updates_per_event`,
-/// `max_fetch_bytes`, `fetch_depth` (null or n), `thread_name`,
+/// `max_events`, `max_oids_per_event`, `max_urls_per_event`, `max_urls_per_identifier`,
+/// `max_ref_updates_per_event`, `max_fetch_bytes`, `max_fetch_memory`, `max_object_size`,
+/// `fetch_depth` (null or n), `thread_name`,
 /// `domain_limits` `{"max_concurrent", "per_minute", "burst"?}`,
 /// `domain_overrides` `{"host": {"max_concurrent", "per_minute", "burst"?}}`, `our_domain`,
 /// `naughty_duration_ms`, `allow_private_addresses`, `allowed_schemes` `[..]`, `state_file`,

@@ -3,12 +3,15 @@
 //! - [`capi`]: the C ABI (`include/purgatory_sync.h`), re-exported as `purgatory_sync::capi`.
 //! - [`stream`]: the socket stream the engine registers with libgit2, so that every fetch's
 //!   connections obey the engine's limits (see `crate::fetch::net`).
+//! - [`alloc`]: libgit2's allocator, replaced so that each fetch's memory is counted and
+//!   bounded (see `crate::fetch::net`).
 //! - [`set_git_timeouts`]: libgit2's process-wide socket timeouts, for sockets the engine's
-//!   stream does not serve.
+//!   stream does not serve; [`set_max_object_size`]: its limit on objects built from deltas.
 //! - [`try_lock_exclusive`]: `flock` on the state file's lock file (`crate::persist::lock`).
 
 #![allow(unsafe_code)]
 
+pub(crate) mod alloc;
 pub(crate) mod capi;
 pub(crate) mod stream;
 
@@ -47,4 +50,57 @@ pub(crate) fn try_lock_exclusive(file: &std::fs::File) -> std::io::Result<bool> 
             _ => return Err(e),
         }
     }
+}
+
+/// Sets libgit2's process-wide limit on the size of an object built from a delta
+/// (`GIT_OPT_SET_PACK_MAX_OBJECT_SIZE`).
+pub(crate) fn set_max_object_size(bytes: u64) -> Result<(), git2::Error> {
+    let bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
+    // SAFETY: libgit2 is initialised (by the git2 call the caller makes first); the option
+    // takes one `size_t`, and its global is written once per process, from `fetch::init`,
+    // before any fetch of the engine reads it.
+    let rc = unsafe {
+        libgit2_sys::git_libgit2_opts(
+            libgit2_sys::GIT_OPT_SET_PACK_MAX_OBJECT_SIZE as std::ffi::c_int,
+            bytes as libc::size_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(git2::Error::last_error(rc))
+    }
+}
+
+/// Adds a pack backend reading and writing the packs of `objects_dir/pack` to `odb`, ahead of
+/// the repository's own backends (`priority` above theirs, which are 1 and 2): libgit2 writes
+/// a fetched pack through the first backend that can, so the fetch's packs land there.
+pub(crate) fn add_pack_backend(
+    odb: &git2::Odb<'_>,
+    objects_dir: &std::path::Path,
+    priority: i32,
+) -> Result<(), git2::Error> {
+    use git2::Binding;
+    let dir = std::ffi::CString::new(objects_dir.as_os_str().as_encoded_bytes())
+        .map_err(|_| git2::Error::from_str("the objects directory's path contains a NUL byte"))?;
+    let mut backend: *mut libgit2_sys::git_odb_backend = std::ptr::null_mut();
+    // SAFETY: `dir` is a valid NUL-terminated path for the call; on success libgit2 hands us a
+    // backend we own.
+    let rc = unsafe { libgit2_sys::git_odb_backend_pack(&mut backend, dir.as_ptr()) };
+    if rc < 0 {
+        return Err(git2::Error::last_error(rc));
+    }
+    // SAFETY: `odb.raw()` is the live odb of a repository the caller holds; on success the odb
+    // takes ownership of `backend` and frees it with itself.
+    let rc = unsafe { libgit2_sys::git_odb_add_backend(odb.raw(), backend, priority) };
+    if rc < 0 {
+        // SAFETY: the odb did not take the backend; it is ours to free, once.
+        unsafe {
+            if let Some(free) = (*backend).free {
+                free(backend);
+            }
+        }
+        return Err(git2::Error::last_error(rc));
+    }
+    Ok(())
 }

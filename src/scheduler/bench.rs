@@ -81,10 +81,9 @@ impl QueueBench {
                 repo: Arc::from(PathBuf::from(format!("/srv/git/{i}.git")).as_path()),
                 oids: vec![ObjectId::from_bytes(bytes)],
                 missing: vec![ObjectId::from_bytes(bytes)],
-                urls: vec![crate::policy::CloneUrl {
-                    url: Arc::from(format!("https://git{}.example.com/{i}.git", i % domains)),
-                    domain: Arc::from(format!("git{}.example.com", i % domains)),
-                }],
+                urls: vec![crate::policy::UrlPolicy::new()
+                    .check(&format!("https://git{}.example.com/{i}.git", i % domains))
+                    .expect("the bench's URLs pass the policy")],
                 refs: Arc::from([]),
                 origin: Origin::User,
                 submitted,

@@ -27,6 +27,7 @@ fn failure() -> impl Strategy<Value = FailureKind> {
         FailureKind::Timeout,
         FailureKind::Deadline,
         FailureKind::SizeCap,
+        FailureKind::MemoryCap,
         FailureKind::NotFound,
         FailureKind::Protocol,
         FailureKind::Network,
@@ -194,6 +195,10 @@ proptest! {
                     let running = !h.jobs.is_empty();
                     let before = next_attempt(&h);
                     h.admitted.fetch_add(1, Ordering::SeqCst);
+                    h.core
+                        .identifier_urls()
+                        .reserve(&ev.identifier, &ev.urls)
+                        .expect("within the cap");
                     h.core.command(Command::Submit(ev), now);
                     let after = next_attempt(&h);
                     match (before, after) {

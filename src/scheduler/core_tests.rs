@@ -78,6 +78,10 @@ impl Harness {
     /// Submits as the handle does: counts the admission, then sends the command.
     fn submit_event(&mut self, ev: ValidEvent) {
         self.admitted.fetch_add(1, Ordering::SeqCst);
+        self.core
+            .identifier_urls()
+            .reserve(&ev.identifier, &ev.urls)
+            .expect("within the cap");
         let now = self.now();
         self.core.command(Command::Submit(ev), now);
         self.pass();
@@ -102,13 +106,7 @@ impl Harness {
             repo: Arc::from(PathBuf::from(repo).as_path()),
             oids: oids.to_vec(),
             missing: missing.to_vec(),
-            urls: urls
-                .iter()
-                .map(|u| crate::policy::CloneUrl {
-                    url: Arc::from(*u),
-                    domain: Arc::from(crate::policy::domain_of(u).expect("test URLs have hosts")),
-                })
-                .collect(),
+            urls: urls.iter().map(|u| crate::policy::clone_url(u)).collect(),
             refs: refs.into(),
             origin,
             submitted: self.now(),
@@ -120,6 +118,11 @@ impl Harness {
         let now = self.now();
         self.core.pass(now);
         self.collect();
+        // At every pass of the small scenarios; a scan per pass would make the large ones
+        // quadratic.
+        if self.core.waiting_events() <= 1000 {
+            self.core.check_url_index_exactly();
+        }
     }
 
     fn collect(&mut self) {
@@ -456,7 +459,7 @@ fn an_event_arriving_during_an_attempt_gets_its_own_prompt_attempt() {
     h.advance(500 * MS);
     assert_eq!(h.jobs.len(), 1);
     // e2 arrives while e1's fetch runs, and that fetch does not want e2's object.
-    h.submit("e2", "id", "/r", &[oid(2)], &[], Origin::Sync);
+    h.submit("e2", "id", "/r", &[oid(2)], &["git://a/r"], Origin::Sync);
     assert_eq!(h.jobs.len(), 1, "still one job for the identifier");
     h.finish(&[oid(1)], None);
     assert_eq!(h.released(), ["e1"]);

@@ -18,6 +18,7 @@ use crate::fetch::FailureKind;
 use crate::stats::{DomainStats, NaughtyCategory, NaughtyEntry};
 
 use super::core::EntryId;
+use crate::policy::CloneUrl;
 
 use crate::state::millis as ms;
 
@@ -106,6 +107,35 @@ struct Domain {
     failed: BTreeMap<FailureKind, u64>,
 }
 
+/// What a naughty-list entry skips: what failed, and nothing more, so that one stranger's URL
+/// cannot take a host out for others. A name that did not resolve is skipped whatever the
+/// scheme and port (nothing on it can be reached); a TLS failure or a hostile answer skips only
+/// its scheme, host and port (`https://github.com:22/x` fails TLS because port 22 speaks SSH,
+/// and says nothing of `git://github.com`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct NaughtyKey {
+    /// The canonical host: the name the connection resolved.
+    host: Arc<str>,
+    /// The scheme and port, for an endpoint; `None` for a whole name.
+    endpoint: Option<(Arc<str>, u16)>,
+}
+
+impl NaughtyKey {
+    fn name(url: &CloneUrl) -> Self {
+        NaughtyKey {
+            host: url.domain.clone(),
+            endpoint: None,
+        }
+    }
+
+    fn endpoint(url: &CloneUrl) -> Self {
+        NaughtyKey {
+            host: url.domain.clone(),
+            endpoint: Some((url.scheme.clone(), url.port)),
+        }
+    }
+}
+
 struct Naughty {
     category: NaughtyCategory,
     reason: String,
@@ -129,7 +159,7 @@ pub(crate) struct Domains {
     cfg: Arc<Config>,
     clock: Option<CoreClock>,
     table: HashMap<Arc<str>, Domain>,
-    naughty: HashMap<Arc<str>, Naughty>,
+    naughty: HashMap<NaughtyKey, Naughty>,
 }
 
 impl Domains {
@@ -183,13 +213,17 @@ impl Domains {
         self.table.get_mut(name).expect("inserted above")
     }
 
-    /// Whether URLs on `domain` may be fetched at all now: not the relay's own domain and not
-    /// on the naughty list.
-    pub fn usable(&self, domain: &str, now: Instant) -> bool {
-        if self.cfg.our_domain.as_deref() == Some(domain) {
+    /// Whether `url` may be fetched at all now: not on the relay's own domain, and neither its
+    /// host name nor its endpoint on the naughty list.
+    pub fn usable(&self, url: &CloneUrl, now: Instant) -> bool {
+        if self.cfg.our_domain.as_deref() == Some(&*url.domain) {
             return false;
         }
-        self.naughty.get(domain).is_none_or(|n| n.until <= now)
+        if self.naughty.is_empty() {
+            return true;
+        }
+        let skipped = |key: &NaughtyKey| self.naughty.get(key).is_some_and(|n| n.until > now);
+        !skipped(&NaughtyKey::name(url)) && !skipped(&NaughtyKey::endpoint(url))
     }
 
     /// Takes a concurrency slot and a rate cell of `domain`, both or neither.
@@ -214,30 +248,50 @@ impl Domains {
         }
     }
 
-    /// Gives back the slot of a fetch that ended, counts it, and puts the domain on the
-    /// naughty list after a DNS or TLS failure.
+    /// Gives back the slot of a fetch of `url` that ended, counts it, and after a DNS failure
+    /// puts the host name on the naughty list, after a TLS failure the URL's endpoint.
     pub fn release(
         &mut self,
-        domain: &Arc<str>,
+        url: &CloneUrl,
         failure: Option<(FailureKind, &str)>,
         partial: bool,
         now: Instant,
     ) {
-        let d = self.domain(domain);
+        let d = self.domain(&url.domain);
         d.in_flight = d.in_flight.saturating_sub(1);
         match failure {
             None => d.succeeded += 1,
             Some(_) if partial => d.partial += 1,
             Some((kind, _)) => *d.failed.entry(kind).or_default() += 1,
         }
-        let category = match failure {
-            Some((FailureKind::Dns, _)) => NaughtyCategory::Dns,
-            Some((FailureKind::Tls, _)) => NaughtyCategory::Tls,
+        let (key, category) = match failure {
+            Some((FailureKind::Dns, _)) => (NaughtyKey::name(url), NaughtyCategory::Dns),
+            Some((FailureKind::Tls, _)) => (NaughtyKey::endpoint(url), NaughtyCategory::Tls),
             _ => return,
         };
         let reason = failure.map(|f| f.1.to_owned()).unwrap_or_default();
+        self.put_naughty(key, category, reason, now);
+    }
+
+    /// Puts `url`'s endpoint on the naughty list: what it sent made libgit2 lose memory.
+    pub fn hostile(&mut self, url: &CloneUrl, reason: String, now: Instant) {
+        self.put_naughty(
+            NaughtyKey::endpoint(url),
+            NaughtyCategory::Hostile,
+            reason,
+            now,
+        );
+    }
+
+    fn put_naughty(
+        &mut self,
+        key: NaughtyKey,
+        category: NaughtyCategory,
+        reason: String,
+        now: Instant,
+    ) {
         let until = now + self.cfg.naughty_duration;
-        match self.naughty.get_mut(domain) {
+        match self.naughty.get_mut(&key) {
             Some(n) if n.until > now => {
                 n.category = category;
                 n.reason = reason;
@@ -247,11 +301,12 @@ impl Domains {
             }
             _ => {
                 log::warn!(
-                    "skipping {domain} for {:?}: {reason}",
+                    "skipping {} for {:?}: {reason}",
+                    key_display(&key),
                     self.cfg.naughty_duration
                 );
                 self.naughty.insert(
-                    domain.clone(),
+                    key,
                     Naughty {
                         category,
                         reason,
@@ -348,13 +403,11 @@ impl Domains {
             .naughty
             .iter()
             .filter(|(_, n)| n.until > now)
-            .map(|(domain, n)| crate::state::SavedNaughty {
-                domain: domain.to_string(),
-                category: match n.category {
-                    NaughtyCategory::Dns => "dns",
-                    NaughtyCategory::Tls => "tls",
-                }
-                .to_owned(),
+            .map(|(key, n)| crate::state::SavedNaughty {
+                domain: key.host.to_string(),
+                scheme: key.endpoint.as_ref().map(|(s, _)| s.to_string()),
+                port: key.endpoint.as_ref().map(|(_, p)| *p),
+                category: category_name(n.category).to_owned(),
                 reason: n.reason.clone(),
                 first_seen_ms: wall(n.first),
                 last_seen_ms: wall(n.last),
@@ -362,7 +415,7 @@ impl Domains {
                 remaining_ms: ms(n.until.saturating_duration_since(now)),
             })
             .collect();
-        v.sort_by(|a, b| a.domain.cmp(&b.domain));
+        v.sort_by(|a, b| (&a.domain, &a.scheme, a.port).cmp(&(&b.domain, &b.scheme, b.port)));
         v
     }
 
@@ -380,16 +433,26 @@ impl Domains {
         };
         for n in saved {
             let category = match n.category.as_str() {
-                "dns" => NaughtyCategory::Dns,
-                "tls" => NaughtyCategory::Tls,
+                crate::state::NAUGHTY_DNS => NaughtyCategory::Dns,
+                crate::state::NAUGHTY_TLS => NaughtyCategory::Tls,
+                crate::state::NAUGHTY_HOSTILE => NaughtyCategory::Hostile,
                 _ => continue,
+            };
+            let endpoint = match (n.scheme, n.port) {
+                (Some(scheme), Some(port)) => Some((Arc::from(scheme.as_str()), port)),
+                // Written before endpoints were kept: a TLS failure was an https one.
+                _ if category != NaughtyCategory::Dns => Some((Arc::from("https"), 443)),
+                _ => None,
             };
             let left = Duration::from_millis(n.remaining_ms);
             if left <= downtime {
                 continue;
             }
             self.naughty.insert(
-                Arc::from(n.domain.as_str()),
+                NaughtyKey {
+                    host: Arc::from(n.domain.as_str()),
+                    endpoint,
+                },
                 Naughty {
                     category,
                     reason: n.reason,
@@ -465,8 +528,10 @@ impl Domains {
             .naughty
             .iter()
             .filter(|(_, n)| n.until > now)
-            .map(|(domain, n)| NaughtyEntry {
-                domain: domain.to_string(),
+            .map(|(key, n)| NaughtyEntry {
+                domain: key.host.to_string(),
+                scheme: key.endpoint.as_ref().map(|(s, _)| s.to_string()),
+                port: key.endpoint.as_ref().map(|(_, p)| *p),
                 category: n.category,
                 reason: n.reason.clone(),
                 first_seen: to_wall(n.first),
@@ -475,7 +540,27 @@ impl Domains {
                 until: to_wall(n.until),
             })
             .collect();
-        naughty.sort_by(|a, b| a.domain.cmp(&b.domain));
+        naughty.sort_by(|a, b| (&a.domain, &a.scheme, a.port).cmp(&(&b.domain, &b.scheme, b.port)));
         (domains, naughty)
+    }
+}
+
+/// The state file's and the metrics' name of a category.
+pub(crate) fn category_name(category: NaughtyCategory) -> &'static str {
+    match category {
+        NaughtyCategory::Dns => crate::state::NAUGHTY_DNS,
+        NaughtyCategory::Tls => crate::state::NAUGHTY_TLS,
+        NaughtyCategory::Hostile => crate::state::NAUGHTY_HOSTILE,
+    }
+}
+
+/// How a naughty-list key is shown in logs: the host, or `scheme://host:port`.
+fn key_display(key: &NaughtyKey) -> String {
+    match &key.endpoint {
+        None => key.host.to_string(),
+        Some((scheme, port)) if key.host.contains(':') => {
+            format!("{scheme}://[{}]:{port}", key.host)
+        }
+        Some((scheme, port)) => format!("{scheme}://{}:{port}", key.host),
     }
 }

@@ -18,6 +18,8 @@ use std::time::Instant;
 
 use parking_lot::Mutex;
 
+use crate::policy::CloneUrl;
+
 const SHARDS: usize = 16;
 
 /// What the engine knows about an event id.
@@ -97,6 +99,127 @@ impl EventIds {
     }
 }
 
+/// The distinct clone URLs (by fetch URL) of each identifier's waiting events, with how many
+/// events list each, sharded by a hash of the identifier.
+///
+/// `submit` reserves an event's URLs here before it hands the event over, and is refused when
+/// that would give the identifier more than `max` distinct URLs; the core gives an event's URLs
+/// back when it leaves (or when it drops the submit as a duplicate). Check and reservation are
+/// one step under the shard's lock, so concurrent submits cannot pass the cap together.
+pub struct IdentifierUrls {
+    max: usize,
+    hasher: RandomState,
+    shards: Vec<Mutex<UrlShard>>,
+}
+
+/// Identifier → fetch URL → how many waiting events list it.
+type UrlShard = HashMap<Arc<str>, HashMap<Arc<str>, u32>>;
+
+/// A reservation would pass the cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UrlsFull {
+    /// Distinct URLs the identifier has now.
+    pub distinct: usize,
+    /// New distinct URLs the event would add.
+    pub new: usize,
+    /// The cap.
+    pub max: usize,
+}
+
+impl IdentifierUrls {
+    /// An empty index capping identifiers at `max` distinct URLs.
+    pub fn new(max: usize) -> Self {
+        IdentifierUrls {
+            max,
+            hasher: RandomState::new(),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
+    }
+
+    fn shard(&self, identifier: &str) -> &Mutex<UrlShard> {
+        let h = self.hasher.hash_one(identifier);
+        &self.shards[(h as usize) % SHARDS]
+    }
+
+    /// Counts `urls` for `identifier`, unless that would give it more than the cap of distinct
+    /// URLs. `urls` holds each fetch URL once.
+    pub fn reserve(&self, identifier: &Arc<str>, urls: &[CloneUrl]) -> Result<(), UrlsFull> {
+        if urls.is_empty() {
+            return Ok(());
+        }
+        let mut shard = self.shard(identifier).lock();
+        let counts = shard.entry(identifier.clone()).or_default();
+        let new = urls
+            .iter()
+            .filter(|u| !counts.contains_key(&u.fetch_url))
+            .count();
+        if counts.len() + new > self.max {
+            let distinct = counts.len();
+            if counts.is_empty() {
+                shard.remove(identifier);
+            }
+            return Err(UrlsFull {
+                distinct,
+                new,
+                max: self.max,
+            });
+        }
+        for u in urls {
+            *counts.entry(u.fetch_url.clone()).or_default() += 1;
+        }
+        Ok(())
+    }
+
+    /// Counts `urls` for `identifier` whatever the cap (events restored from the state file are
+    /// never refused).
+    pub fn reserve_restored(&self, identifier: &Arc<str>, urls: &[CloneUrl]) {
+        let mut shard = self.shard(identifier).lock();
+        let counts = shard.entry(identifier.clone()).or_default();
+        for u in urls {
+            *counts.entry(u.fetch_url.clone()).or_default() += 1;
+        }
+        if counts.is_empty() {
+            shard.remove(identifier);
+        }
+    }
+
+    /// Gives back what a reservation of `urls` for `identifier` counted.
+    pub fn release(&self, identifier: &str, urls: &[CloneUrl]) {
+        if urls.is_empty() {
+            return;
+        }
+        let mut shard = self.shard(identifier).lock();
+        let Some(counts) = shard.get_mut(identifier) else {
+            return;
+        };
+        for u in urls {
+            if let Some(n) = counts.get_mut(&u.fetch_url) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.remove(&u.fetch_url);
+                }
+            }
+        }
+        if counts.is_empty() {
+            shard.remove(identifier);
+        }
+    }
+
+    /// Each identifier's URL counts, for the tests' comparison with the core's entries.
+    #[cfg(test)]
+    pub fn all(&self) -> UrlShard {
+        self.shards
+            .iter()
+            .flat_map(|s| {
+                s.lock()
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,6 +249,39 @@ mod tests {
         assert_eq!(ids.get("a"), Some(IdState::Waiting));
         ids.forget_waiting("a");
         assert_eq!(ids.get("a"), None);
+    }
+
+    fn url(u: &str) -> CloneUrl {
+        crate::policy::clone_url(u)
+    }
+
+    #[test]
+    fn urls_are_reserved_up_to_the_cap_and_given_back() {
+        let index = IdentifierUrls::new(3);
+        let a: Arc<str> = "alice/r".into();
+        let (u1, u2, u3, u4) = (
+            url("git://a.example/r"),
+            url("git://b.example/r"),
+            url("git://c.example/r"),
+            url("git://d.example/r"),
+        );
+        index.reserve(&a, &[u1.clone(), u2.clone()]).unwrap();
+        // A URL already counted adds nothing new.
+        index.reserve(&a, &[u2.clone(), u3.clone()]).unwrap();
+        let full = index.reserve(&a, &[u1.clone(), u4.clone()]).unwrap_err();
+        assert_eq!((full.distinct, full.new, full.max), (3, 1, 3));
+        // A refused reservation counted nothing.
+        assert_eq!(index.all()[&a].values().sum::<u32>(), 4);
+        // Another identifier has its own cap.
+        index
+            .reserve(&"bob/r".into(), std::slice::from_ref(&u4))
+            .unwrap();
+        index.release(&a, &[u2.clone(), u3.clone()]);
+        index.reserve(&a, std::slice::from_ref(&u4)).unwrap();
+        index.release(&a, &[u1, u2, u4.clone()]);
+        assert_eq!(index.all().len(), 1, "alice's URLs are all given back");
+        index.release("bob/r", &[u4]);
+        assert!(index.all().is_empty());
     }
 
     #[test]

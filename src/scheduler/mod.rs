@@ -183,6 +183,7 @@ impl Scheduler {
             self.cancel.clone(),
         )
         .with_max_bytes(self.cfg.max_fetch_bytes)
+        .with_max_memory(job.max_memory)
         .with_depth(self.cfg.fetch_depth)
         .with_timeouts(self.cfg.connect_timeout, self.cfg.io_timeout)
         .with_url_policy(crate::policy::UrlPolicy::from_config(&self.cfg));

@@ -85,6 +85,12 @@ pub struct EngineArgs {
     /// Most bytes one fetch may receive [default: 1 GiB]
     #[arg(long, value_name = "BYTES")]
     pub max_fetch_bytes: Option<u64>,
+    /// Most memory libgit2 may hold for one fetch [default: 512 MiB]
+    #[arg(long, value_name = "BYTES")]
+    pub max_fetch_memory: Option<u64>,
+    /// Largest object a delta may build, process-wide [default: 100 MiB]
+    #[arg(long, value_name = "BYTES")]
+    pub max_object_size: Option<u64>,
     /// Fetch only the last N commits of history (shallow) [default: full history]
     #[arg(long, value_name = "N")]
     pub fetch_depth: Option<u32>,
@@ -124,6 +130,9 @@ pub struct EngineArgs {
     /// Most clone URLs one event may list [default: 64]
     #[arg(long, value_name = "N")]
     pub max_urls_per_event: Option<usize>,
+    /// Most distinct clone URLs the waiting events of one identifier may list [default: 256]
+    #[arg(long, value_name = "N")]
+    pub max_urls_per_identifier: Option<usize>,
     /// Most ref updates one event may carry [default: 256]
     #[arg(long, value_name = "N")]
     pub max_ref_updates_per_event: Option<usize>,
@@ -162,12 +171,15 @@ impl EngineArgs {
             io_timeout,
             shutdown_timeout,
             max_fetch_bytes,
+            max_fetch_memory,
+            max_object_size,
             thread_name,
             domain_burst,
             naughty_duration,
             max_events,
             max_oids_per_event,
             max_urls_per_event,
+            max_urls_per_identifier,
             max_ref_updates_per_event,
             state_file,
             checkpoint_interval,
