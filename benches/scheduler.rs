@@ -14,6 +14,14 @@
 //! - `checkpoint_under_lock`: the part of a state-file checkpoint done under the core's lock,
 //!   with every entry waiting; `checkpoint_state_file`: the whole checkpoint but the write.
 //!
+//! - `submit_command`: one host submit applied by the core (an event with 64 clone URLs and 64
+//!   objects of its own) to an identifier that already holds 0, 1 000 or 10 000 such events:
+//!   its cost must not grow with what the identifier holds;
+//! - `scheduler_turn`: 1 024 such submits queued at once, and the one scheduler turn that takes
+//!   them under the core's lock: it stops at `COMMAND_TURN` (2 ms), leaving the rest for later
+//!   turns, so the lock is never held longer than that plus one command. The bench prints how
+//!   many commands the turn applied.
+//!
 //! The queue keeps an index ordered by next attempt, so a pass reads only the ready front: its
 //! cost should follow the number of ready entries, not the queue size.
 //!
@@ -22,7 +30,7 @@
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
-use purgatory_sync::__bench::QueueBench;
+use purgatory_sync::__bench::{CommandBench, QueueBench};
 
 const SIZES: [usize; 4] = [1_000, 10_000, 100_000, 1_000_000];
 
@@ -142,5 +150,54 @@ fn per_size(
     group.finish();
 }
 
-criterion_group!(benches, decision_pass);
+fn commands(c: &mut Criterion) {
+    let full = std::env::args().any(|a| a == "--bench");
+    let mut group = c.benchmark_group("submit_command");
+    group.sample_size(20);
+    for held in [0usize, 1_000, 10_000] {
+        if !full && held > 0 {
+            continue;
+        }
+        let mut bench = None;
+        group.bench_with_input(BenchmarkId::from_parameter(held), &held, |b, &held| {
+            let bench = bench.get_or_insert_with(|| CommandBench::new(held, 64));
+            b.iter_custom(|iters| {
+                let mut measured = Duration::ZERO;
+                for _ in 0..iters {
+                    let command = bench.prepare();
+                    let start = Instant::now();
+                    bench.submit(command);
+                    measured += start.elapsed();
+                }
+                measured
+            })
+        });
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("scheduler_turn");
+    group.sample_size(10);
+    let mut bench = CommandBench::new(if full { 10_000 } else { 100 }, 64);
+    let mut most_applied = 0;
+    let mut longest = Duration::ZERO;
+    group.bench_function("1024_submits_queued", |b| {
+        b.iter_custom(|iters| {
+            let mut measured = Duration::ZERO;
+            for _ in 0..iters {
+                let (applied, took) = bench.turn(1024);
+                most_applied = most_applied.max(applied);
+                longest = longest.max(took);
+                measured += took;
+            }
+            measured
+        })
+    });
+    group.finish();
+    println!(
+        "scheduler_turn: at most {most_applied} of 1024 queued commands applied in one turn; \
+         longest turn {longest:?}"
+    );
+}
+
+criterion_group!(benches, decision_pass, commands);
 criterion_main!(benches);

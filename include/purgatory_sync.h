@@ -111,7 +111,7 @@ extern "C" {
 // `connect_timeout_ms`, `io_timeout_ms`, `shutdown_timeout_ms`, `checkpoint_interval_ms`,
 // `max_events`, `max_oids_per_event`, `max_urls_per_event`, `max_urls_per_identifier`,
 // `max_ref_updates_per_event`, `max_fetch_bytes`, `max_fetch_memory`, `max_object_size`,
-// `fetch_depth` (null or n), `thread_name`,
+// `max_advertisement_bytes`, `fetch_depth` (null or n), `thread_name`,
 // `domain_limits` `{"max_concurrent", "per_minute", "burst"?}`,
 // `domain_overrides` `{"host": {"max_concurrent", "per_minute", "burst"?}}`, `our_domain`,
 // `naughty_duration_ms`, `allow_private_addresses`, `allowed_schemes` `[..]`, `state_file`,

@@ -11,6 +11,8 @@ use crate::fetch::{Fetcher, GitFetcher};
 pub(crate) const DEFAULT_MAX_FETCH_MEMORY: u64 = 512 << 20;
 /// Default of [`EngineBuilder::max_object_size`].
 pub(crate) const DEFAULT_MAX_OBJECT_SIZE: u64 = 100 << 20;
+/// Default of [`EngineBuilder::max_advertisement_bytes`].
+pub(crate) const DEFAULT_MAX_ADVERTISEMENT_BYTES: u64 = 32 << 20;
 
 /// Validated settings, shared read-only by the scheduler and the handle.
 #[derive(Debug, Clone)]
@@ -29,6 +31,7 @@ pub(crate) struct Config {
     pub max_fetch_bytes: u64,
     pub max_fetch_memory: u64,
     pub max_object_size: u64,
+    pub max_advertisement_bytes: u64,
     pub fetch_depth: Option<u32>,
     pub max_events: usize,
     pub max_oids_per_event: usize,
@@ -128,6 +131,7 @@ impl Default for Config {
             max_fetch_bytes: 1 << 30,
             max_fetch_memory: DEFAULT_MAX_FETCH_MEMORY,
             max_object_size: DEFAULT_MAX_OBJECT_SIZE,
+            max_advertisement_bytes: DEFAULT_MAX_ADVERTISEMENT_BYTES,
             fetch_depth: None,
             max_events: 1_000_000,
             max_oids_per_event: 1024,
@@ -324,6 +328,18 @@ impl EngineBuilder {
     /// and it also applies to the host's own libgit2 reads of packed objects.
     pub fn max_object_size(mut self, bytes: u64) -> Self {
         self.cfg.max_object_size = bytes;
+        self
+    }
+
+    /// Largest ref advertisement a server may send (default 32 MiB, about 500 000 refs; 64 KiB
+    /// to 1 GiB). libgit2 holds every advertised ref in memory, a few hundred bytes each. A
+    /// larger one ends the fetch with [`FailureKind::SizeCap`](crate::FailureKind::SizeCap).
+    /// Checked over `git://` and `http://`, where the engine's socket stream reads the
+    /// protocol; over `https://` it sees only TLS records, and the memory budget
+    /// ([`max_fetch_memory`](Self::max_fetch_memory)) bounds the advertisement instead. HTTP
+    /// header lines are held to 8 KiB each and 64 KiB per response the same way.
+    pub fn max_advertisement_bytes(mut self, bytes: u64) -> Self {
+        self.cfg.max_advertisement_bytes = bytes;
         self
     }
 
@@ -586,6 +602,12 @@ impl EngineBuilder {
         };
         bytes_range("max_fetch_memory", c.max_fetch_memory, 16 * mib, 1 << 40)?;
         bytes_range("max_object_size", c.max_object_size, mib, 4 << 30)?;
+        bytes_range(
+            "max_advertisement_bytes",
+            c.max_advertisement_bytes,
+            64 << 10,
+            1 << 30,
+        )?;
         if c.fetch_depth == Some(0) {
             return bad("fetch_depth", "a depth of 0 fetches nothing".to_owned());
         }
@@ -676,6 +698,10 @@ mod tests {
             (
                 EngineBuilder::new().max_object_size(1024),
                 "max_object_size",
+            ),
+            (
+                EngineBuilder::new().max_advertisement_bytes(10),
+                "max_advertisement_bytes",
             ),
             (EngineBuilder::new().domain_limits(0, 30), "domain_limits"),
             (EngineBuilder::new().domain_limits(5, 0), "domain_limits"),

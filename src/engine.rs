@@ -82,6 +82,8 @@ pub struct Engine {
     workers_exited: Receiver<()>,
     /// The outcome of the state file's final write, set by the scheduler as it stops.
     final_write: Arc<Mutex<Option<std::io::Error>>>,
+    /// Fetches the scheduler left running when it stopped.
+    stuck: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -134,6 +136,7 @@ impl Engine {
         let identifier_urls = restored.identifier_urls();
         let core = Arc::new(Mutex::new(restored));
         let final_write = Arc::new(Mutex::new(None));
+        let stuck = Arc::new(AtomicUsize::new(0));
         let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded();
         let unapplied = Arc::new(AtomicUsize::new(0));
         let (out_tx, out_rx) = crossbeam_channel::unbounded();
@@ -154,6 +157,7 @@ impl Engine {
             results_rx,
             final_write: final_write.clone(),
             state_lock,
+            stuck: stuck.clone(),
         };
         let spawned = std::thread::Builder::new()
             .name(format!("{}-sched", cfg.thread_name))
@@ -183,6 +187,7 @@ impl Engine {
             workers: workers.handles,
             workers_exited: workers.exited,
             final_write,
+            stuck,
         })
     }
 
@@ -375,7 +380,10 @@ impl Engine {
             return Err(ShutdownError::StateFile(e));
         }
         if stuck > 0 {
-            return Err(ShutdownError::WorkersStillRunning { count: stuck });
+            // Threads still running are the stuck fetches' and, until the last of those ends,
+            // every idle thread of the pool: count the fetches.
+            let count = self.stuck.load(Ordering::SeqCst).clamp(1, stuck);
+            return Err(ShutdownError::WorkersStillRunning { count });
         }
         Ok(())
     }

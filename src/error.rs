@@ -264,10 +264,11 @@ impl std::error::Error for SubmitError {}
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum ShutdownError {
-    /// Some worker threads were still inside a fetch when the shutdown timeout ran out. They
-    /// were told to cancel and are left to finish on their own.
+    /// Some fetches had not stopped when the shutdown timeout ran out. They were told to
+    /// cancel and are left to finish on their own, each on its worker thread; the pool's idle
+    /// threads end with the last of them.
     WorkersStillRunning {
-        /// How many.
+        /// How many fetches (and so worker threads) were still running.
         count: usize,
     },
     /// The scheduler thread panicked; the message is the panic's.

@@ -162,7 +162,9 @@ struct ReadmeDoctests;
 /// Internals exposed for the crate's own benches. Not part of the API: may change at any time.
 #[doc(hidden)]
 pub mod __bench {
-    pub use crate::scheduler::bench::{CheckpointSnapshot, QueueBench};
+    pub use crate::scheduler::bench::{
+        CheckpointSnapshot, CommandBench, PreparedCommand, QueueBench,
+    };
     pub use crate::state::StateBench;
 }
 

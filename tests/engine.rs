@@ -378,6 +378,13 @@ fn dropping_the_engine_joins_its_threads_too() {
 
 #[test]
 fn a_fetch_that_ignores_cancellation_is_reported_not_waited_for_forever() {
+    for workers in [1, 8] {
+        a_fetch_that_ignores_cancellation_with(workers);
+    }
+}
+
+/// One stuck fetch among `workers`: shutdown reports exactly one thread still running.
+fn a_fetch_that_ignores_cancellation_with(workers: usize) {
     struct Deaf(
         crossbeam_channel::Receiver<()>,
         crossbeam_channel::Sender<()>,
@@ -396,7 +403,7 @@ fn a_fetch_that_ignores_cancellation_is_reported_not_waited_for_forever() {
     let (release_tx, release_rx) = crossbeam_channel::unbounded();
     let (started_tx, started) = crossbeam_channel::unbounded();
     let engine = builder("deaf", &clock)
-        .workers(1)
+        .workers(workers)
         .sync_delay(Duration::ZERO)
         .shutdown_timeout(Duration::from_millis(200))
         .fetcher(Deaf(release_rx, started_tx))
@@ -1191,5 +1198,70 @@ fn an_event_whose_refs_cannot_be_written_expires_with_the_error() {
     }
     let s = engine.stats();
     assert_eq!((s.expired, s.waiting_events, s.awaiting_refs), (1, 0, 0));
+    engine.shutdown().unwrap();
+}
+
+/// The distinct clone URLs of one identifier's waiting events are capped: a submit that would
+/// pass the cap is refused with an error naming the identifier and the counts, and changes
+/// nothing; URLs already listed cost nothing new; URLs of events that left no longer count.
+#[test]
+fn the_distinct_clone_urls_of_an_identifier_are_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = bare(dir.path(), "r.git");
+    let (a, _) = blob("a");
+    let clock = FakeClock::new();
+    let engine = builder("urlcap", &clock)
+        .fetcher(FakeServers::default())
+        .user_delay(NEVER_TICK)
+        .sync_delay(NEVER_TICK)
+        .max_urls_per_identifier(4)
+        .build()
+        .unwrap();
+    let urls = |from: usize, n: usize| -> Vec<String> {
+        (from..from + n)
+            .map(|i| format!("https://m{i}.example.com/r.git"))
+            .collect()
+    };
+    let submit = |id: &str, ident: &str, list: &[String]| {
+        let list: Vec<&str> = list.iter().map(String::as_str).collect();
+        engine.submit(event(id, ident, &repo, &[&a], &list))
+    };
+    submit("e1", "popular", &urls(0, 3)).unwrap();
+    // Two known URLs and one new: 4 distinct, within the cap. The same URL written otherwise
+    // (case, default port) is the same URL.
+    let mut mixed = urls(1, 2);
+    mixed.push("HTTPS://M0.Example.COM:443/r.git".to_owned());
+    mixed.extend(urls(3, 1));
+    submit("e2", "popular", &mixed).unwrap();
+    match submit("e3", "popular", &urls(3, 2)) {
+        Err(SubmitError::TooManyIdentifierUrls {
+            identifier,
+            distinct,
+            new,
+            max,
+        }) => {
+            assert_eq!(
+                (identifier.as_str(), distinct, new, max),
+                ("popular", 4, 1, 4)
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // Another identifier has its own allowance.
+    submit("other", "quiet", &urls(10, 4)).unwrap();
+    let s = purgatory_sync::testkit::wait_for_stats(&engine, WAIT, |s| s.submitted == 3);
+    assert_eq!((s.waiting_events, s.refused), (3, 1));
+    // When e1 and e2 leave, their URLs no longer count.
+    engine.cancel("e1");
+    engine.cancel("e2");
+    purgatory_sync::testkit::wait_for_stats(&engine, WAIT, |s| s.cancelled == 2);
+    submit("e3", "popular", &urls(4, 4)).unwrap();
+    let message = submit("e4", "popular", &urls(8, 1))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains("\"popular\" has 4 distinct clone URLs waiting and the event adds 1"),
+        "{message}"
+    );
     engine.shutdown().unwrap();
 }

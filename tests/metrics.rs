@@ -305,7 +305,11 @@ fn a_real_engine_renders_releases_failures_and_naughty_domains() {
         "the mirror never failed"
     );
     // A name that does not resolve is skipped as a whole: no endpoint.
-    let naughty = [("domain", UNRESOLVABLE), ("endpoint", ""), ("category", "dns")];
+    let naughty = [
+        ("domain", UNRESOLVABLE),
+        ("endpoint", ""),
+        ("category", "dns"),
+    ];
     assert_eq!(value(&m, "purgatory_sync_naughty_domain", &naughty), 1.0);
 
     // The histogram holds exactly the waits the outcomes reported.

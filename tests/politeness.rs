@@ -285,6 +285,9 @@ fn a_tls_failure_puts_the_host_on_the_naughty_list_and_its_urls_are_skipped() {
     let entry = &s.naughty[0];
     assert_eq!(entry.domain, HOST.to_string());
     assert_eq!(entry.category, purgatory_sync::NaughtyCategory::Tls);
+    // The endpoint that failed, not the whole host.
+    assert_eq!(entry.scheme.as_deref(), Some("https"));
+    assert_eq!(entry.port, Some(plain.addr().port()));
     assert!(entry.until > entry.last_seen + Duration::from_secs(11 * 3600));
     assert!(plain.wait_idle(WAIT));
     let seen = plain.requests().len();
@@ -314,6 +317,75 @@ fn a_tls_failure_puts_the_host_on_the_naughty_list_and_its_urls_are_skipped() {
     assert!(
         !good.requests().is_empty(),
         "the other host served the event"
+    );
+    engine.shutdown().unwrap();
+}
+
+/// `https://HOST:<port of a git daemon>/x` fails TLS (the port speaks git, not TLS): that
+/// endpoint is skipped, not the host. Another identifier's `git://HOST:<port>` URL, which
+/// works, is still fetched (it used to be skipped for 12 hours, and its event expired).
+#[test]
+fn a_tls_failure_on_one_port_leaves_the_hosts_other_urls_alone() {
+    testkit::require_git();
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("served");
+    let commits = served(&base, 1);
+    let daemon = testkit::GitDaemon::start(HOST, &base).unwrap();
+    let wrong_scheme = format!("https://{}/r0.git", daemon.addr());
+    let engine = builder("pol-tlsp")
+        .domain_limits(5, 600_000)
+        .domain_burst(1000)
+        .build()
+        .unwrap();
+    let t1 = testkit::init_bare(&dir.path().join("t1.git"));
+    engine
+        .submit(event("stranger", &t1, commits[0], &[wrong_scheme]))
+        .unwrap();
+    let s = testkit::wait_for_stats(&engine, WAIT, |s| !s.naughty.is_empty());
+    assert_eq!(
+        s.naughty[0].scheme.as_deref(),
+        Some("https"),
+        "{:?}",
+        s.naughty
+    );
+    assert_eq!(s.naughty[0].port, Some(daemon.addr().port()));
+
+    let t2 = testkit::init_bare(&dir.path().join("t2.git"));
+    engine
+        .submit(event("honest", &t2, commits[0], &[daemon.url("r0.git")]))
+        .unwrap();
+    match engine.outcomes().recv_timeout(WAIT) {
+        Ok(Outcome::Released { event_id, .. }) => assert_eq!(event_id, "honest"),
+        other => panic!("{other:?}; {:?}", engine.stats().naughty),
+    }
+    engine.shutdown().unwrap();
+}
+
+/// A host written with a character IDNA maps away (`local<SOFT HYPHEN>host`) is checked by the
+/// policy as `localhost`, and fetched as `localhost`: the connection resolves the name the
+/// policy checked, never the name as written (which would reach the system's resolver, fail,
+/// and put the real `localhost` on the naughty list).
+#[test]
+fn a_host_the_policy_maps_is_fetched_under_the_name_it_checked() {
+    testkit::require_git();
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("served");
+    let commits = served(&base, 1);
+    let http = HttpGitServer::start(Ipv4Addr::LOCALHOST, &base).unwrap();
+    let url = format!("http://local\u{AD}host:{}/r0.git", http.addr().port());
+    let engine = builder("pol-idna").build().unwrap();
+    let t = testkit::init_bare(&dir.path().join("t.git"));
+    engine.submit(event("e", &t, commits[0], &[url])).unwrap();
+    match engine.outcomes().recv_timeout(WAIT) {
+        Ok(Outcome::Released { event_id, .. }) => assert_eq!(event_id, "e"),
+        other => panic!("{other:?}; {:?}", engine.stats().recent_failures),
+    }
+    let s = engine.stats();
+    assert!(s.naughty.is_empty(), "{:?}", s.naughty);
+    assert!(
+        s.domains.contains_key("localhost"),
+        "{:?}",
+        s.domains.keys()
     );
     engine.shutdown().unwrap();
 }

@@ -13,6 +13,7 @@ use git2::{
     RepositoryOpenFlags,
 };
 
+use super::framing::Protocol;
 use super::net::{self, Guard, NetContext};
 use super::quarantine::{self, Quarantine};
 use super::{
@@ -77,14 +78,17 @@ fn open(path: &Path) -> Result<Repository, FetchError> {
     open_bare(path).map_err(|m| FetchError::new(FailureKind::LocalRepository, m))
 }
 
+/// Whether `odb` holds `oid`, without rescanning the pack directory when it does not (libgit2
+/// does that at every miss by default: a stat and a directory read per missing id). Callers
+/// open the database afresh, or refresh it, before a batch of checks.
+fn has(odb: &git2::Odb<'_>, oid: ObjectId) -> bool {
+    odb.exists_ext(oid.to_git(), git2::OdbLookupFlags::NO_REFRESH)
+}
+
 pub(crate) fn present(repo: &Path, oids: &[ObjectId]) -> Result<Vec<ObjectId>, FetchError> {
     let repo = open(repo)?;
     let odb = repo.odb().map_err(local)?;
-    Ok(oids
-        .iter()
-        .copied()
-        .filter(|o| odb.exists(o.to_git()))
-        .collect())
+    Ok(oids.iter().copied().filter(|o| has(&odb, *o)).collect())
 }
 
 pub(crate) fn drop_temp_refs(repo: &Path, oids: &[ObjectId]) -> Result<(), FetchError> {
@@ -161,6 +165,45 @@ fn previous(repo: &Repository, name: &str) -> Option<Previous> {
     }
 }
 
+/// Where versions before 0.2 kept the refs of their broad fallback fetch, per process:
+/// `refs/purgatory-sync/scratch/<pid>-<n>/...`. A process that died mid-fetch left them.
+const SCRATCH_PREFIX: &str = "refs/purgatory-sync/scratch/";
+
+/// Deletes the scratch refs of processes that no longer run, until `stop` says so. Returns
+/// how many it deleted.
+fn sweep_scratch_refs(repo: &Repository, stop: impl Fn() -> bool) -> usize {
+    /// Most refs looked at per sweep: the next fetch into the repository goes on.
+    const PER_SWEEP: usize = 65_536;
+    let Ok(refs) = repo.references_glob(&format!("{SCRATCH_PREFIX}*")) else {
+        return 0;
+    };
+    // Names first: deleting refs while libgit2 iterates over them is not something to rely on.
+    let names: Vec<String> = refs
+        .flatten()
+        .take(PER_SWEEP)
+        .filter_map(|r| r.name().ok().map(str::to_owned))
+        .filter(|name| {
+            let pid = name[SCRATCH_PREFIX.len()..]
+                .split(['-', '/'])
+                .next()
+                .and_then(|p| p.parse::<u32>().ok());
+            pid.is_some_and(|p| p != std::process::id() && !quarantine::process_runs(p))
+        })
+        .collect();
+    let mut deleted = 0;
+    for (i, name) in names.iter().enumerate() {
+        if i % CHECK_EVERY == CHECK_EVERY - 1 && stop() {
+            break;
+        }
+        if let Ok(mut r) = repo.find_reference(name) {
+            if r.delete().is_ok() {
+                deleted += 1;
+            }
+        }
+    }
+    deleted
+}
+
 fn temp_ref(oid: ObjectId) -> String {
     format!("{TEMP_REF_PREFIX}{oid}")
 }
@@ -210,11 +253,21 @@ impl Fetcher for GitFetcher {
     fn fetch(&self, request: &FetchRequest, control: &FetchControl) -> FetchReport {
         let policy = control.url_policy();
         match policy.check(&request.url) {
-            Ok(checked) => self.fetch_guarded(
-                request,
-                control,
-                Guard::new(&checked.domain, policy.private_addresses_allowed()),
-            ),
+            Ok(checked) => {
+                let mut guard = Guard::new(&checked.domain, policy.private_addresses_allowed());
+                if checked.port != 0 {
+                    guard = guard.on_port(checked.port);
+                }
+                // The URL libgit2 sees has the host the policy checked.
+                let mut request = request.clone();
+                request.url = checked.fetch_url.to_string();
+                self.fetch_guarded(
+                    &request,
+                    control,
+                    guard,
+                    Protocol::of_scheme(&checked.scheme),
+                )
+            }
             Err(reason) => {
                 let error = FetchError::new(
                     FailureKind::Refused,
@@ -245,6 +298,7 @@ impl GitFetcher {
         request: &FetchRequest,
         control: &FetchControl,
         guard: Guard,
+        protocol: Protocol,
     ) -> FetchReport {
         let ctx = Arc::new(
             NetContext::new(
@@ -255,6 +309,7 @@ impl GitFetcher {
                 control.io_timeout(),
             )
             .with_memory_limit(control.max_memory())
+            .with_framing(protocol, control.max_advertisement())
             .with_guard(guard),
         );
         // Everything libgit2 allocates for the fetch, from opening the repository to freeing
@@ -303,9 +358,11 @@ fn fetch_into(
         Err(e) => return failed(e),
     };
     let swept = quarantine::sweep(&repo.path().join("objects"));
-    if swept > 0 {
+    let refs = sweep_scratch_refs(&repo, || control.should_stop().is_some());
+    if swept + refs > 0 {
         log::info!(
-            "removed {swept} fetch quarantine(s) left by processes that no longer run in {}",
+            "removed {swept} fetch quarantine(s) and {refs} scratch ref(s) left by processes \
+             that no longer run in {}",
             request.repo.display()
         );
     }
@@ -349,7 +406,7 @@ fn fetch_into(
             .wanted
             .iter()
             .copied()
-            .filter(|o| odb.exists(o.to_git()))
+            .filter(|o| has(&odb, *o))
             .collect(),
         Err(e) => return failed(local(e)),
     };
@@ -409,13 +466,17 @@ impl Job<'_> {
                 return oids.to_vec();
             }
         };
+        // Packs written since the last look (by this fetch, into its quarantine) are seen.
+        if let Err(e) = odb.refresh() {
+            self.note(local(e));
+        }
         let mut missing = Vec::new();
         for (i, o) in oids.iter().enumerate() {
             if i % CHECK_EVERY == CHECK_EVERY - 1 && self.stop_now() {
                 missing.extend_from_slice(&oids[i..]);
                 break;
             }
-            if !odb.exists(o.to_git()) {
+            if !has(&odb, *o) {
                 missing.push(*o);
             }
         }
@@ -470,8 +531,7 @@ impl Job<'_> {
         if !self.fetch_by_id(&mut remote, asked.to_vec()) {
             return;
         }
-        // The server does not allow wants by id: use its advertisement. Refspecs without a
-        // destination fetch the objects and write no ref.
+        // The server does not allow wants by id: use its advertisement.
         let left: HashSet<ObjectId> = self.missing(missing).into_iter().collect();
         let mut tips: Vec<String> = Vec::new();
         let mut seen = HashSet::new();
@@ -495,7 +555,12 @@ impl Job<'_> {
         if self.stopped() || self.missing(&left).is_empty() {
             return;
         }
-        let broad = ["refs/heads/*", "refs/tags/*", "refs/nostr/*"].map(str::to_owned);
+        // Patterns need a destination in libgit2; the download never writes it.
+        let broad = [
+            format!("+refs/heads/*:{TEMP_REF_PREFIX}fallback/heads/*"),
+            format!("+refs/tags/*:{TEMP_REF_PREFIX}fallback/tags/*"),
+            format!("+refs/nostr/*:{TEMP_REF_PREFIX}fallback/nostr/*"),
+        ];
         if let Call::Failed(e) = self.call(&mut remote, &broad) {
             self.note(e);
         }
@@ -560,8 +625,13 @@ impl Job<'_> {
         }
         self.fetches += 1;
         let _ = self.ctx.take_failure();
-        let result = remote.fetch(refspecs, Some(&mut options), None);
+        // Download only: the objects land in the quarantine and no ref is written (a fetch
+        // would also update the refspecs' destinations, one loose ref per advertised branch).
+        let result = remote.download(refspecs, Some(&mut options));
         drop(options);
+        if let Err(e) = remote.disconnect() {
+            log::debug!("disconnecting: {e}");
+        }
         let stream_failure = self.ctx.take_failure();
         match result {
             Ok(()) => Call::Done,
@@ -623,6 +693,15 @@ fn classify(
         }
     }
     let lower = message.to_ascii_lowercase();
+    if lower.contains("overly large object") {
+        // libgit2's own check of `max_object_size`, before it allocates a delta's result.
+        return FetchError::new(
+            FailureKind::SizeCap,
+            format!(
+                "a delta in the pack builds an object larger than the object size limit: {message}"
+            ),
+        );
+    }
     if e.class() == ErrorClass::Ssl
         || lower.contains("certificate")
         || lower.contains("ssl error")
@@ -764,7 +843,7 @@ mod tests {
                     "the fetch is for host 127.0.0.3",
                 ),
             ] {
-                let report = fetcher.fetch_guarded(&request, &control, guard);
+                let report = fetcher.fetch_guarded(&request, &control, guard, Protocol::Opaque);
                 let error = report.error.expect("refused");
                 assert_eq!(error.kind, FailureKind::Refused, "{scheme}: {error}");
                 assert!(error.message.contains(says), "{scheme}: {error}");

@@ -5,6 +5,7 @@
 //! that tests can inject failures, stalls and panics; [`GitFetcher`] is the libgit2
 //! implementation used by default.
 
+mod framing;
 mod git;
 pub(crate) mod net;
 mod quarantine;
@@ -62,6 +63,7 @@ pub struct FetchControl {
     cancel: Arc<AtomicBool>,
     max_bytes: u64,
     max_memory: u64,
+    max_advertisement: u64,
     depth: Option<u32>,
     connect_timeout: Duration,
     io_timeout: Duration,
@@ -79,7 +81,7 @@ pub enum StopReason {
 
 impl FetchControl {
     /// A control with the given real-time deadline and shared cancel flag, and default limits
-    /// (1 GiB received, 512 MiB of memory, full history, 10 s connect and 30 s idle timeouts) and the strict
+    /// (1 GiB received, 512 MiB of memory, 32 MiB of ref advertisement, full history, 10 s connect and 30 s idle timeouts) and the strict
     /// [`UrlPolicy::new`] (no private addresses: set
     /// [`with_url_policy`](Self::with_url_policy) to fetch from loopback).
     pub fn new(deadline: Instant, cancel: Arc<AtomicBool>) -> Self {
@@ -88,6 +90,7 @@ impl FetchControl {
             cancel,
             max_bytes: 1 << 30,
             max_memory: crate::config::DEFAULT_MAX_FETCH_MEMORY,
+            max_advertisement: crate::config::DEFAULT_MAX_ADVERTISEMENT_BYTES,
             depth: None,
             connect_timeout: Duration::from_secs(10),
             io_timeout: Duration::from_secs(30),
@@ -110,6 +113,13 @@ impl FetchControl {
     /// Sets the most memory libgit2 may hold for the fetch at once.
     pub fn with_max_memory(mut self, bytes: u64) -> Self {
         self.max_memory = bytes;
+        self
+    }
+
+    /// Sets the largest ref advertisement a server may send (checked over `git://` and
+    /// `http://`, where the engine's stream sees the protocol).
+    pub fn with_max_advertisement(mut self, bytes: u64) -> Self {
+        self.max_advertisement = bytes;
         self
     }
 
@@ -150,6 +160,11 @@ impl FetchControl {
     /// The most memory libgit2 may hold for the fetch at once.
     pub fn max_memory(&self) -> u64 {
         self.max_memory
+    }
+
+    /// The largest ref advertisement a server may send.
+    pub fn max_advertisement(&self) -> u64 {
+        self.max_advertisement
     }
 
     /// The shallow-fetch depth, if any.
@@ -193,8 +208,9 @@ pub enum FailureKind {
     Timeout,
     /// The attempt ran past its wall-clock deadline.
     Deadline,
-    /// The server sent more than the per-attempt byte cap, or an object larger than the
-    /// per-object limit.
+    /// The server sent more than the per-attempt byte cap, an object larger than the
+    /// per-object limit, or a part of its answer larger than that part's limit (an HTTP header
+    /// line, an HTTP header block, the ref advertisement); the message says which.
     SizeCap,
     /// What the server sent needed more memory than one fetch may use: a pack crafted to
     /// expand when its deltas are resolved, objects or headers too large to hold.

@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+use super::framing::{Protocol, Watch};
 use super::FailureKind;
 use crate::policy::{canonical_host, ip_allowed, Host};
 
@@ -70,6 +71,9 @@ pub(crate) struct NetContext {
     /// little low, never high).
     memory_live: AtomicUsize,
     memory_peak: AtomicUsize,
+    /// What the connections speak, for the limits on parts of the answer (`framing`).
+    protocol: Protocol,
+    max_advertisement: u64,
 }
 
 /// Where the connections of one fetch may go.
@@ -77,6 +81,9 @@ pub(crate) struct NetContext {
 pub(crate) struct Guard {
     /// The URL's host, canonical: the only host a connection may be opened to.
     host: Host,
+    /// The URL's port: the only port a connection may be opened to (libgit2 follows a redirect
+    /// to another port of the same host even with redirects off).
+    port: Option<u16>,
     allow_private: bool,
 }
 
@@ -86,8 +93,15 @@ impl Guard {
     pub fn new(host: &str, allow_private: bool) -> Self {
         Guard {
             host: canonical_host(host).unwrap_or_else(|| Host::Name(String::new())),
+            port: None,
             allow_private,
         }
+    }
+
+    /// Connections only to `port` as well.
+    pub fn on_port(mut self, port: u16) -> Self {
+        self.port = Some(port);
+        self
     }
 }
 
@@ -111,7 +125,16 @@ impl NetContext {
             memory_limit: usize::MAX,
             memory_live: AtomicUsize::new(0),
             memory_peak: AtomicUsize::new(0),
+            protocol: Protocol::Opaque,
+            max_advertisement: u64::MAX,
         }
+    }
+
+    /// The connections speak `protocol`; a ref advertisement may be `max_advertisement` bytes.
+    pub fn with_framing(mut self, protocol: Protocol, max_advertisement: u64) -> Self {
+        self.protocol = protocol;
+        self.max_advertisement = max_advertisement;
+        self
     }
 
     /// Limits the memory libgit2 may hold for the fetch at once to `bytes`.
@@ -252,15 +275,22 @@ pub(crate) struct Conn {
     port: String,
     ctx: Option<Arc<NetContext>>,
     stream: Option<TcpStream>,
+    watch: Watch,
 }
 
 impl Conn {
     pub fn new(host: &str, port: &str) -> Self {
+        let ctx = CURRENT.with(|c| c.borrow().clone());
+        let watch = match &ctx {
+            Some(c) => Watch::new(c.protocol, c.max_advertisement),
+            None => Watch::new(Protocol::Opaque, u64::MAX),
+        };
         Conn {
             host: host.to_owned(),
             port: port.to_owned(),
-            ctx: CURRENT.with(|c| c.borrow().clone()),
+            ctx,
             stream: None,
+            watch,
         }
     }
 
@@ -308,6 +338,15 @@ impl Conn {
                     format!(
                         "refused to connect to {}: the fetch is for host {}",
                         self.host, g.host
+                    ),
+                ));
+            }
+            if let Some(expected) = g.port.filter(|p| *p != port) {
+                return Err(self.fail(
+                    FailureKind::Refused,
+                    format!(
+                        "refused to connect to {}:{port}: the fetch is for port {expected}",
+                        self.host
                     ),
                 ));
             }
@@ -391,6 +430,9 @@ impl Conn {
                             ));
                         }
                     }
+                    if let Err(limit) = self.watch.on_read(&buf[..n]) {
+                        return Err(self.fail(FailureKind::SizeCap, limit));
+                    }
                     return Ok(n);
                 }
                 Err(e) if is_timeout(&e) => {
@@ -416,6 +458,7 @@ impl Conn {
     }
 
     pub fn write(&mut self, buf: &[u8]) -> Result<usize, String> {
+        self.watch.on_write(buf);
         let idle_limit = self.io_timeout();
         let idle_since = Instant::now();
         loop {

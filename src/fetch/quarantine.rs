@@ -135,7 +135,7 @@ pub(crate) fn sweep(objects: &Path) -> usize {
 }
 
 /// Whether a process with this id runs (on Linux, by `/proc`; elsewhere assumed to).
-fn process_runs(pid: u32) -> bool {
+pub(crate) fn process_runs(pid: u32) -> bool {
     if cfg!(target_os = "linux") {
         Path::new("/proc").join(pid.to_string()).exists()
     } else {

@@ -265,6 +265,7 @@ struct ConfigJson {
     max_fetch_bytes: Option<u64>,
     max_fetch_memory: Option<u64>,
     max_object_size: Option<u64>,
+    max_advertisement_bytes: Option<u64>,
     fetch_depth: Option<u32>,
     thread_name: Option<String>,
     domain_limits: Option<LimitsJson>,
@@ -315,6 +316,7 @@ impl ConfigJson {
         set!(max_fetch_bytes => max_fetch_bytes);
         set!(max_fetch_memory => max_fetch_memory);
         set!(max_object_size => max_object_size);
+        set!(max_advertisement_bytes => max_advertisement_bytes);
         set!(naughty_duration_ms ms => naughty_duration);
         set!(allow_private_addresses => allow_private_addresses);
         set!(state_file => state_file);
@@ -587,7 +589,7 @@ fn stats_json(s: &Stats) -> Value {
 /// `connect_timeout_ms`, `io_timeout_ms`, `shutdown_timeout_ms`, `checkpoint_interval_ms`,
 /// `max_events`, `max_oids_per_event`, `max_urls_per_event`, `max_urls_per_identifier`,
 /// `max_ref_updates_per_event`, `max_fetch_bytes`, `max_fetch_memory`, `max_object_size`,
-/// `fetch_depth` (null or n), `thread_name`,
+/// `max_advertisement_bytes`, `fetch_depth` (null or n), `thread_name`,
 /// `domain_limits` `{"max_concurrent", "per_minute", "burst"?}`,
 /// `domain_overrides` `{"host": {"max_concurrent", "per_minute", "burst"?}}`, `our_domain`,
 /// `naughty_duration_ms`, `allow_private_addresses`, `allowed_schemes` `[..]`, `state_file`,

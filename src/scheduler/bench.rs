@@ -156,3 +156,117 @@ impl QueueBench {
             .sum()
     }
 }
+
+/// One popular identifier already holding waiting events, and the scheduler's command
+/// channel: what a host command costs under the core's lock, and how long one scheduler turn
+/// holds it.
+pub struct CommandBench {
+    core: Core,
+    now: Instant,
+    next: usize,
+    urls_per_event: usize,
+    tx: crossbeam_channel::Sender<Command>,
+    rx: crossbeam_channel::Receiver<Command>,
+    unapplied: AtomicUsize,
+}
+
+impl CommandBench {
+    /// An identifier with `events` waiting events, each listing `urls_per_event` clone URLs of
+    /// its own and waiting for 64 objects (the commands go straight to the core, so the
+    /// per-identifier URL cap does not apply).
+    pub fn new(events: usize, urls_per_event: usize) -> Self {
+        let cfg = Config {
+            user_delay: NOT_READY_FOR,
+            event_lifetime: 30 * NOT_READY_FOR,
+            ..Config::default()
+        };
+        let now = Instant::now();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let mut bench = CommandBench {
+            core: Core::new(Arc::new(cfg), Arc::new(AtomicUsize::new(events))),
+            now,
+            next: 0,
+            urls_per_event,
+            tx,
+            rx,
+            unapplied: AtomicUsize::new(0),
+        };
+        for _ in 0..events {
+            let ev = bench.event();
+            bench.core.command(Command::Submit(ev), now);
+        }
+        bench
+    }
+
+    /// The next event: new id, new URLs, 64 new objects, on the popular identifier.
+    fn event(&mut self) -> ValidEvent {
+        let i = self.next;
+        self.next += 1;
+        let oids: Vec<ObjectId> = (0..64u64)
+            .map(|k| {
+                let mut bytes = [0u8; 20];
+                bytes[..8].copy_from_slice(&(i as u64).to_be_bytes());
+                bytes[8..16].copy_from_slice(&k.to_be_bytes());
+                ObjectId::from_bytes(bytes)
+            })
+            .collect();
+        let policy = crate::policy::UrlPolicy::new();
+        ValidEvent {
+            id: format!("event-{i}").into(),
+            identifier: "popular".into(),
+            repo: Arc::from(PathBuf::from("/srv/git/popular.git").as_path()),
+            missing: oids.clone(),
+            oids,
+            urls: (0..self.urls_per_event)
+                .map(|u| {
+                    policy
+                        .check(&format!("https://m{u}.example.com/e{i}.git"))
+                        .expect("the bench's URLs pass the policy")
+                })
+                .collect(),
+            refs: Arc::from([]),
+            origin: Origin::User,
+            submitted: self.now,
+            restored: None,
+        }
+    }
+
+    /// Applies one more submit to the core (the event is built outside the measurement by the
+    /// caller's setup: see [`prepare`](Self::prepare)).
+    pub fn submit(&mut self, command: PreparedCommand) {
+        self.core.command(command.0, self.now);
+    }
+
+    /// The next submit command, built but not applied.
+    pub fn prepare(&mut self) -> PreparedCommand {
+        PreparedCommand(Command::Submit(self.event()))
+    }
+
+    /// Queues `n` submits, then runs one scheduler turn as the scheduler thread does under the
+    /// core's lock. Returns how many commands it applied and how long it took; the rest stay
+    /// queued for later turns.
+    pub fn turn(&mut self, n: usize) -> (usize, Duration) {
+        for _ in 0..n {
+            let ev = self.event();
+            self.unapplied
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.tx
+                .send(Command::Submit(ev))
+                .expect("the bench holds the receiver");
+        }
+        let first = self.rx.try_recv().expect("a command is queued");
+        let clock = crate::clock::SystemClock;
+        let start = Instant::now();
+        let applied =
+            super::apply_commands(&mut self.core, first, &self.rx, &clock, &self.unapplied);
+        let took = start.elapsed();
+        // Empty the channel outside the measurement.
+        for cmd in self.rx.try_iter() {
+            self.core.command(cmd, self.now);
+        }
+        (applied, took)
+    }
+}
+
+/// A command built for [`CommandBench::submit`].
+pub struct PreparedCommand(Command);

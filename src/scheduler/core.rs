@@ -1370,7 +1370,11 @@ impl Core {
     /// reservation in flight: the core tests submit straight to the core).
     #[cfg(test)]
     pub(crate) fn check_url_index_exactly(&self) {
-        assert_eq!(self.urls.all(), self.listed_urls(), "the identifier URL index");
+        assert_eq!(
+            self.urls.all(),
+            self.listed_urls(),
+            "the identifier URL index"
+        );
     }
 
     /// Each identifier's fetch URLs with how many waiting events list each: what the

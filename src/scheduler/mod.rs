@@ -29,6 +29,36 @@ use crate::fetch::{FailureKind, FetchControl, FetchError, FetchReport, Fetcher};
 /// one pass, not one each, while results still get their turn.
 const COMMAND_BATCH: usize = 1024;
 
+/// Longest the scheduler goes on applying commands under the core's lock in one turn: what
+/// a burst of commands can hold up a `stats` call, a fetch's result or the next pass, however
+/// the commands are shaped. A command's own cost is bounded by the per-event limits and does
+/// not grow with what the engine already holds.
+pub(crate) const COMMAND_TURN: Duration = Duration::from_millis(2);
+
+/// Applies `first`, then the commands waiting in `commands`, until `COMMAND_BATCH` of them or
+/// `COMMAND_TURN` has passed. Returns how many it applied.
+pub(crate) fn apply_commands(
+    core: &mut Core,
+    first: Command,
+    commands: &Receiver<Command>,
+    clock: &dyn Clock,
+    unapplied: &AtomicUsize,
+) -> usize {
+    let until = Instant::now() + COMMAND_TURN;
+    core.command(first, clock.now());
+    unapplied.fetch_sub(1, Ordering::SeqCst);
+    let mut applied = 1;
+    while applied < COMMAND_BATCH && Instant::now() < until {
+        let Ok(cmd) = commands.try_recv() else {
+            break;
+        };
+        core.command(cmd, clock.now());
+        unapplied.fetch_sub(1, Ordering::SeqCst);
+        applied += 1;
+    }
+    applied
+}
+
 /// Everything the scheduler thread owns.
 pub(crate) struct Scheduler {
     pub cfg: Arc<Config>,
@@ -54,6 +84,10 @@ pub(crate) struct Scheduler {
     /// `Engine::shutdown`, which joins this thread, returns: a new engine can then take the
     /// file.
     pub state_lock: Option<crate::persist::StateLock>,
+    /// How many fetches had not reported back when the scheduler gave up waiting at shutdown.
+    /// Rayon keeps its idle threads until every spawned job has ended, so the threads still
+    /// running are not the count of stuck fetches: this is.
+    pub stuck: Arc<AtomicUsize>,
 }
 
 impl Scheduler {
@@ -114,12 +148,13 @@ impl Scheduler {
 
     fn take_commands(&self, first: Command) {
         let mut core = self.core.lock();
-        core.command(first, self.clock.now());
-        self.unapplied.fetch_sub(1, Ordering::SeqCst);
-        for cmd in self.commands.try_iter().take(COMMAND_BATCH - 1) {
-            core.command(cmd, self.clock.now());
-            self.unapplied.fetch_sub(1, Ordering::SeqCst);
-        }
+        apply_commands(
+            &mut core,
+            first,
+            &self.commands,
+            self.clock.as_ref(),
+            &self.unapplied,
+        );
     }
 
     /// Carries out the core's actions until it has none left (a check can release events,
@@ -184,6 +219,7 @@ impl Scheduler {
         )
         .with_max_bytes(self.cfg.max_fetch_bytes)
         .with_max_memory(job.max_memory)
+        .with_max_advertisement(self.cfg.max_advertisement_bytes)
         .with_depth(self.cfg.fetch_depth)
         .with_timeouts(self.cfg.connect_timeout, self.cfg.io_timeout)
         .with_url_policy(crate::policy::UrlPolicy::from_config(&self.cfg));
@@ -223,10 +259,9 @@ impl Scheduler {
                     core.pass(self.clock.now());
                 }
                 Err(_) => {
-                    log::warn!(
-                        "{} fetch(es) still running at shutdown",
-                        self.core.lock().in_flight()
-                    );
+                    let stuck = self.core.lock().in_flight();
+                    log::warn!("{stuck} fetch(es) still running at shutdown");
+                    self.stuck.store(stuck, Ordering::SeqCst);
                     break;
                 }
             }

@@ -91,6 +91,9 @@ pub struct EngineArgs {
     /// Largest object a delta may build, process-wide [default: 100 MiB]
     #[arg(long, value_name = "BYTES")]
     pub max_object_size: Option<u64>,
+    /// Largest ref advertisement a server may send [default: 32 MiB]
+    #[arg(long, value_name = "BYTES")]
+    pub max_advertisement_bytes: Option<u64>,
     /// Fetch only the last N commits of history (shallow) [default: full history]
     #[arg(long, value_name = "N")]
     pub fetch_depth: Option<u32>,
@@ -173,6 +176,7 @@ impl EngineArgs {
             max_fetch_bytes,
             max_fetch_memory,
             max_object_size,
+            max_advertisement_bytes,
             thread_name,
             domain_burst,
             naughty_duration,
