@@ -74,6 +74,10 @@
 //! | worker threads (fetches in flight) | 8 | [`EngineBuilder::workers`] |
 //! | hard limit on one fetch | 120 s | [`EngineBuilder::fetch_deadline`] |
 //! | most bytes one fetch may receive | 1 GiB | [`EngineBuilder::max_fetch_bytes`] |
+//! | most memory libgit2 may hold for one fetch | 512 MiB | [`EngineBuilder::max_fetch_memory`] |
+//! | largest object a delta may build (process-wide) | 100 MiB | [`EngineBuilder::max_object_size`] |
+//! | largest ref advertisement | 32 MiB | [`EngineBuilder::max_advertisement_bytes`] |
+//! | most distinct clone URLs of one identifier's waiting events | 256 | [`EngineBuilder::max_urls_per_identifier`] |
 //! | connect timeout / longest silence on a connection | 10 s / 30 s | [`EngineBuilder::connect_timeout`], [`EngineBuilder::io_timeout`] |
 //! | shallow fetch | off | [`EngineBuilder::fetch_depth`] |
 //!
@@ -87,15 +91,20 @@
 //!
 //! Each fetch is bounded: the engine registers its own socket stream with libgit2, so the
 //! deadline, the byte cap, the idle timeout and shutdown are checked on every read and write,
-//! and every failure is classified ([`FailureKind`]). See [`GitFetcher`] for how the objects to
+//! and every failure is classified ([`FailureKind`]). It also installs an allocator for
+//! libgit2 that holds each fetch to its memory budget and stops delta resolution, which reads
+//! no socket, at the deadline; the engine's fetches together never hold more than `workers ×
+//! max_fetch_memory` (4 GiB with the defaults). A fetch's packs are quarantined and kept only
+//! when they brought a wanted object. See [`GitFetcher`] for how the objects to
 //! ask for are chosen when a server does not allow fetching by id.
 //!
 //! # Threads and libgit2
 //!
 //! [`EngineBuilder::build`] (or [`GitFetcher::new`]) makes the process's first libgit2 call
 //! (which sets environment variables for OpenSSL), sets libgit2's process-wide socket timeouts
-//! and registers the engine's socket stream as libgit2's standard stream for the whole
-//! process. Outside an engine's fetch that stream behaves as a plain socket (10 s connect,
+//! and largest object size, replaces libgit2's allocator (with `malloc`, `realloc` and `free`
+//! that count a fetch's memory, and do nothing else outside one) and registers the engine's
+//! socket stream as libgit2's standard stream for the whole process. Outside an engine's fetch that stream behaves as a plain socket (10 s connect,
 //! 30 s idle timeouts), so a host's own libgit2 use keeps working. Build the first engine
 //! early, before the host starts other threads that use libgit2 or the environment.
 

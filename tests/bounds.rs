@@ -331,3 +331,50 @@ fn server_error_text_is_stripped_of_control_characters() {
         error.message
     );
 }
+
+/// What a process that died mid-fetch left in a repository — a fetch quarantine, and the
+/// scratch refs versions before 0.2 wrote — is removed by the next fetch into it; what a
+/// running process (this one) has there is left alone.
+#[test]
+fn leftovers_of_dead_processes_are_removed_by_the_next_fetch() {
+    testkit::require_git();
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("served");
+    let served = testkit::served_repo(&base, "r.git");
+    let tip = testkit::commit(&served, "main", &[("f", b"w")], "one");
+    let daemon = GitDaemon::start(Ipv4Addr::new(127, 0, 0, 49), &base).unwrap();
+    let repo = testkit::init_bare(&dir.path().join("r.git"));
+    // No process has this id on Linux (pid_max is at most 2^22).
+    let dead = u32::MAX - 7;
+    let ours = std::process::id();
+    let git = git2::Repository::open_bare(&repo).unwrap();
+    let blob = git.blob(b"kept by a scratch ref").unwrap();
+    for (pid, n) in [(dead, 0), (dead, 1), (ours, 0)] {
+        for branch in ["main", "dev"] {
+            let name = format!("refs/purgatory-sync/scratch/{pid}-{n}/heads/{branch}");
+            git.reference(&name, blob, true, "left behind").unwrap();
+        }
+    }
+    let quarantine = repo.join(format!("objects/incoming-psync-{dead}-3/pack"));
+    std::fs::create_dir_all(&quarantine).unwrap();
+    std::fs::write(quarantine.join("pack-x.pack"), b"half a pack").unwrap();
+    let report = fetch(
+        &repo,
+        &daemon.url("r.git"),
+        vec![tip],
+        &control(Duration::from_secs(20)),
+    );
+    assert_eq!(report.present, [tip]);
+    let mut left = testkit::refs_with_prefix(&repo, "refs/purgatory-sync/scratch/");
+    left.sort();
+    assert_eq!(
+        left,
+        [
+            format!("refs/purgatory-sync/scratch/{ours}-0/heads/dev"),
+            format!("refs/purgatory-sync/scratch/{ours}-0/heads/main"),
+        ]
+    );
+    assert!(!repo
+        .join(format!("objects/incoming-psync-{dead}-3"))
+        .exists());
+}

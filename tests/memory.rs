@@ -15,9 +15,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use purgatory_sync::testkit::{
-    self, delta, delta_bomb, ObjectKind, PackBuilder, Script, ScriptedGitServer,
-};
+use purgatory_sync::testkit::{self, bombs, ObjectKind, Script, ScriptedGitServer};
 use purgatory_sync::{
     FailureKind, FetchControl, FetchReport, FetchRequest, Fetcher, GitFetcher, NaughtyCategory,
     ObjectId, PendingEvent, UrlPolicy,
@@ -63,49 +61,6 @@ fn wanted() -> ObjectId {
     testkit::hash_object(ObjectKind::Commit, b"the commit no pack holds")
 }
 
-/// A 64 KiB blob and one delta that repeats it `result` bytes long.
-fn one_bomb(result: u64) -> Vec<u8> {
-    let mut pack = PackBuilder::new();
-    let base = pack.blob(&testkit::pseudo_random_bytes(64 * 1024, 1));
-    pack.ofs_delta(base, &delta_bomb(64 * 1024, result));
-    pack.build()
-}
-
-/// A 64 KiB blob, a delta repeating it 1 GiB long and a second delta repeating that result
-/// 1 GiB long again: the 131 KB pack that took +6 GiB and 53 s.
-fn chained_bomb() -> Vec<u8> {
-    let mut pack = PackBuilder::new();
-    let base = pack.blob(&testkit::pseudo_random_bytes(64 * 1024, 2));
-    let first = pack.ofs_delta(base, &delta_bomb(64 * 1024, 1 << 30));
-    pack.ofs_delta(first, &delta_bomb(1 << 30, 1 << 30));
-    pack.build()
-}
-
-/// `count` deltas on one 64 KiB blob, each just under the object size limit; `distinct`
-/// makes each result end in its own bytes, otherwise every result is the same object.
-fn many_large_deltas(count: u32, distinct: bool) -> Vec<u8> {
-    let mut pack = PackBuilder::new();
-    let base = pack.blob(&testkit::pseudo_random_bytes(64 * 1024, 3));
-    let repeat = (MAX_OBJECT_SIZE / (64 * 1024) - 1) as u32;
-    for i in 0..count {
-        let tail = if distinct {
-            i.to_be_bytes().to_vec()
-        } else {
-            Vec::new()
-        };
-        let result = u64::from(repeat) * 64 * 1024 + tail.len() as u64;
-        let mut d = delta::header(64 * 1024, result);
-        for _ in 0..repeat {
-            d.extend(delta::copy(0, 0x10000));
-        }
-        if !tail.is_empty() {
-            d.extend(delta::insert(&tail));
-        }
-        pack.ofs_delta(base, &d);
-    }
-    pack.build()
-}
-
 fn server(ip: Ipv4Addr, pack: Vec<u8>) -> ScriptedGitServer {
     let refs = vec![(wanted(), "refs/heads/main".to_owned())];
     ScriptedGitServer::start(ip, Script::serving(refs, pack)).expect("scripted server")
@@ -144,7 +99,7 @@ fn crafted_packs_cost_bounded_memory_and_time() {
     let margin = 64 * MIB;
 
     // One delta expanding 64 KiB to 1 GiB: refused before anything is allocated.
-    let s = server(Ipv4Addr::new(127, 0, 0, 61), one_bomb(1 << 30));
+    let s = server(Ipv4Addr::new(127, 0, 0, 61), bombs::one(1 << 30, 1));
     let base = reset_peak();
     let (report, took) = fetch(&s, Duration::from_secs(20));
     let grown = peak_growth(base);
@@ -161,7 +116,7 @@ fn crafted_packs_cost_bounded_memory_and_time() {
     // The chain: the first delta is already too large.
     s.set_script(Script::serving(
         vec![(wanted(), "refs/heads/main".to_owned())],
-        chained_bomb(),
+        bombs::chained(2),
     ));
     let base = reset_peak();
     let (report, took) = fetch(&s, Duration::from_secs(20));
@@ -178,7 +133,7 @@ fn crafted_packs_cost_bounded_memory_and_time() {
     // resolving with no byte read. The deadline stops it at the next delta.
     s.set_script(Script::serving(
         vec![(wanted(), "refs/heads/main".to_owned())],
-        many_large_deltas(60, true),
+        bombs::many(60, MAX_OBJECT_SIZE, true, 3),
     ));
     let base = reset_peak();
     let deadline = Duration::from_secs(3);
@@ -207,7 +162,7 @@ fn crafted_packs_cost_bounded_memory_and_time() {
     // budget stops the fetch, and the report says what libgit2 kept.
     s.set_script(Script::serving(
         vec![(wanted(), "refs/heads/main".to_owned())],
-        many_large_deltas(20, false),
+        bombs::many(20, MAX_OBJECT_SIZE, false, 3),
     ));
     let base = reset_peak();
     let (report, took) = fetch(&s, Duration::from_secs(60));
@@ -246,7 +201,7 @@ fn crafted_packs_cost_bounded_memory_and_time() {
 /// the servers' endpoints are skipped.
 fn eight_workers_under_attack_stay_within_the_documented_bound(margin: u64) {
     let dir = tempfile::tempdir().unwrap();
-    let pack = many_large_deltas(20, false);
+    let pack = bombs::many(20, MAX_OBJECT_SIZE, false, 3);
     let servers: Vec<ScriptedGitServer> = (0..WORKERS as u8)
         .map(|i| server(Ipv4Addr::new(127, 0, 0, 62 + i), pack.clone()))
         .collect();

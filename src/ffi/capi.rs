@@ -601,6 +601,11 @@ fn stats_json(s: &Stats) -> Value {
 /// `PSYNC_STATE_FILE_LOCKED` (another engine uses `state_file`), `PSYNC_SPAWN_FAILED`,
 /// `PSYNC_PANIC`. May be called from any thread.
 ///
+/// The first engine of a process sets libgit2's process-wide socket timeouts and largest
+/// object size (`max_object_size`), replaces libgit2's allocator with one that counts each
+/// fetch's memory (plain `malloc`, `realloc` and `free` outside a fetch) and registers the
+/// engine's socket stream with libgit2 (the copy of libgit2 this library carries).
+///
 /// # Safety
 /// `config_json` is NULL or a NUL-terminated string; `out_engine` is NULL or valid for a write.
 #[no_mangle]

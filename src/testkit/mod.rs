@@ -70,7 +70,7 @@ mod tcp;
 
 pub use daemon::GitDaemon;
 pub use http::{Fault, FaultTarget, HttpGitServer};
-pub use pack::{delta, delta_bomb, hash_object, ObjectKind, PackBuilder, RESOLVE_LIMIT};
+pub use pack::{bombs, delta, delta_bomb, hash_object, ObjectKind, PackBuilder, RESOLVE_LIMIT};
 pub use record::{max_concurrent, RequestRecord};
 pub use repos::{
     commit, commit_large, has_object, init_bare, missing_objects, pseudo_random_bytes, push_all,

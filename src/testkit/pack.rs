@@ -932,3 +932,62 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+/// Packs crafted to expand when a client resolves their deltas: what a hostile server sends to
+/// make a fetch cost memory and time after its last byte. Each holds a 64 KiB pseudo-random
+/// blob (seeded by `seed`) and deltas built on it.
+pub mod bombs {
+    use super::{delta, delta_bomb, PackBuilder};
+
+    const BASE: u64 = 64 * 1024;
+
+    fn base(pack: &mut PackBuilder, seed: u64) -> usize {
+        pack.blob(&crate::testkit::pseudo_random_bytes(BASE as usize, seed))
+    }
+
+    /// One delta repeating the blob `result` bytes long (16 KiB of delta per GiB; the pack is
+    /// about 80 KB for 1 GiB).
+    pub fn one(result: u64, seed: u64) -> Vec<u8> {
+        let mut pack = PackBuilder::new();
+        let b = base(&mut pack, seed);
+        pack.ofs_delta(b, &delta_bomb(BASE, result));
+        pack.build()
+    }
+
+    /// A delta repeating the blob 1 GiB long, and a second one repeating that result 1 GiB
+    /// long again (about 130 KB): resolving the second builds both.
+    pub fn chained(seed: u64) -> Vec<u8> {
+        let mut pack = PackBuilder::new();
+        let b = base(&mut pack, seed);
+        let first = pack.ofs_delta(b, &delta_bomb(BASE, 1 << 30));
+        pack.ofs_delta(first, &delta_bomb(1 << 30, 1 << 30));
+        pack.build()
+    }
+
+    /// `count` deltas on the blob, each repeating it to just under `size` bytes (a multiple of
+    /// 64 KiB, less 64 KiB). With `distinct`, each result ends in its own 4 bytes, so each is
+    /// its own object; without, every result is the same object, which libgit2 1.9 then leaks
+    /// once per duplicate.
+    pub fn many(count: u32, size: u64, distinct: bool, seed: u64) -> Vec<u8> {
+        let mut pack = PackBuilder::new();
+        let b = base(&mut pack, seed);
+        let repeat = (size / BASE).saturating_sub(1) as u32;
+        for i in 0..count {
+            let tail = if distinct {
+                i.to_be_bytes().to_vec()
+            } else {
+                Vec::new()
+            };
+            let result = u64::from(repeat) * BASE + tail.len() as u64;
+            let mut d = delta::header(BASE, result);
+            for _ in 0..repeat {
+                d.extend(delta::copy(0, 0x10000));
+            }
+            if !tail.is_empty() {
+                d.extend(delta::insert(&tail));
+            }
+            pack.ofs_delta(b, &d);
+        }
+        pack.build()
+    }
+}
