@@ -390,6 +390,62 @@ fn a_host_the_policy_maps_is_fetched_under_the_name_it_checked() {
     engine.shutdown().unwrap();
 }
 
+/// An identifier waits for the only slot of a busy host (held by a fetch the host never
+/// answers); a pull request for it lists a mirror on a free host that has the commit. The pull
+/// request is released within seconds, while the busy host is still busy (it used to wait for
+/// the busy host's slot, here for the whole fetch deadline).
+#[test]
+fn an_identifier_waiting_for_a_busy_host_is_fetched_from_a_free_one() {
+    testkit::require_git();
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("served");
+    let commits = served(&base, 2);
+    let free = testkit::GitDaemon::start(OTHER, &base).unwrap();
+    let upstream = std::net::SocketAddrV4::new(HOST, 9);
+    let busy = FaultyTcpServer::start(HOST, upstream, TcpFault::Hang).unwrap();
+    let engine = builder("pol-park")
+        .domain_limits(5, 600_000)
+        .domain_burst(1000)
+        .domain_override(
+            &HOST.to_string(),
+            purgatory_sync::DomainLimits::new(1, 600_000).burst(1000),
+        )
+        .build()
+        .unwrap();
+    // `hog` takes the busy host's only slot; `state` waits for it.
+    let hog = testkit::init_bare(&dir.path().join("hog.git"));
+    engine
+        .submit(event("hog", &hog, commits[0], &[busy.url("r0.git")]))
+        .unwrap();
+    testkit::wait_for_stats(&engine, WAIT, |s| s.in_flight == 1);
+    let t = testkit::init_bare(&dir.path().join("t.git"));
+    let mut state = PendingEvent::new("state", "alice/r", &t).oid(commits[0].to_string());
+    state.clone_urls = vec![busy.url("r0.git")];
+    engine.submit(state).unwrap();
+    let s = testkit::wait_for_stats(&engine, WAIT, |s| {
+        s.domains
+            .get(&HOST.to_string())
+            .is_some_and(|d| d.queued_identifiers == 1)
+    });
+    assert_eq!(s.in_flight, 1);
+    // The pull request, on the free host.
+    let start = Instant::now();
+    let mut pr = PendingEvent::new("pr", "alice/r", &t).oid(commits[1].to_string());
+    pr.clone_urls = vec![free.url("r1.git")];
+    engine.submit(pr).unwrap();
+    match engine.outcomes().recv_timeout(WAIT) {
+        Ok(Outcome::Released { event_id, .. }) => assert_eq!(event_id, "pr"),
+        other => panic!("{other:?}; {:?}", engine.stats()),
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(engine.stats().in_flight, 1, "the busy host is still busy");
+    engine.shutdown().ok();
+}
+
 #[test]
 fn a_refused_connection_does_not_make_a_host_naughty() {
     let dir = tempfile::tempdir().unwrap();

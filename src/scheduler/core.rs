@@ -130,15 +130,16 @@ struct Entry {
     /// When the entry is next ready; its key in `Core::schedule` while not running.
     next_attempt: Instant,
     running: Option<JobId>,
-    /// Earliest first-attempt time asked for by events that arrived during an attempt.
+    /// Earliest first-attempt time asked for by events that arrived during an attempt or a
+    /// fetch.
     requested: Option<Instant>,
-    /// Waiting in the queues of the domains of its untried URLs for their capacity (and so
-    /// not in `Core::schedule`).
-    parked: bool,
-    /// Tells this parking from earlier ones in the domain queues.
-    park_gen: u64,
-    /// The domains whose queues hold this parking's records (empty when not parked).
-    park_domains: Vec<Arc<str>>,
+    /// The entry's turns in busy domains' queues: (domain, ticket). A turn is taken when an
+    /// attempt finds a URL's domain without capacity, and is served when the domain has
+    /// capacity again, oldest first: the URL is fetched then. It holds only that domain's
+    /// turn: the entry stays on the schedule, so its other URLs, new URLs of new events and its
+    /// backoff go on meanwhile. The ticket tells this turn's record in the domain's queue from
+    /// stale ones.
+    turns: Vec<(Arc<str>, u64)>,
 }
 
 struct EventState {
@@ -179,10 +180,13 @@ impl Entry {
             next_attempt,
             running: None,
             requested: None,
-            parked: false,
-            park_gen: 0,
-            park_domains: Vec::new(),
+            turns: Vec::new(),
         }
+    }
+
+    /// Whether the entry waits for a turn in `domain`'s queue.
+    fn waits_in(&self, domain: &str) -> bool {
+        self.turns.iter().any(|(d, _)| &**d == domain)
     }
 
     /// One more event lists `url`.
@@ -411,6 +415,8 @@ pub(crate) struct Core {
     next_entry: EntryId,
     next_seq: u64,
     next_job: JobId,
+    /// Numbers the turns entries take in domain queues.
+    next_ticket: u64,
     stopping: bool,
     counters: Counters,
     domains: Domains,
@@ -446,6 +452,7 @@ impl Core {
             next_entry: 0,
             next_seq: 0,
             next_job: 0,
+            next_ticket: 0,
             stopping: false,
             counters: Counters::default(),
             domains: Domains::new(cfg_for_domains),
@@ -532,10 +539,12 @@ impl Core {
                         e.in_attempt = false;
                         e.requested = None;
                     }
-                    if e.in_attempt {
+                    if e.in_attempt || e.running.is_some() {
                         e.requested = Some(e.requested.map_or(target, |r| r.min(target)));
                     }
-                    if e.running.is_none() && !e.parked && (idle || target < e.next_attempt) {
+                    // An entry waiting for a busy domain's turn is on the schedule like any
+                    // other: the new event's URLs are tried at its time.
+                    if e.running.is_none() && (idle || target < e.next_attempt) {
                         self.schedule.remove(&(e.next_attempt, id));
                         e.next_attempt = target;
                         self.schedule.insert((target, id));
@@ -826,8 +835,10 @@ impl Core {
         }
     }
 
-    /// Dispatches the entry's next untried URL whose domain has capacity; parks the entry in
-    /// its domains' queues when none has; ends its attempt when no usable URL is left.
+    /// Dispatches the entry's next untried URL whose domain has capacity. A URL whose domain
+    /// has none (its slots or quota taken, or others waiting for it) costs the entry a turn in
+    /// that domain's queue instead; when no URL can start now, the attempt ends with its
+    /// backoff, and the turns wait on. An attempt with no usable URL left ends too.
     fn start_next_fetch(&mut self, id: EntryId, now: Instant) {
         let e = self.entries.get_mut(&id).expect("scheduled entry exists");
         if !e.in_attempt {
@@ -842,88 +853,107 @@ impl Core {
             }
         }
         let untried: Vec<usize> = (0..e.urls.len()).filter(|i| !e.tried[*i]).collect();
-        if untried.is_empty() {
-            self.finish_attempt(id, now);
-            return;
-        }
+        let mut busy: Vec<Arc<str>> = Vec::new();
         for &i in &untried {
-            let domain = self.entries[&id].urls[i].domain.clone();
-            // Nobody jumps a domain's queue.
-            if self.first_waiting(&domain).is_some() {
+            let e = &self.entries[&id];
+            let domain = e.urls[i].domain.clone();
+            // Nobody jumps a domain's queue, the entry itself neither: a turn it holds is
+            // served by the queue.
+            if e.waits_in(&domain) || self.first_waiting(&domain).is_some() {
+                busy.push(domain);
                 continue;
             }
             if self.domains.try_acquire(&domain, now).is_ok() {
                 self.launch(id, i);
                 return;
             }
+            busy.push(domain);
         }
-        let e = self.entries.get_mut(&id).expect("entry exists");
-        e.parked = true;
-        e.park_gen += 1;
-        let generation = e.park_gen;
-        let mut domains: Vec<Arc<str>> =
-            untried.iter().map(|i| e.urls[*i].domain.clone()).collect();
-        domains.sort();
-        domains.dedup();
-        for d in &domains {
-            self.domains.park(d, id, generation);
+        busy.sort();
+        busy.dedup();
+        for domain in busy {
+            self.take_turn(id, domain);
         }
-        e.park_domains = domains;
+        self.finish_attempt(id, now);
     }
 
-    /// Ends the entry's parking, if it is parked: its records in the domain queues go stale.
+    /// Queues the entry for a turn in `domain`, unless it waits there already.
+    fn take_turn(&mut self, id: EntryId, domain: Arc<str>) {
+        let e = self.entries.get_mut(&id).expect("entry exists");
+        if e.waits_in(&domain) {
+            return;
+        }
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        self.domains.park(&domain, id, ticket);
+        e.turns.push((domain, ticket));
+    }
+
+    /// The entry no longer waits for a turn in `domain`: its record there goes stale.
+    fn leave_turn(&mut self, id: EntryId, domain: &str) {
+        let Some(e) = self.entries.get_mut(&id) else {
+            return;
+        };
+        let before = e.turns.len();
+        e.turns.retain(|(d, _)| &**d != domain);
+        if e.turns.len() < before {
+            self.domains.leave(domain);
+        }
+    }
+
+    /// The entry no longer waits for any turn (it left, or needs no fetch any more).
     fn unpark(&mut self, id: EntryId) {
         let Some(e) = self.entries.get_mut(&id) else {
             return;
         };
-        if !e.parked {
-            return;
-        }
-        e.parked = false;
-        for d in std::mem::take(&mut e.park_domains) {
+        for (d, _) in std::mem::take(&mut e.turns) {
             self.domains.leave(&d);
         }
     }
 
-    /// Whether a queued (entry, generation) still waits.
-    fn still_parked(&self, id: EntryId, generation: u64) -> bool {
-        parked_at(&self.entries, id, generation)
+    /// Whether a queued (entry, ticket) still waits.
+    fn still_parked(&self, id: EntryId, ticket: u64) -> bool {
+        parked_at(&self.entries, id, ticket)
     }
 
     /// The first entry still waiting in `domain`'s queue, dropping stale ones in front of it.
     fn first_waiting(&mut self, domain: &Arc<str>) -> Option<EntryId> {
         loop {
-            let &(id, generation) = self.domains.queue(domain).front()?;
-            if self.still_parked(id, generation) {
+            let &(id, ticket) = self.domains.queue(domain).front()?;
+            if self.still_parked(id, ticket) {
                 return Some(id);
             }
             self.domains.queue(domain).pop_front();
         }
     }
 
-    /// Serves the identifiers waiting in domain queues, oldest first in each domain, while the
+    /// Serves the turns waiting in domain queues, oldest first in each domain, while the
     /// domain has capacity and workers are free. Runs at every pass, so capacity that returns
     /// by a completed fetch or by the rate quota refilling (with nothing in flight) is used.
     fn serve_domain_queues(&mut self, now: Instant) {
         for domain in self.domains.with_queues() {
             while self.running.len() < self.cfg.workers && self.domains.has_slot(&domain) {
-                // The oldest waiting entry whose repository and identifier are free. The scan
-                // stops at the first one: entries in front of it are stale or busy, and at
-                // most `workers` entries are busy.
+                // The oldest turn whose entry, repository and identifier are free. The scan
+                // stops at the first one: turns in front of it are stale or busy, and at most
+                // `workers` entries are busy.
                 let mut pick = None;
                 let queue = self.domains.queue_of(&domain).into_iter().flatten();
-                for (pos, (id, generation)) in queue.enumerate() {
-                    if !self.still_parked(*id, *generation) {
+                for (pos, (id, ticket)) in queue.enumerate() {
+                    if !self.still_parked(*id, *ticket) {
                         continue;
                     }
                     let e = &self.entries[id];
-                    if self.busy_repos.contains(&e.repo)
+                    if e.running.is_some()
+                        || self.busy_repos.contains(&e.repo)
                         || self.busy_identifiers.contains(&e.identifier)
                     {
                         continue;
                     }
-                    let url =
-                        (0..e.urls.len()).find(|i| !e.tried[*i] && e.urls[*i].domain == domain);
+                    let url = (0..e.urls.len()).find(|i| {
+                        !e.tried[*i]
+                            && e.urls[*i].domain == domain
+                            && self.domains.usable(&e.urls[*i], now)
+                    });
                     pick = Some((pos, *id, url));
                     break;
                 }
@@ -931,31 +961,31 @@ impl Core {
                     break;
                 };
                 let Some(i) = url else {
-                    // Nothing left for this domain; it may still wait for another one.
+                    // Nothing left to fetch on this domain; other turns may still wait.
                     self.domains.queue(&domain).remove(pos);
-                    let e = self.entries.get_mut(&id).expect("parked entry exists");
-                    e.park_domains.retain(|d| *d != domain);
-                    self.domains.leave(&domain);
+                    self.leave_turn(id, &domain);
                     continue;
                 };
                 if self.domains.try_acquire(&domain, now).is_err() {
                     break;
                 }
                 self.domains.queue(&domain).remove(pos);
-                self.unpark(id);
+                self.leave_turn(id, &domain);
                 self.launch(id, i);
             }
             // Drop what went stale (the statistics count only live records either way).
             let entries = &self.entries;
             self.domains
-                .tidy_queue(&domain, |id, generation| parked_at(entries, id, generation));
+                .tidy_queue(&domain, |id, ticket| parked_at(entries, id, ticket));
         }
     }
 
-    /// Starts the fetch of the entry's URL `i`; the domain's permit is taken.
+    /// Starts the fetch of the entry's URL `i`; the domain's permit is taken. The entry leaves
+    /// the schedule while the fetch runs (it may be there at its backoff time, when a turn
+    /// starts the fetch).
     fn launch(&mut self, id: EntryId, i: usize) {
-        self.unpark(id);
         let e = self.entries.get_mut(&id).expect("entry exists");
+        self.schedule.remove(&(e.next_attempt, id));
         e.tried[i] = true;
         let job_id = self.next_job;
         self.next_job += 1;
@@ -1125,8 +1155,9 @@ impl Core {
         .min()
     }
 
+    /// Ends the entry's attempt and schedules the next one after the backoff (or earlier, if a
+    /// new event asked for it). Turns in busy domains' queues wait on.
     fn finish_attempt(&mut self, id: EntryId, now: Instant) {
-        self.unpark(id);
         let e = self.entries.get_mut(&id).expect("entry exists");
         e.in_attempt = false;
         e.attempts = e.attempts.saturating_add(1);
@@ -1210,9 +1241,34 @@ impl Core {
             // and the entry waits unscheduled for an event that misses objects.
             e.in_attempt = false;
             e.requested = None;
+            self.unpark(id);
             return;
         }
-        if e.tried.iter().any(|t| !t) {
+        if !e.in_attempt {
+            // A turn in a busy domain's queue started this fetch after the attempt had ended:
+            // the next attempt comes at its time, and no sooner than a backoff after this
+            // fetch, unless a new event asked for earlier.
+            let mut next = e
+                .next_attempt
+                .max(now + self.cfg.backoff(e.attempts.max(1)));
+            if let Some(r) = e.requested.take() {
+                next = next.min(r);
+            }
+            e.next_attempt = next;
+            self.schedule.insert((next, id));
+            // The attempt's other URLs still owed a visit take their turns, behind those who
+            // waited meanwhile.
+            let owed: Vec<Arc<str>> = e
+                .urls
+                .iter()
+                .zip(&e.tried)
+                .filter(|(u, tried)| !**tried && self.domains.usable(u, now))
+                .map(|(u, _)| u.domain.clone())
+                .collect();
+            for domain in owed {
+                self.take_turn(id, domain);
+            }
+        } else if e.tried.iter().any(|t| !t) {
             // More URLs to try in this attempt: queue behind entries already ready.
             e.next_attempt = now;
             self.schedule.insert((now, id));
@@ -1326,11 +1382,13 @@ impl Core {
         if !e.events.is_empty() {
             return false;
         }
-        if e.running.is_some() {
+        // No event waits: no turn either, even while a fetch still runs.
+        let running = e.running.is_some();
+        self.unpark(id);
+        if running {
             // Removed when its fetch reports back.
             return false;
         }
-        self.unpark(id);
         let e = self.entries.remove(&id).expect("entry exists");
         self.schedule.remove(&(e.next_attempt, id));
         self.by_key.remove(&(e.identifier.clone(), e.repo.clone()));
@@ -1505,12 +1563,12 @@ impl Core {
     }
 }
 
-/// Whether entry `id` is still parked by the parking `generation` (`Core::still_parked`, for
-/// where `self` is borrowed elsewhere).
-fn parked_at(entries: &HashMap<EntryId, Entry>, id: EntryId, generation: u64) -> bool {
+/// Whether entry `id` still waits for the turn `ticket` (`Core::still_parked`, for where
+/// `self` is borrowed elsewhere).
+fn parked_at(entries: &HashMap<EntryId, Entry>, id: EntryId, ticket: u64) -> bool {
     entries
         .get(&id)
-        .is_some_and(|e| e.parked && e.park_gen == generation)
+        .is_some_and(|e| e.turns.iter().any(|(_, t)| *t == ticket))
 }
 
 fn remove_from_index<K: std::hash::Hash + Eq + ?Sized>(

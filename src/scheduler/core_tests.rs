@@ -1173,10 +1173,11 @@ fn every_way_out_of_a_domain_queue_lowers_its_waiting_count() {
     h.collect();
     assert_eq!(h.released(), ["e3"]);
     assert_eq!(queued(&h), (2, 2), "released by a push");
-    // Served: id4 takes a.example's slot and leaves both queues.
+    // Served: id4 takes a.example's slot and leaves its queue; it still waits in b.example's
+    // for its URL there.
     h.fail_ident("id0", FailureKind::NotFound);
     assert_eq!(h.running_identifiers(), ["id1", "id4"]);
-    assert_eq!(queued(&h), (1, 1), "served");
+    assert_eq!(queued(&h), (1, 2), "served");
     // Expired while waiting.
     h.advance(31 * 60 * SEC);
     assert!(h.expired().contains(&"e5"), "{:?}", h.expired());
@@ -1683,4 +1684,176 @@ fn a_snapshot_keeps_submission_order_and_every_field() {
     let file = h.core.snapshot(h.now(), 0).into_state_file();
     let saved: Vec<&str> = file.events.iter().map(|e| e.id.as_str()).collect();
     assert_eq!(saved, ids.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
+// ---- a parked entry waits only for its busy domain's turn ----
+
+/// A harness whose domain `busy.example` takes one fetch at a time, and whose other domains
+/// are free; sync events are tried at once.
+fn one_busy_domain() -> Harness {
+    let mut cfg = Config {
+        domain_limits: limits(5, 600_000, 1000),
+        sync_delay: Duration::ZERO,
+        ..Config::default()
+    };
+    cfg.domain_overrides
+        .insert("busy.example".to_owned(), limits(1, 600_000, 1000));
+    let mut h = Harness::with(cfg);
+    // `hog` holds busy.example's only slot for as long as the test wants.
+    h.submit(
+        "hog",
+        "hog",
+        "/hog",
+        &[oid(200)],
+        &["https://busy.example/hog"],
+        Origin::Sync,
+    );
+    assert_eq!(h.running_identifiers(), ["hog"]);
+    h
+}
+
+/// An identifier waiting for the busy host's slot gets a pull request whose clone URL is on a
+/// free host: that URL is fetched at once (within the sync delay), not after the busy host
+/// frees its slot.
+#[test]
+fn a_new_url_on_a_free_domain_is_fetched_while_the_entry_waits_for_a_busy_one() {
+    let mut h = one_busy_domain();
+    h.submit(
+        "state",
+        "id",
+        "/r",
+        &[oid(1)],
+        &["https://busy.example/r"],
+        Origin::Sync,
+    );
+    assert_eq!(
+        h.running_identifiers(),
+        ["hog"],
+        "id waits for busy.example"
+    );
+    h.advance(5 * SEC);
+    h.submit(
+        "pr",
+        "id",
+        "/r",
+        &[oid(2)],
+        &["https://free.example/fork"],
+        Origin::Sync,
+    );
+    assert_eq!(h.running_identifiers(), ["hog", "id"]);
+    let job = h
+        .jobs
+        .iter()
+        .find(|j| j.request.identifier == "id")
+        .unwrap();
+    assert_eq!(job.request.url, "https://free.example/fork");
+    // The free host had both objects: both events are released, and the busy host's queue no
+    // longer counts the identifier.
+    let job = h.jobs.remove(1);
+    let now = h.now();
+    h.core
+        .job_done(job.id, FetchReport::new(vec![oid(1), oid(2)], None), now);
+    h.pass();
+    assert_eq!(h.released(), ["state", "pr"]);
+    assert_eq!(h.core.stats().domains["busy.example"].queued_identifiers, 0);
+}
+
+/// An identifier whose free mirror lacked the commit waits for the busy host; its backoff
+/// retries of the free mirror go on meanwhile, and find the commit once it is there.
+#[test]
+fn backoff_retries_of_free_mirrors_go_on_while_the_entry_waits_for_a_busy_one() {
+    let mut h = one_busy_domain();
+    h.submit(
+        "e",
+        "id",
+        "/r",
+        &[oid(1)],
+        &["https://free.example/r", "https://busy.example/r"],
+        Origin::Sync,
+    );
+    assert_eq!(h.running_identifiers(), ["hog", "id"]);
+    h.fail_ident("id", FailureKind::NotFound);
+    assert_eq!(h.running_identifiers(), ["hog"], "busy.example is taken");
+    // The backoff of 20 s brings the free mirror back, though the busy host never freed.
+    let wait = h.time_to_next_job(60 * SEC).expect("retried");
+    assert_eq!(wait, 20 * SEC);
+    let job = h
+        .jobs
+        .iter()
+        .find(|j| j.request.identifier == "id")
+        .unwrap();
+    assert_eq!(job.request.url, "https://free.example/r");
+    h.finish_ident("id", &[oid(1)]);
+    assert_eq!(h.released(), ["e"]);
+    assert_eq!(h.core.stats().domains["busy.example"].queued_identifiers, 0);
+}
+
+/// Under a backlog on one popular host, identifiers whose data is elsewhere do not wait for
+/// that host's queue, and the host still serves its queue round-robin when it frees.
+#[test]
+fn a_backlog_on_one_host_does_not_hold_up_identifiers_whose_data_is_elsewhere() {
+    let mut h = one_busy_domain();
+    for k in 0..5u8 {
+        let id = format!("q{k}");
+        h.submit(
+            &id,
+            &id,
+            &format!("/q{k}"),
+            &[oid(k)],
+            &["https://busy.example/r"],
+            Origin::Sync,
+        );
+    }
+    // `elsewhere` lists the busy host first, then a free one.
+    h.submit(
+        "elsewhere",
+        "elsewhere",
+        "/e",
+        &[oid(100)],
+        &["https://busy.example/e", "https://free.example/e"],
+        Origin::Sync,
+    );
+    assert_eq!(h.running_identifiers(), ["hog", "elsewhere"]);
+    h.finish_ident("elsewhere", &[oid(100)]);
+    assert_eq!(h.released(), ["elsewhere"]);
+    // q2, third in the busy host's queue, gets a pull request from a free host: fetched at
+    // once, and q2 keeps its place in the busy host's queue for its own event.
+    h.submit(
+        "q2-pr",
+        "q2",
+        "/q2",
+        &[oid(50)],
+        &["https://free.example/q2-fork"],
+        Origin::Sync,
+    );
+    assert_eq!(h.running_identifiers(), ["hog", "q2"]);
+    h.finish_ident("q2", &[oid(50)]);
+    assert_eq!(h.released(), ["elsewhere", "q2-pr"]);
+    // The busy host serves its queue in order.
+    let mut order = Vec::new();
+    let mut current = "hog".to_owned();
+    for _ in 0..5 {
+        h.fail_ident(&current, FailureKind::NotFound);
+        let next: Vec<String> = h.running_identifiers();
+        assert_eq!(next.len(), 1, "{next:?}");
+        current = next[0].clone();
+        order.push(current.clone());
+    }
+    assert_eq!(order, ["q0", "q1", "q2", "q3", "q4"]);
+}
+
+impl Harness {
+    /// Completes the running job of `identifier`, reporting `present` and no failure.
+    fn finish_ident(&mut self, identifier: &str, present: &[ObjectId]) {
+        let pos = self
+            .jobs
+            .iter()
+            .position(|j| j.request.identifier == identifier)
+            .unwrap_or_else(|| panic!("no job for {identifier}: {:?}", self.jobs));
+        let job = self.jobs.remove(pos);
+        let now = self.now();
+        self.core
+            .job_done(job.id, FetchReport::new(present.to_vec(), None), now);
+        self.pass();
+    }
 }
