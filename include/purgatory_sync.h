@@ -55,7 +55,8 @@ typedef enum psync_status {
   PSYNC_INVALID_CLONE_URL = 26,
   // submit: the repository path is not an existing bare git repository.
   PSYNC_INVALID_REPOSITORY = 27,
-  // submit: an event with this id expired recently and is refused for a while.
+  // submit: a synced event with this id expired recently and its objects are still
+  // missing; refused for the expired-id memory (`expired_memory_ms`, default 7 days).
   PSYNC_PREVIOUSLY_EXPIRED = 28,
   // submit: the engine already holds as many waiting events as it accepts.
   PSYNC_QUEUE_FULL = 29,

@@ -18,7 +18,7 @@ use crate::error::{BuildError, ShutdownError, SubmitError};
 use crate::event::{Admission, Outcome, PendingEvent};
 use crate::fetch::Fetcher;
 use crate::scheduler::core::{Command, Core, ValidEvent};
-use crate::scheduler::ids::{EventIds, IdState, IdentifierUrls};
+use crate::scheduler::ids::{self, EventIds, IdentifierUrls};
 use crate::scheduler::{join_all, start_workers, Scheduler};
 use crate::stats::Stats;
 use crate::{validate, EngineBuilder};
@@ -210,6 +210,14 @@ impl Engine {
     /// could be (empty, over 2048 bytes, with whitespace) is a
     /// [`SubmitError::InvalidCloneUrl`].
     ///
+    /// **An expired id.** After an event expires, its id is remembered for
+    /// [`expired_memory`](crate::EngineBuilder::expired_memory) (default 7 days). Within that
+    /// time a synced event with that id whose objects are still missing is refused with
+    /// [`SubmitError::PreviouslyExpired`], so that a re-broadcast cannot keep it in purgatory
+    /// for ever; a user event with that id waits again, and one whose objects have all arrived
+    /// is answered like any other (`AlreadySatisfied`, or `Pending` until its refs are
+    /// written).
+    ///
     /// # Errors
     /// A [`SubmitError`] naming the field at fault; a refused event changes nothing.
     pub fn submit(&self, event: PendingEvent) -> Result<Admission, SubmitError> {
@@ -222,21 +230,6 @@ impl Engine {
 
     fn try_submit(&self, event: PendingEvent) -> Result<Admission, SubmitError> {
         let checked = validate::event(&event, &self.cfg)?;
-        // Without the core's lock, which a pass, a checkpoint or a growing table can hold for
-        // long: the id index is kept in step with the core.
-        match self.ids.get(&event.id) {
-            Some(IdState::Expired(until)) => {
-                let now = self.clock.now();
-                if until > now {
-                    return Err(SubmitError::PreviouslyExpired {
-                        event_id: event.id,
-                        refused_for: until - now,
-                    });
-                }
-            }
-            Some(IdState::Waiting) => return Ok(Admission::pending_with(checked.refused)),
-            None => {}
-        }
         // A custom fetcher may not check what the repository is, so the engine does; the
         // built-in one's presence check below opens it as a bare repository and fails the same
         // way (opening it twice was a fifth of the time a submit took).
@@ -257,11 +250,27 @@ impl Engine {
             .copied()
             .filter(|o| !present.contains(o))
             .collect();
+        // Whatever the id's state: present data answers the question, as the reference relay's
+        // presence check does before it looks at the id.
         if missing.is_empty() && checked.refs.is_empty() {
             self.counters
                 .already_satisfied
                 .fetch_add(1, Ordering::Relaxed);
             return Ok(Admission::AlreadySatisfied);
+        }
+        // Without the core's lock, which a pass, a checkpoint or a growing table can hold for
+        // long: the id index is kept in step with the core.
+        let now = self.clock.now();
+        let known = self.ids.get(&event.id);
+        match ids::submit_as(known, event.origin, !missing.is_empty(), now) {
+            ids::SubmitAs::Refused(refused_for) => {
+                return Err(SubmitError::PreviouslyExpired {
+                    event_id: event.id,
+                    refused_for,
+                })
+            }
+            ids::SubmitAs::Again => return Ok(Admission::pending_with(checked.refused)),
+            ids::SubmitAs::New => {}
         }
         let max = self.cfg.max_events;
         if self.admitted.fetch_add(1, Ordering::SeqCst) >= max {
@@ -287,7 +296,7 @@ impl Engine {
             urls: checked.urls,
             refs: checked.refs.into(),
             origin: event.origin,
-            submitted: self.clock.now(),
+            submitted: now,
             restored: None,
         };
         let urls = valid.urls.clone();
@@ -477,7 +486,13 @@ mod tests {
         std::thread::scope(|s| {
             s.spawn(|| {
                 for (id, byte) in [("waiting", 2), ("old", 1), ("new", 3)] {
-                    let _ = tx.send((id, engine.submit(event(id, byte))));
+                    // A synced re-broadcast of the expired one, which is refused.
+                    let origin = if id == "old" {
+                        crate::Origin::Sync
+                    } else {
+                        crate::Origin::User
+                    };
+                    let _ = tx.send((id, engine.submit(event(id, byte).origin(origin))));
                 }
             });
             let mut answers = Vec::new();

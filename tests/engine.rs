@@ -206,7 +206,7 @@ fn advancing_the_fake_clock_drives_delays_backoff_and_expiry() {
         .submit(event("e", "id", &repo, &[&a], &["git://m/r"]))
         .unwrap_err();
     assert!(
-        matches!(err, SubmitError::PreviouslyExpired { ref event_id, refused_for } if event_id == "e" && refused_for == Duration::from_secs(24 * 3600)),
+        matches!(err, SubmitError::PreviouslyExpired { ref event_id, refused_for } if event_id == "e" && refused_for == Duration::from_secs(7 * 24 * 3600)),
         "{err:?}"
     );
     engine.shutdown().unwrap();
@@ -1263,5 +1263,84 @@ fn the_distinct_clone_urls_of_an_identifier_are_capped() {
         message.contains("\"popular\" has 4 distinct clone URLs waiting and the event adds 1"),
         "{message}"
     );
+    engine.shutdown().unwrap();
+}
+
+/// After an event expires, only a synced re-submission whose data is still missing is
+/// refused, for the default 7 days: a user's re-submission waits again (and is released when
+/// its data comes), one whose data has arrived meanwhile is `AlreadySatisfied`. Ids that
+/// waited again are no longer remembered as expired.
+#[test]
+fn an_expired_id_is_refused_only_as_a_synced_event_still_missing_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = bare(dir.path(), "r.git");
+    let (a, _) = blob("never comes");
+    let (b, b_text) = blob("pushed after the expiry");
+    let (c, c_text) = blob("pushed later by the user");
+    let clock = FakeClock::new();
+    let engine = builder("expiry", &clock)
+        .fetcher(FakeServers::default())
+        .user_delay(NEVER_TICK)
+        .sync_delay(NEVER_TICK)
+        .event_lifetime(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let outcomes = engine.outcomes();
+    let ev = |id: &str, oid: &str, origin: Origin| {
+        event(id, "id", &repo, &[oid], &["git://m/r"]).origin(origin)
+    };
+    for (id, oid) in [("missing", &a), ("arrived", &b), ("user", &c)] {
+        assert!(engine
+            .submit(ev(id, oid, Origin::Sync))
+            .unwrap()
+            .is_pending());
+    }
+    clock.advance(Duration::from_secs(60));
+    let mut expired: Vec<String> = (0..3)
+        .map(|_| outcomes.recv_timeout(WAIT).expect("expired"))
+        .inspect(|o| assert!(!o.is_released(), "{o:?}"))
+        .map(|o| o.event_id().to_owned())
+        .collect();
+    expired.sort();
+    assert_eq!(expired, ["arrived", "missing", "user"]);
+    let week = Duration::from_secs(7 * 24 * 3600);
+    assert_eq!(
+        engine.submit(ev("missing", &a, Origin::Sync)),
+        Err(SubmitError::PreviouslyExpired {
+            event_id: "missing".into(),
+            refused_for: week
+        })
+    );
+    write_blob(&repo, &b_text);
+    assert_eq!(
+        engine.submit(ev("arrived", &b, Origin::Sync)),
+        Ok(Admission::AlreadySatisfied)
+    );
+    assert!(engine
+        .submit(ev("user", &c, Origin::User))
+        .unwrap()
+        .is_pending());
+    let s = purgatory_sync::testkit::wait_for_stats(&engine, WAIT, |s| s.commands_pending == 0);
+    assert_eq!(
+        (s.submitted, s.waiting_events, s.expired_ids_remembered),
+        (4, 1, 2),
+        "the user's event waits again and its id is no longer remembered as expired"
+    );
+    write_blob(&repo, &c_text);
+    engine.git_data_arrived("id");
+    let o = outcomes.recv_timeout(WAIT).expect("released");
+    assert!(o.is_released() && o.event_id() == "user", "{o:?}");
+    // Still refused until the week is over, then forgotten.
+    clock.advance(week - Duration::from_secs(1));
+    assert!(matches!(
+        engine.submit(ev("missing", &a, Origin::Sync)),
+        Err(SubmitError::PreviouslyExpired { refused_for, .. }) if refused_for == Duration::from_secs(1)
+    ));
+    clock.advance(Duration::from_secs(1));
+    purgatory_sync::testkit::wait_for_stats(&engine, WAIT, |s| s.expired_ids_remembered == 0);
+    assert!(engine
+        .submit(ev("missing", &a, Origin::Sync))
+        .unwrap()
+        .is_pending());
     engine.shutdown().unwrap();
 }

@@ -513,6 +513,10 @@ impl Core {
         self.counters.submitted += 1;
         // A command may wait in the channel; never date an event in the future.
         let at = ev.submitted.min(now);
+        // An expired id that waits again (a user's, or one whose data arrived since) is no
+        // longer refused. Its record in `expired_order` goes stale: pruning compares it with
+        // the map, and `set_waiting` below replaces the index's state.
+        self.expired_ids.remove(&ev.id);
         let target = match ev.restored {
             Some((_, first_attempt)) => first_attempt,
             None => at + self.cfg.first_delay(ev.origin),
