@@ -148,6 +148,11 @@ enum psync_status psync_engine_new(const char *config_json, struct psync_engine 
 // refusal of the event has its own status (`PSYNC_INVALID_EVENT_ID` ..
 // `PSYNC_INVALID_REF_UPDATE`). Never blocks on fetches. Thread-safe.
 //
+// Calls from one thread take effect in the order made: a submit right after
+// `psync_engine_cancel` of the same id waits again; a submit of an id that still waits is
+// a re-submission (`PSYNC_ADMISSION_PENDING`, still one outcome) and is never refused as
+// `PSYNC_QUEUE_FULL` or `PSYNC_TOO_MANY_IDENTIFIER_URLS`.
+//
 // # Safety
 // `engine` is NULL or a live engine; `event_json` is NULL or a NUL-terminated string; the
 // out-pointers are NULL or valid for a write.

@@ -210,6 +210,15 @@ impl Engine {
     /// could be (empty, over 2048 bytes, with whitespace) is a
     /// [`SubmitError::InvalidCloneUrl`].
     ///
+    /// **The same id again.** Calls from one thread take effect in the order they were made:
+    /// a submit right after a [`cancel`](Engine::cancel) of the same id queues the event anew,
+    /// and a submit of an id that still waits when the scheduler comes to it is a
+    /// re-submission, answered `Pending` and changing nothing: the one event gets one
+    /// outcome. Two limits meant for new events are not applied to an id that waits: such a
+    /// submit is never refused with [`SubmitError::QueueFull`] nor
+    /// [`SubmitError::TooManyIdentifierUrls`] (what it counts is given back when it turns
+    /// out a re-submission).
+    ///
     /// **An expired id.** After an event expires, its id is remembered for
     /// [`expired_memory`](crate::EngineBuilder::expired_memory) (default 7 days). Within that
     /// time a synced event with that id whose objects are still missing is refused with
@@ -262,23 +271,29 @@ impl Engine {
         // long: the id index is kept in step with the core.
         let now = self.clock.now();
         let known = self.ids.get(&event.id);
-        match ids::submit_as(known, event.origin, !missing.is_empty(), now) {
+        // An id that looks waiting is sent without the limits' checks even when a cancel of it,
+        // applied first, makes it a new event: it then takes the place the cancelled one gave
+        // back.
+        let again = match ids::submit_as(known, event.origin, !missing.is_empty(), now) {
             ids::SubmitAs::Refused(refused_for) => {
                 return Err(SubmitError::PreviouslyExpired {
                     event_id: event.id,
                     refused_for,
                 })
             }
-            ids::SubmitAs::Again => return Ok(Admission::pending_with(checked.refused)),
-            ids::SubmitAs::New => {}
-        }
+            ids::SubmitAs::Again => true,
+            ids::SubmitAs::New => false,
+        };
         let max = self.cfg.max_events;
-        if self.admitted.fetch_add(1, Ordering::SeqCst) >= max {
+        if self.admitted.fetch_add(1, Ordering::SeqCst) >= max && !again {
             self.admitted.fetch_sub(1, Ordering::SeqCst);
             return Err(SubmitError::QueueFull { max_events: max });
         }
         let identifier: Arc<str> = event.identifier.into();
-        if let Err(full) = self.identifier_urls.reserve(&identifier, &checked.urls) {
+        if again {
+            self.identifier_urls
+                .reserve_uncapped(&identifier, &checked.urls);
+        } else if let Err(full) = self.identifier_urls.reserve(&identifier, &checked.urls) {
             self.admitted.fetch_sub(1, Ordering::SeqCst);
             return Err(SubmitError::TooManyIdentifierUrls {
                 identifier: identifier.to_string(),
@@ -314,7 +329,8 @@ impl Engine {
         let _ = self.send(Command::GitDataArrived(identifier.to_owned()));
     }
 
-    /// Forgets a waiting event; no outcome will be sent for it. Unknown ids are ignored.
+    /// Forgets a waiting event; no outcome will be sent for it. Unknown ids are ignored. A
+    /// submit of the same id made after this call waits anew.
     pub fn cancel(&self, event_id: &str) {
         let _ = self.send(Command::Cancel(event_id.to_owned()));
     }

@@ -89,7 +89,10 @@
 //! leaves purgatory. An event's [`RefUpdate`]s are written in one transaction, all or none,
 //! before its [`Outcome::Released`] is sent.
 //!
-//! An expired id is refused only as a synced event whose objects are still missing, for
+//! A host's calls from one thread take effect in the order it made them: a submit right after
+//! a cancel of the same id queues the event anew, and a submit of an id that still waits is a
+//! re-submission (one event, one outcome), which changes nothing. An expired id is
+//! refused only as a synced event whose objects are still missing, for
 //! [`EngineBuilder::expired_memory`]. See [`Engine::submit`].
 //!
 //! Each fetch is bounded: the engine registers its own socket stream with libgit2, so the

@@ -1266,6 +1266,146 @@ fn the_distinct_clone_urls_of_an_identifier_are_capped() {
     engine.shutdown().unwrap();
 }
 
+/// Host threads each call `cancel(id)` and at once `submit(id)` on their own ids, and
+/// variants (`submit; cancel; submit`, a lone `cancel`, a lone `submit` of an id that may be
+/// waiting), with either origin, as fast as they can. The engine must behave as if it had
+/// applied each thread's calls in the order made: an id whose last call was a `submit`
+/// answered `Pending` waits, and gets exactly one outcome when its object arrives; an id whose
+/// last call was a `cancel` gets none. Afterwards every admission is given back: the queue
+/// holds `max_events` new events again, and not one more.
+#[test]
+fn calls_from_one_thread_take_effect_in_the_order_they_were_made() {
+    const THREADS: usize = 4;
+    const IDS: usize = 16;
+    const ROUNDS: usize = 40;
+    const MAX: usize = 2 * THREADS * IDS;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = bare(dir.path(), "r.git");
+    let (a, a_text) = blob("the hammered events' object");
+    let clock = FakeClock::new();
+    // The clock never moves: no fetch starts and nothing expires while the threads hammer.
+    let engine = builder("order", &clock)
+        .fetcher(FakeServers::default())
+        .max_events(MAX)
+        .build()
+        .unwrap();
+    let waiting: Vec<Vec<String>> = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (engine, repo, a) = (&engine, &repo, &a);
+                s.spawn(move || {
+                    let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ t as u64;
+                    let mut next = || {
+                        rng ^= rng << 13;
+                        rng ^= rng >> 7;
+                        rng ^= rng << 17;
+                        rng
+                    };
+                    // Whether each id's last call was a submit answered `Pending`.
+                    let mut pending = [false; IDS];
+                    let submit = |k: usize, r: u64, pending: &mut [bool; IDS]| {
+                        let origin = if r & 1 == 0 {
+                            Origin::Sync
+                        } else {
+                            Origin::User
+                        };
+                        let ev = event(
+                            &format!("t{t}-e{k}"),
+                            &format!("ident{t}"),
+                            repo,
+                            &[a],
+                            &["git://m/r"],
+                        )
+                        .origin(origin);
+                        match engine.submit(ev) {
+                            Ok(Admission::Pending { .. }) => pending[k] = true,
+                            // A refused submit changes nothing.
+                            Err(SubmitError::QueueFull { .. }) => {}
+                            other => panic!("t{t}-e{k}: {other:?}"),
+                        }
+                    };
+                    for _ in 0..ROUNDS {
+                        for k in 0..IDS {
+                            let r = next();
+                            let id = format!("t{t}-e{k}");
+                            match (r >> 8) % 8 {
+                                0..=3 => {
+                                    engine.cancel(&id);
+                                    pending[k] = false;
+                                    submit(k, r, &mut pending);
+                                }
+                                4 | 5 => {
+                                    submit(k, r, &mut pending);
+                                    engine.cancel(&id);
+                                    pending[k] = false;
+                                    submit(k, r >> 1, &mut pending);
+                                }
+                                6 => {
+                                    engine.cancel(&id);
+                                    pending[k] = false;
+                                }
+                                _ => submit(k, r, &mut pending),
+                            }
+                        }
+                    }
+                    (0..IDS)
+                        .filter(|k| pending[*k])
+                        .map(|k| format!("t{t}-e{k}"))
+                        .collect()
+                })
+            })
+            .collect();
+        threads.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let waiting: std::collections::BTreeSet<String> = waiting.into_iter().flatten().collect();
+    assert!(
+        waiting.len() > THREADS * IDS / 4,
+        "too few events left waiting to tell anything: {}",
+        waiting.len()
+    );
+    let s = purgatory_sync::testkit::wait_for_stats(&engine, WAIT, |s| s.commands_pending == 0);
+    assert_eq!(
+        s.waiting_events,
+        waiting.len(),
+        "events waiting in the engine against ids whose last call was a pending submit"
+    );
+    write_blob(&repo, &a_text);
+    for t in 0..THREADS {
+        engine.git_data_arrived(&format!("ident{t}"));
+    }
+    let outcomes = engine.outcomes();
+    let mut released = std::collections::BTreeSet::new();
+    while released.len() < waiting.len() {
+        let Ok(o) = outcomes.recv_timeout(WAIT) else {
+            break;
+        };
+        assert!(o.is_released(), "{o:?}");
+        assert!(
+            released.insert(o.event_id().to_owned()),
+            "a second outcome for {}",
+            o.event_id()
+        );
+    }
+    assert_eq!(released, waiting, "released against pending");
+    let s = purgatory_sync::testkit::wait_for_stats(&engine, WAIT, |s| {
+        s.commands_pending == 0 && s.waiting_events == 0
+    });
+    assert_eq!(s.released, waiting.len() as u64);
+    assert!(outcomes.try_recv().is_err(), "an outcome too many");
+    // Every admission counted by the hammered submits was given back.
+    let (b, _) = blob("not here");
+    for k in 0..MAX {
+        let ev = event(&format!("after{k}"), "after", &repo, &[&b], &[]);
+        assert!(engine.submit(ev).unwrap().is_pending(), "after{k}");
+    }
+    let ev = event("one-more", "after", &repo, &[&b], &[]);
+    assert_eq!(
+        engine.submit(ev),
+        Err(SubmitError::QueueFull { max_events: MAX })
+    );
+    engine.shutdown().unwrap();
+}
+
 /// After an event expires, only a synced re-submission whose data is still missing is
 /// refused, for the default 7 days: a user's re-submission waits again (and is released when
 /// its data comes), one whose data has arrived meanwhile is `AlreadySatisfied`. Ids that

@@ -504,8 +504,9 @@ impl Core {
     /// has already: sets and counts, no scans (a host command runs under the core's lock).
     fn submit(&mut self, ev: ValidEvent, now: Instant) {
         if self.events.contains_key(&ev.id) || (ev.missing.is_empty() && ev.refs.is_empty()) {
-            // Already waiting (a re-broadcast), or nothing to wait for: the handle counted it
-            // as admitted and reserved its URLs, so give both back.
+            // Already waiting (a re-broadcast, or a submit the handle sent not knowing whether
+            // a cancel would come first), or nothing to wait for: the handle counted it as
+            // admitted and reserved its URLs, so give both back.
             self.admitted.fetch_sub(1, Ordering::SeqCst);
             self.urls.release(&ev.identifier, &ev.urls);
             return;
@@ -1102,7 +1103,7 @@ impl Core {
             event.restored = Some((now + (remaining - downtime), now + self.cfg.sync_delay));
             // Counted as the handle counts a submit, but never refused: the events were waiting.
             self.admitted.fetch_add(1, Ordering::SeqCst);
-            self.urls.reserve_restored(&event.identifier, &event.urls);
+            self.urls.reserve_uncapped(&event.identifier, &event.urls);
             self.submit(event, now);
         }
     }

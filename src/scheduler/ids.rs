@@ -1,15 +1,20 @@
 //! The event ids `submit` must know about before it admits an event, readable without the
 //! core's lock.
 //!
-//! `submit` asks two questions on the host's thread: is this id waiting already (then the event
-//! is a duplicate and gets `Pending` back at once), and did it expire recently (then a synced
-//! event whose data is still missing is refused, see [`submit_as`])? The core holds the answers in
+//! `submit` asks two questions on the host's thread: did this id expire recently (then a synced
+//! event whose data is still missing is refused), and does it wait (then the event is sent
+//! outside the limits meant for new events, see [`submit_as`])? The core holds the answers in
 //! its own maps, but its lock is held for as long as a pass, a checkpoint snapshot or a table
 //! growing by a million entries takes, and a host calling `submit` waited for all of it. The
 //! core keeps this index in step with its maps instead, inside its own critical sections, and
 //! `submit` reads only the index: one of 16 shards, each behind a short lock, so that even a
 //! shard's table growing holds up only the submits whose ids hash to that shard, for a
 //! sixteenth of the time.
+//!
+//! The index says what the core has applied, not what the host has asked: a cancel or a submit
+//! may still wait in the command channel. So it never decides on its own that a submit needs no
+//! command; only the core, applying commands in the order they were sent, knows whether an id
+//! still waits when a submit reaches it.
 
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
@@ -40,7 +45,11 @@ pub enum IdState {
 pub enum SubmitAs {
     /// Sent as a new event, within `max_events` and the per-identifier URL cap.
     New,
-    /// The id waits: a duplicate, answered `Pending` at once.
+    /// Sent, though the id looks waiting: a cancel or release of it may be applied before this
+    /// submit, and then the core queues it as a new event; otherwise the core takes it as a
+    /// re-submission and gives back what the handle counted. A re-broadcast of a waiting event
+    /// is never refused for the limits meant for new events: it is counted in `max_events`
+    /// without the check, and its URLs are reserved without the per-identifier cap.
     Again,
     /// Refused with `PreviouslyExpired`: refused for this much longer.
     Refused(Duration),
@@ -137,7 +146,7 @@ impl EventIds {
 ///
 /// `submit` reserves an event's URLs here before it hands the event over, and is refused when
 /// that would give the identifier more than `max` distinct URLs; the core gives an event's URLs
-/// back when it leaves (or when it drops the submit as a duplicate). Check and reservation are
+/// back when it leaves (or when it takes the submit as a re-submission of a waiting event). Check and reservation are
 /// one step under the shard's lock, so concurrent submits cannot pass the cap together.
 pub struct IdentifierUrls {
     max: usize,
@@ -203,9 +212,9 @@ impl IdentifierUrls {
         Ok(())
     }
 
-    /// Counts `urls` for `identifier` whatever the cap (events restored from the state file are
-    /// never refused).
-    pub fn reserve_restored(&self, identifier: &Arc<str>, urls: &[CloneUrl]) {
+    /// Counts `urls` for `identifier` whatever the cap, for events that were waiting already:
+    /// those restored from the state file, and re-submissions of waiting ones.
+    pub fn reserve_uncapped(&self, identifier: &Arc<str>, urls: &[CloneUrl]) {
         let mut shard = self.shard(identifier).lock();
         let counts = shard.entry(identifier.clone()).or_default();
         for u in urls {
@@ -284,7 +293,7 @@ mod tests {
     }
 
     /// Only a synced event whose data is still missing is refused, and only while the memory
-    /// of its id's expiry lasts.
+    /// of its id's expiry lasts; an id that looks waiting is sent, outside the limits.
     #[test]
     fn only_a_synced_event_still_missing_data_is_refused_while_its_expiry_is_remembered() {
         let now = Instant::now();
