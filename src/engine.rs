@@ -213,11 +213,15 @@ impl Engine {
     /// **The same id again.** Calls from one thread take effect in the order they were made:
     /// a submit right after a [`cancel`](Engine::cancel) of the same id queues the event anew,
     /// and a submit of an id that still waits when the scheduler comes to it is a
-    /// re-submission, answered `Pending` and changing nothing: the one event gets one
-    /// outcome. Two limits meant for new events are not applied to an id that waits: such a
-    /// submit is never refused with [`SubmitError::QueueFull`] nor
-    /// [`SubmitError::TooManyIdentifierUrls`] (what it counts is given back when it turns
-    /// out a re-submission).
+    /// re-submission, answered `Pending` and changing nothing, except that a synced event
+    /// ([`Origin::Sync`](crate::Origin::Sync)) re-published by a user
+    /// ([`Origin::User`](crate::Origin::User)) becomes a user event, as the reference relay
+    /// has it: its lifetime starts again from this submit, its backoff starts over and its
+    /// next attempt moves to the user delay after it if that is earlier, never later. Either
+    /// way the one event gets one outcome. Two limits meant for new events are not applied to
+    /// an id that waits: such a submit is never refused with [`SubmitError::QueueFull`] nor
+    /// [`SubmitError::TooManyIdentifierUrls`] (what it counts is given back when it turns out
+    /// a re-submission).
     ///
     /// **An expired id.** After an event expires, its id is remembered for
     /// [`expired_memory`](crate::EngineBuilder::expired_memory) (default 7 days). Within that

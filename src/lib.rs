@@ -91,7 +91,8 @@
 //!
 //! A host's calls from one thread take effect in the order it made them: a submit right after
 //! a cancel of the same id queues the event anew, and a submit of an id that still waits is a
-//! re-submission (one event, one outcome), which changes nothing. An expired id is
+//! re-submission (one event, one outcome), which changes nothing unless a user re-publishes a
+//! synced event: it then becomes a user event whose lifetime starts again. An expired id is
 //! refused only as a synced event whose objects are still missing, for
 //! [`EngineBuilder::expired_memory`]. See [`Engine::submit`].
 //!

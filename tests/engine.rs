@@ -1484,3 +1484,57 @@ fn an_expired_id_is_refused_only_as_a_synced_event_still_missing_data() {
         .is_pending());
     engine.shutdown().unwrap();
 }
+
+/// Through the public API: a user re-publishing a waiting synced event restarts its
+/// lifetime, counted from the re-submission; a synced re-broadcast does not extend it.
+#[test]
+fn a_user_republishing_a_waiting_synced_event_restarts_its_lifetime() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = bare(dir.path(), "r.git");
+    let (a, _) = blob("never comes");
+    let clock = FakeClock::new();
+    let engine = builder("upgrade", &clock)
+        .fetcher(FakeServers::default())
+        .user_delay(NEVER_TICK)
+        .sync_delay(NEVER_TICK)
+        .event_lifetime(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let outcomes = engine.outcomes();
+    let ev =
+        |id: &str, origin: Origin| event(id, "id", &repo, &[&a], &["git://m/r"]).origin(origin);
+    for id in ["upgraded", "rebroadcast"] {
+        assert!(engine.submit(ev(id, Origin::Sync)).unwrap().is_pending());
+    }
+    purgatory_sync::testkit::wait_for_stats(&engine, WAIT, |s| s.submitted == 2);
+    clock.advance(Duration::from_secs(40));
+    assert!(engine
+        .submit(ev("upgraded", Origin::User))
+        .unwrap()
+        .is_pending());
+    assert!(engine
+        .submit(ev("rebroadcast", Origin::Sync))
+        .unwrap()
+        .is_pending());
+    let s = purgatory_sync::testkit::wait_for_stats(&engine, WAIT, |s| s.commands_pending == 0);
+    assert_eq!((s.submitted, s.waiting_events), (2, 2), "re-submissions");
+    // Both would expire in the same pass at 60 s: the first outcome there must be the only one.
+    clock.advance(Duration::from_secs(20));
+    let o = outcomes
+        .recv_timeout(WAIT)
+        .expect("the re-broadcast one expires");
+    assert_eq!((o.event_id(), o.is_released()), ("rebroadcast", false));
+    assert!(
+        outcomes.recv_timeout(Duration::from_millis(200)).is_err(),
+        "the upgraded event expired with its first lifetime"
+    );
+    // 60 s after the re-submission at 40 s.
+    clock.advance(Duration::from_secs(40) - Duration::from_millis(1));
+    assert!(outcomes.recv_timeout(Duration::from_millis(200)).is_err());
+    clock.advance(Duration::from_millis(1));
+    let o = outcomes
+        .recv_timeout(WAIT)
+        .expect("the upgraded one expires");
+    assert_eq!((o.event_id(), o.is_released()), ("upgraded", false));
+    engine.shutdown().unwrap();
+}

@@ -655,7 +655,8 @@ pub unsafe extern "C" fn psync_engine_new(
 ///
 /// Calls from one thread take effect in the order made: a submit right after
 /// `psync_engine_cancel` of the same id waits again; a submit of an id that still waits is
-/// a re-submission (`PSYNC_ADMISSION_PENDING`, still one outcome) and is never refused as
+/// a re-submission (`PSYNC_ADMISSION_PENDING`, still one outcome; a user's re-submission of a
+/// synced event makes it a user event and starts its lifetime again) and is never refused as
 /// `PSYNC_QUEUE_FULL` or `PSYNC_TOO_MANY_IDENTIFIER_URLS`.
 ///
 /// # Safety

@@ -503,17 +503,20 @@ impl Core {
     /// Adds a validated event. Its work is independent of how many events and URLs its entry
     /// has already: sets and counts, no scans (a host command runs under the core's lock).
     fn submit(&mut self, ev: ValidEvent, now: Instant) {
+        // A command may wait in the channel; never date an event in the future.
+        let at = ev.submitted.min(now);
         if self.events.contains_key(&ev.id) || (ev.missing.is_empty() && ev.refs.is_empty()) {
             // Already waiting (a re-broadcast, or a submit the handle sent not knowing whether
             // a cancel would come first), or nothing to wait for: the handle counted it as
             // admitted and reserved its URLs, so give both back.
             self.admitted.fetch_sub(1, Ordering::SeqCst);
             self.urls.release(&ev.identifier, &ev.urls);
+            if ev.origin == Origin::User {
+                self.republished_by_user(&ev.id, at);
+            }
             return;
         }
         self.counters.submitted += 1;
-        // A command may wait in the channel; never date an event in the future.
-        let at = ev.submitted.min(now);
         // An expired id that waits again (a user's, or one whose data arrived since) is no
         // longer refused. Its record in `expired_order` goes stale: pruning compares it with
         // the map, and `set_waiting` below replaces the index's state.
@@ -527,24 +530,8 @@ impl Core {
         let key = (ev.identifier.clone(), ev.repo.clone());
         let id = match self.by_key.get(&key) {
             Some(&id) => {
-                let e = self.entries.get_mut(&id).expect("indexed entry exists");
-                // An entry whose events all await their refs is not scheduled: the first event
-                // that misses objects schedules it as if it were new.
-                let idle = !e.has_missing();
                 if wants {
-                    e.attempts = 0;
-                    if idle && e.running.is_none() {
-                        e.in_attempt = false;
-                        e.requested = None;
-                    }
-                    if e.in_attempt {
-                        e.requested = Some(e.requested.map_or(target, |r| r.min(target)));
-                    }
-                    if e.running.is_none() && !e.parked && (idle || target < e.next_attempt) {
-                        self.schedule.remove(&(e.next_attempt, id));
-                        e.next_attempt = target;
-                        self.schedule.insert((target, id));
-                    }
+                    self.ask_attempt(id, target);
                 }
                 id
             }
@@ -606,6 +593,50 @@ impl Core {
                 ref_error: None,
             },
         );
+    }
+
+    /// An event that misses objects joins entry `id`, asking for an attempt at `target`: the
+    /// count of attempts starts over and the next attempt moves earlier, never later.
+    fn ask_attempt(&mut self, id: EntryId, target: Instant) {
+        let e = self.entries.get_mut(&id).expect("indexed entry exists");
+        // An entry whose events all await their refs is not scheduled: the first event
+        // that misses objects schedules it as if it were new.
+        let idle = !e.has_missing();
+        e.attempts = 0;
+        if idle && e.running.is_none() {
+            e.in_attempt = false;
+            e.requested = None;
+        }
+        if e.in_attempt {
+            e.requested = Some(e.requested.map_or(target, |r| r.min(target)));
+        }
+        if e.running.is_none() && !e.parked && (idle || target < e.next_attempt) {
+            self.schedule.remove(&(e.next_attempt, id));
+            e.next_attempt = target;
+            self.schedule.insert((target, id));
+        }
+    }
+
+    /// A user published `id`, which may wait as a synced event: it becomes a user event, as
+    /// the reference relay upgrades it, and so its lifetime starts again at `at` (never ending
+    /// sooner than it would have) and its entry is asked for an attempt as by a new user
+    /// event. A user event published again is left as it is.
+    fn republished_by_user(&mut self, id: &Arc<str>, at: Instant) {
+        let Some(state) = self.events.get_mut(id) else {
+            return;
+        };
+        if state.origin != Origin::Sync {
+            return;
+        }
+        state.origin = Origin::User;
+        let expires = state.expires.max(at + self.cfg.event_lifetime);
+        self.expiries.remove(&(state.expires, id.clone()));
+        self.expiries.insert((expires, id.clone()));
+        state.expires = expires;
+        if !state.missing.is_empty() {
+            let entry = state.entry;
+            self.ask_attempt(entry, at + self.cfg.first_delay(Origin::User));
+        }
     }
 
     /// Whether any event of the entry still misses objects.
