@@ -55,7 +55,8 @@ typedef enum psync_status {
   PSYNC_INVALID_CLONE_URL = 26,
   // submit: the repository path is not an existing bare git repository.
   PSYNC_INVALID_REPOSITORY = 27,
-  // submit: an event with this id expired recently and is refused for a while.
+  // submit: a synced event with this id expired recently and its objects are still
+  // missing; refused for the expired-id memory (`expired_memory_ms`, default 7 days).
   PSYNC_PREVIOUSLY_EXPIRED = 28,
   // submit: the engine already holds as many waiting events as it accepts.
   PSYNC_QUEUE_FULL = 29,
@@ -146,6 +147,12 @@ enum psync_status psync_engine_new(const char *config_json, struct psync_engine 
 // release it with `psync_string_free`. On failure `*out_refused_urls_json` is NULL. Each
 // refusal of the event has its own status (`PSYNC_INVALID_EVENT_ID` ..
 // `PSYNC_INVALID_REF_UPDATE`). Never blocks on fetches. Thread-safe.
+//
+// Calls from one thread take effect in the order made: a submit right after
+// `psync_engine_cancel` of the same id waits again; a submit of an id that still waits is
+// a re-submission (`PSYNC_ADMISSION_PENDING`, still one outcome; a user's re-submission of a
+// synced event makes it a user event and starts its lifetime again) and is never refused as
+// `PSYNC_QUEUE_FULL` or `PSYNC_TOO_MANY_IDENTIFIER_URLS`.
 //
 // # Safety
 // `engine` is NULL or a live engine; `event_json` is NULL or a NUL-terminated string; the

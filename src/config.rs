@@ -123,7 +123,7 @@ impl Default for Config {
             backoff_base: Duration::from_secs(20),
             backoff_cap: Duration::from_secs(120),
             event_lifetime: Duration::from_secs(30 * 60),
-            expired_memory: Duration::from_secs(24 * 60 * 60),
+            expired_memory: Duration::from_secs(7 * 24 * 60 * 60),
             workers: 8,
             fetch_deadline: Duration::from_secs(120),
             connect_timeout: Duration::from_secs(10),
@@ -271,7 +271,9 @@ impl EngineBuilder {
         event_lifetime
     );
     duration_knob!(
-        /// How long an expired event's id is refused on re-submission (default 24 h; may be 0).
+        /// How long an expired event's id is remembered (default 7 days; may be 0): a synced
+        /// re-submission whose data is still missing is refused with
+        /// [`PreviouslyExpired`](crate::SubmitError::PreviouslyExpired) meanwhile.
         expired_memory
     );
     duration_knob!(

@@ -18,7 +18,7 @@ use crate::error::{BuildError, ShutdownError, SubmitError};
 use crate::event::{Admission, Outcome, PendingEvent};
 use crate::fetch::Fetcher;
 use crate::scheduler::core::{Command, Core, ValidEvent};
-use crate::scheduler::ids::{EventIds, IdState, IdentifierUrls};
+use crate::scheduler::ids::{self, EventIds, IdState, IdentifierUrls};
 use crate::scheduler::{join_all, start_workers, Scheduler};
 use crate::stats::Stats;
 use crate::{validate, EngineBuilder};
@@ -210,6 +210,27 @@ impl Engine {
     /// could be (empty, over 2048 bytes, with whitespace) is a
     /// [`SubmitError::InvalidCloneUrl`].
     ///
+    /// **The same id again.** Calls from one thread take effect in the order they were made:
+    /// a submit right after a [`cancel`](Engine::cancel) of the same id queues the event anew,
+    /// and a submit of an id that still waits when the scheduler comes to it is a
+    /// re-submission, answered `Pending` and changing nothing, except that a synced event
+    /// ([`Origin::Sync`](crate::Origin::Sync)) re-published by a user
+    /// ([`Origin::User`](crate::Origin::User)) becomes a user event, as the reference relay
+    /// has it: its lifetime starts again from this submit, its backoff starts over and its
+    /// next attempt moves to the user delay after it if that is earlier, never later. Either
+    /// way the one event gets one outcome. Two limits meant for new events are not applied to
+    /// an id that waits: such a submit is never refused with [`SubmitError::QueueFull`] nor
+    /// [`SubmitError::TooManyIdentifierUrls`] (what it counts is given back when it turns out
+    /// a re-submission).
+    ///
+    /// **An expired id.** After an event expires, its id is remembered for
+    /// [`expired_memory`](crate::EngineBuilder::expired_memory) (default 7 days). Within that
+    /// time a synced event with that id whose objects are still missing is refused with
+    /// [`SubmitError::PreviouslyExpired`], so that a re-broadcast cannot keep it in purgatory
+    /// for ever; a user event with that id waits again, and one whose objects have all arrived
+    /// is answered like any other (`AlreadySatisfied`, or `Pending` until its refs are
+    /// written).
+    ///
     /// # Errors
     /// A [`SubmitError`] naming the field at fault; a refused event changes nothing.
     pub fn submit(&self, event: PendingEvent) -> Result<Admission, SubmitError> {
@@ -222,21 +243,6 @@ impl Engine {
 
     fn try_submit(&self, event: PendingEvent) -> Result<Admission, SubmitError> {
         let checked = validate::event(&event, &self.cfg)?;
-        // Without the core's lock, which a pass, a checkpoint or a growing table can hold for
-        // long: the id index is kept in step with the core.
-        match self.ids.get(&event.id) {
-            Some(IdState::Expired(until)) => {
-                let now = self.clock.now();
-                if until > now {
-                    return Err(SubmitError::PreviouslyExpired {
-                        event_id: event.id,
-                        refused_for: until - now,
-                    });
-                }
-            }
-            Some(IdState::Waiting) => return Ok(Admission::pending_with(checked.refused)),
-            None => {}
-        }
         // A custom fetcher may not check what the repository is, so the engine does; the
         // built-in one's presence check below opens it as a bare repository and fails the same
         // way (opening it twice was a fifth of the time a submit took).
@@ -257,19 +263,47 @@ impl Engine {
             .copied()
             .filter(|o| !present.contains(o))
             .collect();
+        // Whatever the id's state: present data answers the question, as the reference relay's
+        // presence check does before it looks at the id.
         if missing.is_empty() && checked.refs.is_empty() {
             self.counters
                 .already_satisfied
                 .fetch_add(1, Ordering::Relaxed);
+            if self.ids.get(&event.id) == Some(IdState::Waiting) {
+                // The event still waits, though its data is here (pushed, or fetched for
+                // another event): re-check now, so that it is released at once rather than at
+                // its next attempt.
+                let _ = self.send(Command::GitDataArrived(event.identifier));
+            }
             return Ok(Admission::AlreadySatisfied);
         }
+        // Without the core's lock, which a pass, a checkpoint or a growing table can hold for
+        // long: the id index is kept in step with the core.
+        let now = self.clock.now();
+        let known = self.ids.get(&event.id);
+        // An id that looks waiting is sent without the limits' checks even when a cancel of it,
+        // applied first, makes it a new event: it then takes the place the cancelled one gave
+        // back.
+        let again = match ids::submit_as(known, event.origin, !missing.is_empty(), now) {
+            ids::SubmitAs::Refused(refused_for) => {
+                return Err(SubmitError::PreviouslyExpired {
+                    event_id: event.id,
+                    refused_for,
+                })
+            }
+            ids::SubmitAs::Again => true,
+            ids::SubmitAs::New => false,
+        };
         let max = self.cfg.max_events;
-        if self.admitted.fetch_add(1, Ordering::SeqCst) >= max {
+        if self.admitted.fetch_add(1, Ordering::SeqCst) >= max && !again {
             self.admitted.fetch_sub(1, Ordering::SeqCst);
             return Err(SubmitError::QueueFull { max_events: max });
         }
         let identifier: Arc<str> = event.identifier.into();
-        if let Err(full) = self.identifier_urls.reserve(&identifier, &checked.urls) {
+        if again {
+            self.identifier_urls
+                .reserve_uncapped(&identifier, &checked.urls);
+        } else if let Err(full) = self.identifier_urls.reserve(&identifier, &checked.urls) {
             self.admitted.fetch_sub(1, Ordering::SeqCst);
             return Err(SubmitError::TooManyIdentifierUrls {
                 identifier: identifier.to_string(),
@@ -287,7 +321,7 @@ impl Engine {
             urls: checked.urls,
             refs: checked.refs.into(),
             origin: event.origin,
-            submitted: self.clock.now(),
+            submitted: now,
             restored: None,
         };
         let urls = valid.urls.clone();
@@ -305,7 +339,8 @@ impl Engine {
         let _ = self.send(Command::GitDataArrived(identifier.to_owned()));
     }
 
-    /// Forgets a waiting event; no outcome will be sent for it. Unknown ids are ignored.
+    /// Forgets a waiting event; no outcome will be sent for it. Unknown ids are ignored. A
+    /// submit of the same id made after this call waits anew.
     pub fn cancel(&self, event_id: &str) {
         let _ = self.send(Command::Cancel(event_id.to_owned()));
     }
@@ -477,7 +512,13 @@ mod tests {
         std::thread::scope(|s| {
             s.spawn(|| {
                 for (id, byte) in [("waiting", 2), ("old", 1), ("new", 3)] {
-                    let _ = tx.send((id, engine.submit(event(id, byte))));
+                    // A synced re-broadcast of the expired one, which is refused.
+                    let origin = if id == "old" {
+                        crate::Origin::Sync
+                    } else {
+                        crate::Origin::User
+                    };
+                    let _ = tx.send((id, engine.submit(event(id, byte).origin(origin))));
                 }
             });
             let mut answers = Vec::new();

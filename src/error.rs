@@ -174,8 +174,10 @@ pub enum SubmitError {
         /// What is wrong with it.
         reason: String,
     },
-    /// An event with this id expired recently; it stays refused for the expired-id memory
-    /// (default 24 h) so that a re-broadcast event cannot linger forever.
+    /// A synced event with this id expired recently and its data is still missing; such a
+    /// re-submission stays refused for the expired-id memory (default 7 days) so that a
+    /// re-broadcast event cannot linger forever. A user's re-submission, or one whose objects
+    /// have all arrived, is not refused.
     PreviouslyExpired {
         /// The event id.
         event_id: String,

@@ -70,7 +70,7 @@
 //! | first attempt after a sync-received event | 500 ms | [`EngineBuilder::sync_delay`] |
 //! | backoff after an incomplete attempt | 20 s, 40 s, 80 s, then 120 s | [`EngineBuilder::backoff_base`], [`EngineBuilder::backoff_cap`] |
 //! | event lifetime in purgatory | 30 min | [`EngineBuilder::event_lifetime`] |
-//! | expired event id refused on re-submission | 24 h | [`EngineBuilder::expired_memory`] |
+//! | expired event id remembered: a synced re-submission whose data is still missing is refused | 7 days | [`EngineBuilder::expired_memory`] |
 //! | worker threads (fetches in flight) | 8 | [`EngineBuilder::workers`] |
 //! | hard limit on one fetch | 120 s | [`EngineBuilder::fetch_deadline`] |
 //! | most bytes one fetch may receive | 1 GiB | [`EngineBuilder::max_fetch_bytes`] |
@@ -88,6 +88,13 @@
 //! repository. Fetched objects are kept reachable under [`TEMP_REF_PREFIX`] until their event
 //! leaves purgatory. An event's [`RefUpdate`]s are written in one transaction, all or none,
 //! before its [`Outcome::Released`] is sent.
+//!
+//! A host's calls from one thread take effect in the order it made them: a submit right after
+//! a cancel of the same id queues the event anew, and a submit of an id that still waits is a
+//! re-submission (one event, one outcome), which changes nothing unless a user re-publishes a
+//! synced event: it then becomes a user event whose lifetime starts again. An expired id is
+//! refused only as a synced event whose objects are still missing, for
+//! [`EngineBuilder::expired_memory`]. See [`Engine::submit`].
 //!
 //! Each fetch is bounded: the engine registers its own socket stream with libgit2, so the
 //! deadline, the byte cap, the idle timeout and shutdown are checked on every read and write,

@@ -216,7 +216,7 @@ pub fn render(stats: &Stats) -> String {
         (
             "expired_ids_remembered",
             Gauge,
-            "Expired event ids currently refused on re-submission.",
+            "Expired event ids currently remembered (synced re-submissions still missing data are refused).",
             s.expired_ids_remembered.into(),
         ),
     ];

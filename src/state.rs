@@ -88,7 +88,8 @@ pub(crate) struct SavedRef {
     pub symbolic: Option<String>,
 }
 
-/// An expired event id still refused on re-submission.
+/// An expired event id still remembered (a synced re-submission whose data is still missing is
+/// refused).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct SavedExpiredId {

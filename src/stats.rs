@@ -73,7 +73,8 @@ pub struct Stats {
     pub naughty: Vec<NaughtyEntry>,
     /// The last 32 fetches that ended with an error, partial ones included, oldest first.
     pub recent_failures: Vec<FailureRecord>,
-    /// Expired event ids currently refused on re-submission.
+    /// Expired event ids currently remembered: a synced re-submission whose data is still
+    /// missing is refused.
     pub expired_ids_remembered: usize,
     /// How long each released event waited in purgatory, from its submission to its
     /// [`Outcome::Released`](crate::Outcome::Released) (the `waited` it reports).

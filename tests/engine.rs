@@ -206,7 +206,7 @@ fn advancing_the_fake_clock_drives_delays_backoff_and_expiry() {
         .submit(event("e", "id", &repo, &[&a], &["git://m/r"]))
         .unwrap_err();
     assert!(
-        matches!(err, SubmitError::PreviouslyExpired { ref event_id, refused_for } if event_id == "e" && refused_for == Duration::from_secs(24 * 3600)),
+        matches!(err, SubmitError::PreviouslyExpired { ref event_id, refused_for } if event_id == "e" && refused_for == Duration::from_secs(7 * 24 * 3600)),
         "{err:?}"
     );
     engine.shutdown().unwrap();
@@ -1263,5 +1263,305 @@ fn the_distinct_clone_urls_of_an_identifier_are_capped() {
         message.contains("\"popular\" has 4 distinct clone URLs waiting and the event adds 1"),
         "{message}"
     );
+    engine.shutdown().unwrap();
+}
+
+/// Host threads each call `cancel(id)` and at once `submit(id)` on their own ids, and
+/// variants (`submit; cancel; submit`, a lone `cancel`, a lone `submit` of an id that may be
+/// waiting), with either origin, as fast as they can. The engine must behave as if it had
+/// applied each thread's calls in the order made: an id whose last call was a `submit`
+/// answered `Pending` waits, and gets exactly one outcome when its object arrives; an id whose
+/// last call was a `cancel` gets none. Afterwards every admission is given back: the queue
+/// holds `max_events` new events again, and not one more.
+#[test]
+fn calls_from_one_thread_take_effect_in_the_order_they_were_made() {
+    const THREADS: usize = 4;
+    const IDS: usize = 16;
+    const ROUNDS: usize = 40;
+    const MAX: usize = 2 * THREADS * IDS;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = bare(dir.path(), "r.git");
+    let (a, a_text) = blob("the hammered events' object");
+    let clock = FakeClock::new();
+    // The clock never moves: no fetch starts and nothing expires while the threads hammer.
+    let engine = builder("order", &clock)
+        .fetcher(FakeServers::default())
+        .max_events(MAX)
+        .build()
+        .unwrap();
+    let waiting: Vec<Vec<String>> = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (engine, repo, a) = (&engine, &repo, &a);
+                s.spawn(move || {
+                    let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ t as u64;
+                    let mut next = || {
+                        rng ^= rng << 13;
+                        rng ^= rng >> 7;
+                        rng ^= rng << 17;
+                        rng
+                    };
+                    // Whether each id's last call was a submit answered `Pending`.
+                    let mut pending = [false; IDS];
+                    let submit = |k: usize, r: u64, pending: &mut [bool; IDS]| {
+                        let origin = if r & 1 == 0 {
+                            Origin::Sync
+                        } else {
+                            Origin::User
+                        };
+                        let ev = event(
+                            &format!("t{t}-e{k}"),
+                            &format!("ident{t}"),
+                            repo,
+                            &[a],
+                            &["git://m/r"],
+                        )
+                        .origin(origin);
+                        match engine.submit(ev) {
+                            Ok(Admission::Pending { .. }) => pending[k] = true,
+                            // A refused submit changes nothing.
+                            Err(SubmitError::QueueFull { .. }) => {}
+                            other => panic!("t{t}-e{k}: {other:?}"),
+                        }
+                    };
+                    for _ in 0..ROUNDS {
+                        for k in 0..IDS {
+                            let r = next();
+                            let id = format!("t{t}-e{k}");
+                            match (r >> 8) % 8 {
+                                0..=3 => {
+                                    engine.cancel(&id);
+                                    pending[k] = false;
+                                    submit(k, r, &mut pending);
+                                }
+                                4 | 5 => {
+                                    submit(k, r, &mut pending);
+                                    engine.cancel(&id);
+                                    pending[k] = false;
+                                    submit(k, r >> 1, &mut pending);
+                                }
+                                6 => {
+                                    engine.cancel(&id);
+                                    pending[k] = false;
+                                }
+                                _ => submit(k, r, &mut pending),
+                            }
+                        }
+                    }
+                    (0..IDS)
+                        .filter(|k| pending[*k])
+                        .map(|k| format!("t{t}-e{k}"))
+                        .collect()
+                })
+            })
+            .collect();
+        threads.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let waiting: std::collections::BTreeSet<String> = waiting.into_iter().flatten().collect();
+    assert!(
+        waiting.len() > THREADS * IDS / 4,
+        "too few events left waiting to tell anything: {}",
+        waiting.len()
+    );
+    let s = purgatory_sync::testkit::wait_for_stats(&engine, WAIT, |s| s.commands_pending == 0);
+    assert_eq!(
+        s.waiting_events,
+        waiting.len(),
+        "events waiting in the engine against ids whose last call was a pending submit"
+    );
+    write_blob(&repo, &a_text);
+    for t in 0..THREADS {
+        engine.git_data_arrived(&format!("ident{t}"));
+    }
+    let outcomes = engine.outcomes();
+    let mut released = std::collections::BTreeSet::new();
+    while released.len() < waiting.len() {
+        let Ok(o) = outcomes.recv_timeout(WAIT) else {
+            break;
+        };
+        assert!(o.is_released(), "{o:?}");
+        assert!(
+            released.insert(o.event_id().to_owned()),
+            "a second outcome for {}",
+            o.event_id()
+        );
+    }
+    assert_eq!(released, waiting, "released against pending");
+    let s = purgatory_sync::testkit::wait_for_stats(&engine, WAIT, |s| {
+        s.commands_pending == 0 && s.waiting_events == 0
+    });
+    assert_eq!(s.released, waiting.len() as u64);
+    assert!(outcomes.try_recv().is_err(), "an outcome too many");
+    // Every admission counted by the hammered submits was given back.
+    let (b, _) = blob("not here");
+    for k in 0..MAX {
+        let ev = event(&format!("after{k}"), "after", &repo, &[&b], &[]);
+        assert!(engine.submit(ev).unwrap().is_pending(), "after{k}");
+    }
+    let ev = event("one-more", "after", &repo, &[&b], &[]);
+    assert_eq!(
+        engine.submit(ev),
+        Err(SubmitError::QueueFull { max_events: MAX })
+    );
+    engine.shutdown().unwrap();
+}
+
+/// After an event expires, only a synced re-submission whose data is still missing is
+/// refused, for the default 7 days: a user's re-submission waits again (and is released when
+/// its data comes), one whose data has arrived meanwhile is `AlreadySatisfied`. Ids that
+/// waited again are no longer remembered as expired.
+#[test]
+fn an_expired_id_is_refused_only_as_a_synced_event_still_missing_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = bare(dir.path(), "r.git");
+    let (a, _) = blob("never comes");
+    let (b, b_text) = blob("pushed after the expiry");
+    let (c, c_text) = blob("pushed later by the user");
+    let clock = FakeClock::new();
+    let engine = builder("expiry", &clock)
+        .fetcher(FakeServers::default())
+        .user_delay(NEVER_TICK)
+        .sync_delay(NEVER_TICK)
+        .event_lifetime(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let outcomes = engine.outcomes();
+    let ev = |id: &str, oid: &str, origin: Origin| {
+        event(id, "id", &repo, &[oid], &["git://m/r"]).origin(origin)
+    };
+    for (id, oid) in [("missing", &a), ("arrived", &b), ("user", &c)] {
+        assert!(engine
+            .submit(ev(id, oid, Origin::Sync))
+            .unwrap()
+            .is_pending());
+    }
+    clock.advance(Duration::from_secs(60));
+    let mut expired: Vec<String> = (0..3)
+        .map(|_| outcomes.recv_timeout(WAIT).expect("expired"))
+        .inspect(|o| assert!(!o.is_released(), "{o:?}"))
+        .map(|o| o.event_id().to_owned())
+        .collect();
+    expired.sort();
+    assert_eq!(expired, ["arrived", "missing", "user"]);
+    let week = Duration::from_secs(7 * 24 * 3600);
+    assert_eq!(
+        engine.submit(ev("missing", &a, Origin::Sync)),
+        Err(SubmitError::PreviouslyExpired {
+            event_id: "missing".into(),
+            refused_for: week
+        })
+    );
+    write_blob(&repo, &b_text);
+    assert_eq!(
+        engine.submit(ev("arrived", &b, Origin::Sync)),
+        Ok(Admission::AlreadySatisfied)
+    );
+    assert!(engine
+        .submit(ev("user", &c, Origin::User))
+        .unwrap()
+        .is_pending());
+    let s = purgatory_sync::testkit::wait_for_stats(&engine, WAIT, |s| s.commands_pending == 0);
+    assert_eq!(
+        (s.submitted, s.waiting_events, s.expired_ids_remembered),
+        (4, 1, 2),
+        "the user's event waits again and its id is no longer remembered as expired"
+    );
+    write_blob(&repo, &c_text);
+    engine.git_data_arrived("id");
+    let o = outcomes.recv_timeout(WAIT).expect("released");
+    assert!(o.is_released() && o.event_id() == "user", "{o:?}");
+    // Still refused until the week is over, then forgotten.
+    clock.advance(week - Duration::from_secs(1));
+    assert!(matches!(
+        engine.submit(ev("missing", &a, Origin::Sync)),
+        Err(SubmitError::PreviouslyExpired { refused_for, .. }) if refused_for == Duration::from_secs(1)
+    ));
+    clock.advance(Duration::from_secs(1));
+    purgatory_sync::testkit::wait_for_stats(&engine, WAIT, |s| s.expired_ids_remembered == 0);
+    assert!(engine
+        .submit(ev("missing", &a, Origin::Sync))
+        .unwrap()
+        .is_pending());
+    engine.shutdown().unwrap();
+}
+
+/// Through the public API: a user re-publishing a waiting synced event restarts its
+/// lifetime, counted from the re-submission; a synced re-broadcast does not extend it.
+#[test]
+fn a_user_republishing_a_waiting_synced_event_restarts_its_lifetime() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = bare(dir.path(), "r.git");
+    let (a, _) = blob("never comes");
+    let clock = FakeClock::new();
+    let engine = builder("upgrade", &clock)
+        .fetcher(FakeServers::default())
+        .user_delay(NEVER_TICK)
+        .sync_delay(NEVER_TICK)
+        .event_lifetime(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let outcomes = engine.outcomes();
+    let ev =
+        |id: &str, origin: Origin| event(id, "id", &repo, &[&a], &["git://m/r"]).origin(origin);
+    for id in ["upgraded", "rebroadcast"] {
+        assert!(engine.submit(ev(id, Origin::Sync)).unwrap().is_pending());
+    }
+    purgatory_sync::testkit::wait_for_stats(&engine, WAIT, |s| s.submitted == 2);
+    clock.advance(Duration::from_secs(40));
+    assert!(engine
+        .submit(ev("upgraded", Origin::User))
+        .unwrap()
+        .is_pending());
+    assert!(engine
+        .submit(ev("rebroadcast", Origin::Sync))
+        .unwrap()
+        .is_pending());
+    let s = purgatory_sync::testkit::wait_for_stats(&engine, WAIT, |s| s.commands_pending == 0);
+    assert_eq!((s.submitted, s.waiting_events), (2, 2), "re-submissions");
+    // Both would expire in the same pass at 60 s: the first outcome there must be the only one.
+    clock.advance(Duration::from_secs(20));
+    let o = outcomes
+        .recv_timeout(WAIT)
+        .expect("the re-broadcast one expires");
+    assert_eq!((o.event_id(), o.is_released()), ("rebroadcast", false));
+    assert!(
+        outcomes.recv_timeout(Duration::from_millis(200)).is_err(),
+        "the upgraded event expired with its first lifetime"
+    );
+    // 60 s after the re-submission at 40 s.
+    clock.advance(Duration::from_secs(40) - Duration::from_millis(1));
+    assert!(outcomes.recv_timeout(Duration::from_millis(200)).is_err());
+    clock.advance(Duration::from_millis(1));
+    let o = outcomes
+        .recv_timeout(WAIT)
+        .expect("the upgraded one expires");
+    assert_eq!((o.event_id(), o.is_released()), ("upgraded", false));
+    engine.shutdown().unwrap();
+}
+
+/// A waiting event re-submitted after its data arrived is answered `AlreadySatisfied`, and the
+/// waiting copy is released at once (not at its next attempt, here three minutes away).
+#[test]
+fn a_waiting_event_submitted_again_with_its_data_present_is_released_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = bare(dir.path(), "r.git");
+    let (a, a_text) = blob("pushed later");
+    let clock = FakeClock::new();
+    let engine = builder("again", &clock)
+        .fetcher(FakeServers::default())
+        .build()
+        .unwrap();
+    let outcomes = engine.outcomes();
+    let mut ev = event("e", "id", &repo, &[&a], &["git://m/r"]);
+    ev.origin = Origin::User;
+    assert_eq!(engine.submit(ev.clone()).unwrap(), Admission::pending());
+    purgatory_sync::testkit::wait_for_stats(&engine, WAIT, |s| s.waiting_events == 1);
+    write_blob(&repo, &a_text);
+    assert_eq!(engine.submit(ev).unwrap(), Admission::AlreadySatisfied);
+    match outcomes.recv_timeout(WAIT) {
+        Ok(Outcome::Released { event_id, .. }) => assert_eq!(event_id, "e"),
+        other => panic!("{other:?}"),
+    }
+    assert!(outcomes.try_recv().is_err(), "one outcome");
     engine.shutdown().unwrap();
 }

@@ -267,9 +267,10 @@ fn events_expired_satisfied_or_orphaned_while_down_are_reported_right_after_star
     }
     let s = engine.stats();
     assert_eq!((s.waiting_events, s.queued_identifiers), (0, 0));
-    // The expired id is remembered across the restart too.
+    // The expired id is remembered across the restart too: a synced re-submission whose data
+    // is still missing is refused.
     let err = engine
-        .submit(event("orphan", &kept, &absent("orphan")))
+        .submit(event("orphan", &kept, &absent("orphan")).origin(Origin::Sync))
         .unwrap_err();
     assert!(
         matches!(err, SubmitError::PreviouslyExpired { .. }),

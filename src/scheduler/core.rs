@@ -510,16 +510,24 @@ impl Core {
     /// Adds a validated event. Its work is independent of how many events and URLs its entry
     /// has already: sets and counts, no scans (a host command runs under the core's lock).
     fn submit(&mut self, ev: ValidEvent, now: Instant) {
+        // A command may wait in the channel; never date an event in the future.
+        let at = ev.submitted.min(now);
         if self.events.contains_key(&ev.id) || (ev.missing.is_empty() && ev.refs.is_empty()) {
-            // Already waiting (a re-broadcast), or nothing to wait for: the handle counted it
-            // as admitted and reserved its URLs, so give both back.
+            // Already waiting (a re-broadcast, or a submit the handle sent not knowing whether
+            // a cancel would come first), or nothing to wait for: the handle counted it as
+            // admitted and reserved its URLs, so give both back.
             self.admitted.fetch_sub(1, Ordering::SeqCst);
             self.urls.release(&ev.identifier, &ev.urls);
+            if ev.origin == Origin::User {
+                self.republished_by_user(&ev.id, at);
+            }
             return;
         }
         self.counters.submitted += 1;
-        // A command may wait in the channel; never date an event in the future.
-        let at = ev.submitted.min(now);
+        // An expired id that waits again (a user's, or one whose data arrived since) is no
+        // longer refused. Its record in `expired_order` goes stale: pruning compares it with
+        // the map, and `set_waiting` below replaces the index's state.
+        self.expired_ids.remove(&ev.id);
         let target = match ev.restored {
             Some((_, first_attempt)) => first_attempt,
             None => at + self.cfg.first_delay(ev.origin),
@@ -529,26 +537,8 @@ impl Core {
         let key = (ev.identifier.clone(), ev.repo.clone());
         let id = match self.by_key.get(&key) {
             Some(&id) => {
-                let e = self.entries.get_mut(&id).expect("indexed entry exists");
-                // An entry whose events all await their refs is not scheduled: the first event
-                // that misses objects schedules it as if it were new.
-                let idle = !e.has_missing();
                 if wants {
-                    e.attempts = 0;
-                    if idle && e.running.is_none() {
-                        e.in_attempt = false;
-                        e.requested = None;
-                    }
-                    if e.in_attempt || e.running.is_some() {
-                        e.requested = Some(e.requested.map_or(target, |r| r.min(target)));
-                    }
-                    // An entry waiting for a busy domain's turn is on the schedule like any
-                    // other: the new event's URLs are tried at its time.
-                    if e.running.is_none() && (idle || target < e.next_attempt) {
-                        self.schedule.remove(&(e.next_attempt, id));
-                        e.next_attempt = target;
-                        self.schedule.insert((target, id));
-                    }
+                    self.ask_attempt(id, target);
                 }
                 id
             }
@@ -610,6 +600,52 @@ impl Core {
                 ref_error: None,
             },
         );
+    }
+
+    /// An event that misses objects joins entry `id`, asking for an attempt at `target`: the
+    /// count of attempts starts over and the next attempt moves earlier, never later.
+    fn ask_attempt(&mut self, id: EntryId, target: Instant) {
+        let e = self.entries.get_mut(&id).expect("indexed entry exists");
+        // An entry whose events all await their refs is not scheduled: the first event
+        // that misses objects schedules it as if it were new.
+        let idle = !e.has_missing();
+        e.attempts = 0;
+        if idle && e.running.is_none() {
+            e.in_attempt = false;
+            e.requested = None;
+        }
+        if e.in_attempt || e.running.is_some() {
+            e.requested = Some(e.requested.map_or(target, |r| r.min(target)));
+        }
+        // An entry waiting for a busy domain's turn is on the schedule like any other: the
+        // new event's URLs are tried at its time.
+        if e.running.is_none() && (idle || target < e.next_attempt) {
+            self.schedule.remove(&(e.next_attempt, id));
+            e.next_attempt = target;
+            self.schedule.insert((target, id));
+        }
+    }
+
+    /// A user published `id`, which may wait as a synced event: it becomes a user event, as
+    /// the reference relay upgrades it, and so its lifetime starts again at `at` (never ending
+    /// sooner than it would have) and its entry is asked for an attempt as by a new user
+    /// event. A user event published again is left as it is.
+    fn republished_by_user(&mut self, id: &Arc<str>, at: Instant) {
+        let Some(state) = self.events.get_mut(id) else {
+            return;
+        };
+        if state.origin != Origin::Sync {
+            return;
+        }
+        state.origin = Origin::User;
+        let expires = state.expires.max(at + self.cfg.event_lifetime);
+        self.expiries.remove(&(state.expires, id.clone()));
+        self.expiries.insert((expires, id.clone()));
+        state.expires = expires;
+        if !state.missing.is_empty() {
+            let entry = state.entry;
+            self.ask_attempt(entry, at + self.cfg.first_delay(Origin::User));
+        }
     }
 
     /// Whether any event of the entry still misses objects.
@@ -1128,7 +1164,7 @@ impl Core {
             event.restored = Some((now + (remaining - downtime), now + self.cfg.sync_delay));
             // Counted as the handle counts a submit, but never refused: the events were waiting.
             self.admitted.fetch_add(1, Ordering::SeqCst);
-            self.urls.reserve_restored(&event.identifier, &event.urls);
+            self.urls.reserve_uncapped(&event.identifier, &event.urls);
             self.submit(event, now);
         }
     }

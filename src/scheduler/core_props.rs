@@ -3,9 +3,10 @@
 //! attempt, the round-robin domain queues.
 
 use super::*;
+use crate::scheduler::ids;
 use proptest::collection::vec;
 use proptest::prelude::*;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet, VecDeque};
 
 const IDENT: &str = "id";
 const REPO: &str = "/r";
@@ -340,5 +341,338 @@ proptest! {
             prop_assert_eq!(queued, waiting.len(), "waiting or just dispatched");
         }
         prop_assert!(waiting.is_empty(), "{:?} still wait with nothing in flight", waiting);
+    }
+}
+
+/// A host's call, or something the scheduler does, in
+/// [`calls_take_effect_in_order_however_late_the_core_applies_them`].
+#[derive(Debug, Clone)]
+enum Call {
+    /// `submit` of event `e{id}`, decided on the host's side as the handle decides it.
+    Submit {
+        id: usize,
+        origin: Origin,
+        refs: bool,
+    },
+    Cancel(usize),
+    /// A push brings the picked objects; the host calls `git_data_arrived` for the identifier.
+    Push {
+        objects: Vec<bool>,
+        identifier: usize,
+    },
+    /// The scheduler applies the first `n` commands waiting in the channel, then passes.
+    Apply(usize),
+    Advance(Duration),
+    /// The running fetch ends, bringing the picked objects of those it wanted.
+    Finish(Vec<bool>),
+    /// Every ref update asked for is written.
+    WriteRefs,
+}
+
+/// Events `e0` .. `e3`, on two identifiers, each waiting for two of six objects.
+const EVENTS: usize = 4;
+const OBJECTS: usize = 6;
+
+fn objects_of(id: usize) -> Vec<ObjectId> {
+    let id = u8::try_from(id).expect("few events");
+    vec![oid(id + 1), oid(5 + id % 2)]
+}
+
+fn call() -> impl Strategy<Value = Call> {
+    let ms = Duration::from_millis;
+    prop_oneof![
+        5 => (0..EVENTS, prop_oneof![Just(Origin::User), Just(Origin::Sync)], prop::bool::weighted(0.2))
+            .prop_map(|(id, origin, refs)| Call::Submit { id, origin, refs }),
+        3 => (0..EVENTS).prop_map(Call::Cancel),
+        1 => (vec(prop::bool::weighted(0.3), OBJECTS), 0usize..2)
+            .prop_map(|(objects, identifier)| Call::Push { objects, identifier }),
+        4 => (1usize..=4).prop_map(Call::Apply),
+        2 => prop_oneof![0u64..=1_000, 0u64..=1_200_000].prop_map(move |t| Call::Advance(ms(t))),
+        1 => vec(prop::bool::weighted(0.4), OBJECTS).prop_map(Call::Finish),
+        1 => Just(Call::WriteRefs),
+    ]
+}
+
+/// One queued submission of an id: from when the core queues it to its outcome or cancel.
+#[derive(Debug, Default)]
+struct Queued {
+    outcomes: u32,
+    cancelled: bool,
+}
+
+/// The model of what the host was promised, beside a core fed as the engine feeds it: the
+/// host's calls are decided on its side at once and reach the core, in order, only when the
+/// scheduler gets round to them.
+struct Order {
+    h: Harness,
+    channel: VecDeque<(Command, Option<usize>)>,
+    /// The objects in the one repository.
+    present: HashSet<ObjectId>,
+    /// Each `Pending` answer: its id, the queued submission it joined once applied, whether
+    /// the host cancelled the id after it, and when it was given (`step`).
+    answers: Vec<(usize, Option<usize>, bool, u64)>,
+    queued: Vec<Queued>,
+    /// Each outcome: its id and when it came (`step`).
+    outcomes: Vec<(usize, u64)>,
+    /// Counts answers and outcomes, to tell which came first.
+    step: u64,
+    /// The queued submission of each id, as the in-order model has it.
+    active: [Option<usize>; EVENTS],
+}
+
+fn name(id: usize) -> String {
+    format!("e{id}")
+}
+
+impl Order {
+    fn now(&self) -> Instant {
+        self.h.now()
+    }
+
+    /// What `Engine::try_submit` does with a valid event: the same decision, then the command.
+    fn submit(&mut self, id: usize, origin: Origin, refs: bool) {
+        let oids = objects_of(id);
+        let missing: Vec<ObjectId> = oids
+            .iter()
+            .copied()
+            .filter(|o| !self.present.contains(o))
+            .collect();
+        if missing.is_empty() && !refs {
+            return; // AlreadySatisfied
+        }
+        let now = self.now();
+        let known = self.h.core.ids().get(&name(id));
+        let urls = self.h.core.identifier_urls();
+        let identifier = format!("i{}", id % 2);
+        let url = format!("git://{}.example/r", id % 3);
+        let refs: Vec<RefUpdate> = if refs {
+            vec![main_at(oids[0].as_bytes()[0])]
+        } else {
+            vec![]
+        };
+        let ev = self.h.valid_event(
+            &name(id),
+            &identifier,
+            REPO,
+            &oids,
+            &missing,
+            &[url.as_str()],
+            &refs,
+            origin,
+        );
+        match ids::submit_as(known, origin, !missing.is_empty(), now) {
+            ids::SubmitAs::Refused(_) => return,
+            ids::SubmitAs::Again => {
+                self.h.admitted.fetch_add(1, Ordering::SeqCst);
+                urls.reserve_uncapped(&ev.identifier, &ev.urls);
+            }
+            ids::SubmitAs::New => {
+                self.h.admitted.fetch_add(1, Ordering::SeqCst);
+                urls.reserve(&ev.identifier, &ev.urls)
+                    .expect("within the cap");
+            }
+        }
+        self.channel
+            .push_back((Command::Submit(ev), Some(self.answers.len())));
+        self.step += 1;
+        self.answers.push((id, None, false, self.step));
+    }
+
+    fn cancel(&mut self, id: usize) {
+        self.channel.push_back((Command::Cancel(name(id)), None));
+        for answer in self.answers.iter_mut().filter(|a| a.0 == id) {
+            answer.2 = true;
+        }
+    }
+
+    /// The scheduler applies the next `n` commands, then passes.
+    fn apply(&mut self, n: usize) -> Result<(), TestCaseError> {
+        for _ in 0..n {
+            let Some((command, answer)) = self.channel.pop_front() else {
+                break;
+            };
+            let now = self.now();
+            match (&command, answer) {
+                (Command::Submit(ev), Some(answer)) => {
+                    let id: usize = ev.id[1..].parse().expect("e<n>");
+                    self.h.core.command(command, now);
+                    // In order: a cancel or an outcome applied before this submit ended the
+                    // id's queued submission, so it waits anew; otherwise it joins it.
+                    let joined = *self.active[id].get_or_insert_with(|| {
+                        self.queued.push(Queued::default());
+                        self.queued.len() - 1
+                    });
+                    self.answers[answer].1 = Some(joined);
+                    prop_assert!(
+                        self.h.core.events.contains_key(name(id).as_str()),
+                        "e{} does not wait after its submit was applied",
+                        id
+                    );
+                }
+                (Command::Cancel(event_id), _) => {
+                    let id: usize = event_id[1..].parse().expect("e<n>");
+                    if let Some(q) = self.active[id].take() {
+                        self.queued[q].cancelled = true;
+                    }
+                    self.h.core.command(command, now);
+                }
+                _ => self.h.core.command(command, now),
+            }
+            self.carry_out()?;
+        }
+        let now = self.now();
+        self.h.core.pass(now);
+        self.carry_out()
+    }
+
+    /// Carries out the core's actions as the scheduler does (checks answered at once, fetches
+    /// and ref writes left for later calls) and holds each outcome against the model.
+    fn carry_out(&mut self) -> Result<(), TestCaseError> {
+        loop {
+            self.h.collect();
+            for o in std::mem::take(&mut self.h.outcomes) {
+                let id: usize = o.event_id()[1..].parse().expect("e<n>");
+                let Some(q) = self.active[id].take() else {
+                    return Err(TestCaseError::fail(format!(
+                        "an outcome for e{id} with no queued submission (after a cancel, or a \
+                         second one): {o:?}"
+                    )));
+                };
+                self.queued[q].outcomes += 1;
+                self.step += 1;
+                self.outcomes.push((id, self.step));
+            }
+            if self.h.checks.is_empty() {
+                break;
+            }
+            for (entry, _, oids) in std::mem::take(&mut self.h.checks) {
+                let present = oids
+                    .into_iter()
+                    .filter(|o| self.present.contains(o))
+                    .collect();
+                let now = self.now();
+                self.h.core.checked(entry, Ok(present), now);
+            }
+        }
+        // The model and the core agree on which ids wait.
+        for id in 0..EVENTS {
+            prop_assert_eq!(
+                self.active[id].is_some(),
+                self.h.core.events.contains_key(name(id).as_str()),
+                "e{} waits in the model or in the core, not both",
+                id
+            );
+        }
+        // `stats` checks the id index against the core's maps.
+        let waiting = self.h.core.stats().waiting_events;
+        if self.channel.is_empty() {
+            // No reservation in flight: every admission and URL counted belongs to an event.
+            prop_assert_eq!(self.h.admitted.load(Ordering::SeqCst), waiting);
+            self.h.core.check_url_index_exactly();
+        }
+        Ok(())
+    }
+
+    fn write_refs(&mut self) -> Result<(), TestCaseError> {
+        for (event_id, _, _) in std::mem::take(&mut self.h.applies) {
+            let now = self.now();
+            self.h.core.refs_applied(&event_id, Ok(()), now);
+        }
+        self.carry_out()
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Whatever the interleaving of the host's calls (submits of either origin, with or without
+    /// ref updates, re-submissions, cancels, pushes) with the scheduler applying them late,
+    /// fetches ending, refs written and time passing (events expire, expired ids are remembered
+    /// for a while): applied in order, every `Pending` answer not followed by a cancel of its id
+    /// belongs to a queued submission that gets exactly one outcome; a queued submission gets
+    /// at most one outcome, none after a cancel; a submit applied after a cancel of the same id
+    /// waits again; the core's waiting ids, id index, admissions and URL reservations match.
+    #[test]
+    fn calls_take_effect_in_order_however_late_the_core_applies_them(
+        calls in vec(call(), 1..=80),
+        memory_min in prop_oneof![Just(0u64), Just(20), Just(7 * 24 * 60)],
+    ) {
+        let mut order = Order {
+            h: Harness::with(roomy(Config {
+                expired_memory: Duration::from_secs(memory_min * 60),
+                ..Config::default()
+            })),
+            channel: VecDeque::new(),
+            present: HashSet::new(),
+            answers: Vec::new(),
+            queued: Vec::new(),
+            outcomes: Vec::new(),
+            step: 0,
+            active: [None; EVENTS],
+        };
+        let pool: Vec<ObjectId> = (1..=6).map(oid).collect();
+        for call in calls {
+            match call {
+                Call::Submit { id, origin, refs } => order.submit(id, origin, refs),
+                Call::Cancel(id) => order.cancel(id),
+                Call::Push { objects, identifier } => {
+                    order.present.extend(picked(&pool, &objects));
+                    order.channel.push_back((Command::GitDataArrived(format!("i{identifier}")), None));
+                }
+                Call::Apply(n) => order.apply(n)?,
+                Call::Advance(d) => {
+                    order.h.clock.advance(d);
+                    order.apply(0)?;
+                }
+                Call::Finish(bring) => {
+                    if order.h.jobs.is_empty() {
+                        continue;
+                    }
+                    let job = order.h.jobs.remove(0);
+                    let brought = picked(&pool, &bring);
+                    order.present.extend(brought.iter().copied());
+                    let present: Vec<ObjectId> = job
+                        .request
+                        .wanted
+                        .iter()
+                        .copied()
+                        .filter(|o| order.present.contains(o))
+                        .collect();
+                    let error = (present.len() < job.request.wanted.len())
+                        .then(|| FetchError::new(FailureKind::NotFound, "not all here"));
+                    let now = order.now();
+                    order.h.core.job_done(job.id, FetchReport::new(present, error), now);
+                    order.apply(0)?;
+                }
+                Call::WriteRefs => order.write_refs()?,
+            }
+        }
+        // Everything left is applied, and every event still waiting expires.
+        let left = order.channel.len();
+        order.apply(left)?;
+        for _ in 0..2 {
+            order.write_refs()?;
+            order.h.clock.advance(Duration::from_secs(31 * 60));
+            order.apply(0)?;
+        }
+        prop_assert!(order.active.iter().all(Option::is_none), "{:?}", order.active);
+        for (k, q) in order.queued.iter().enumerate() {
+            if !q.cancelled {
+                prop_assert_eq!(q.outcomes, 1, "queued submission {}", k);
+            }
+        }
+        for (k, (id, joined, cancelled_after, at)) in order.answers.iter().enumerate() {
+            if *cancelled_after {
+                continue;
+            }
+            // What the host sees: an outcome for the id after the answer.
+            prop_assert!(
+                order.outcomes.iter().any(|(o, t)| o == id && t > at),
+                "answer {} (e{}) was Pending, not cancelled, and no outcome followed", k, id
+            );
+            if let Some(q) = joined {
+                prop_assert_eq!(order.queued[*q].outcomes, 1, "answer {} (e{})", k, id);
+            }
+        }
     }
 }

@@ -372,7 +372,7 @@ fn refs_are_not_dropped_while_a_fetch_runs_in_the_repo() {
 }
 
 #[test]
-fn events_expire_after_30_minutes_and_their_ids_are_refused_for_24_hours() {
+fn events_expire_after_30_minutes_and_their_ids_are_remembered_for_7_days() {
     let mut h = Harness::new();
     h.submit("e", "id", "/r", &[oid(1), oid(2)], &[], Origin::Sync);
     h.advance(30 * 60 * SEC - MS);
@@ -396,12 +396,127 @@ fn events_expire_after_30_minutes_and_their_ids_are_refused_for_24_hours() {
         (s.expired, s.waiting_events, s.queued_identifiers),
         (1, 0, 0)
     );
-    assert_eq!(h.core.refused_for("e", h.now()), Some(24 * 3600 * SEC));
-    h.advance(24 * 3600 * SEC - MS);
+    assert_eq!(h.core.refused_for("e", h.now()), Some(7 * 24 * 3600 * SEC));
+    h.advance(7 * 24 * 3600 * SEC - MS);
     assert_eq!(h.core.refused_for("e", h.now()), Some(MS));
     h.advance(MS);
     assert_eq!(h.core.refused_for("e", h.now()), None);
     assert_eq!(h.core.stats().expired_ids_remembered, 0, "memory is pruned");
+}
+
+const LIFE: Duration = Duration::from_secs(30 * 60);
+const WEEK: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// An expired id queued again (the handle sends a user's re-submission, or one whose data
+/// arrived) waits and is no longer refused; when it expires again, its refusal counts from
+/// then, and the end of the first refusal, still in the pruning order, leaves the second
+/// alone. The id index says the same as the core's maps throughout (`stats` checks it).
+#[test]
+fn an_expired_id_that_waits_again_is_not_refused_until_it_expires_again() {
+    let mut h = Harness::new();
+    h.submit("e", "id", "/r", &[oid(1)], &[], Origin::Sync);
+    h.advance(LIFE);
+    assert_eq!(h.expired(), ["e"]);
+    assert_eq!(h.core.refused_for("e", h.now()), Some(WEEK));
+    h.submit("e", "id", "/r", &[oid(1)], &[], Origin::User);
+    assert_eq!(h.core.refused_for("e", h.now()), None, "waits again");
+    let s = h.core.stats();
+    assert_eq!(
+        (s.submitted, s.waiting_events, s.expired_ids_remembered),
+        (2, 1, 0)
+    );
+    h.advance(LIFE);
+    assert_eq!(h.expired(), ["e", "e"]);
+    assert_eq!(h.core.refused_for("e", h.now()), Some(WEEK));
+    // When the first refusal would have ended.
+    h.advance(WEEK - LIFE);
+    assert_eq!(h.core.refused_for("e", h.now()), Some(LIFE));
+    assert_eq!(h.core.stats().expired_ids_remembered, 1);
+    h.advance(LIFE);
+    assert_eq!(h.core.refused_for("e", h.now()), None);
+    assert_eq!(h.core.stats().expired_ids_remembered, 0, "memory is pruned");
+}
+
+/// A user re-publishing a waiting synced event makes it a user event, as the reference relay
+/// does: its lifetime starts again from the re-submission, and the state file says so. Any
+/// other re-submission (synced again, a user event again or re-broadcast by sync) changes
+/// nothing.
+#[test]
+fn a_user_republishing_a_waiting_synced_event_restarts_its_lifetime() {
+    let mut h = Harness::new();
+    h.submit("up", "id", "/r", &[oid(1)], &[], Origin::Sync);
+    h.submit("sync", "id", "/r", &[oid(2)], &[], Origin::Sync);
+    h.submit("user", "id", "/r", &[oid(3)], &[], Origin::User);
+    h.advance(10 * 60 * SEC);
+    h.submit("up", "id", "/r", &[oid(1)], &[], Origin::User);
+    h.submit("sync", "id", "/r", &[oid(2)], &[], Origin::Sync);
+    h.submit("user", "id", "/r", &[oid(3)], &[], Origin::Sync);
+    h.submit("user", "id", "/r", &[oid(3)], &[], Origin::User);
+    assert_eq!(h.admitted.load(Ordering::SeqCst), 3);
+    assert_eq!(h.core.stats().submitted, 3);
+    let file = h.core.snapshot(h.now(), 0).into_state_file();
+    let saved = |id: &str| {
+        let e = file.events.iter().find(|e| e.id == id).unwrap();
+        (
+            e.origin.as_str(),
+            e.remaining_ms / 60_000,
+            e.waited_ms / 60_000,
+        )
+    };
+    assert_eq!(
+        saved("up"),
+        ("user", 30, 10),
+        "a new lifetime, the same wait"
+    );
+    assert_eq!(saved("sync"), ("sync", 20, 10));
+    assert_eq!(saved("user"), ("user", 20, 10));
+    h.advance(20 * 60 * SEC);
+    assert_eq!(h.expired(), ["sync", "user"]);
+    h.advance(10 * 60 * SEC - MS);
+    assert_eq!(h.expired(), ["sync", "user"]);
+    h.advance(MS);
+    assert_eq!(h.expired(), ["sync", "user", "up"]);
+}
+
+/// The upgraded event asks for an attempt as a new user event does: at the user delay after
+/// the re-submission if that is earlier than the next attempt, never later, and the backoff
+/// starts over.
+#[test]
+fn a_republished_event_moves_the_next_attempt_earlier_never_later() {
+    let mut h = Harness::with(Config {
+        user_delay: 10 * SEC,
+        ..Config::default()
+    });
+    h.submit("e1", "id1", "/r", &[oid(1)], &["git://a/r"], Origin::Sync);
+    h.advance(100 * MS);
+    h.submit("e1", "id1", "/r", &[oid(1)], &["git://a/r"], Origin::User);
+    assert_eq!(
+        h.time_to_next_job(20 * SEC),
+        Some(400 * MS),
+        "still at the sync delay"
+    );
+    h.finish(&[oid(1)], None);
+    assert_eq!(h.released(), ["e1"]);
+    h.submit("e2", "id2", "/r", &[oid(2)], &["git://b/r"], Origin::Sync);
+    h.advance(500 * MS);
+    h.fail(); // next in 20 s
+    assert_eq!(h.time_to_next_job(30 * SEC), Some(20 * SEC));
+    h.fail(); // next in 40 s
+    assert_eq!(h.time_to_next_job(50 * SEC), Some(40 * SEC));
+    h.fail(); // next in 80 s
+    h.advance(10 * SEC);
+    h.submit("e2", "id2", "/r", &[oid(2)], &["git://b/r"], Origin::User);
+    assert_eq!(
+        h.time_to_next_job(100 * SEC),
+        Some(10 * SEC),
+        "the user delay, earlier than the 70 s of backoff left"
+    );
+    h.fail();
+    assert_eq!(
+        h.time_to_next_job(100 * SEC),
+        Some(20 * SEC),
+        "backoff starts over"
+    );
 }
 
 #[test]

@@ -1,23 +1,30 @@
 //! The event ids `submit` must know about before it admits an event, readable without the
 //! core's lock.
 //!
-//! `submit` answers two questions on the host's thread: is this id waiting already (then the
-//! event is a duplicate and gets `Pending` back at once), and did it expire recently (then it is
-//! refused)? The core holds the answers in its own maps, but its lock is held for as long as a
-//! pass, a checkpoint snapshot or a table growing by a million entries takes, and a host calling
-//! `submit` waited for all of it. The core keeps this index in step with its maps instead, inside
-//! its own critical sections, and `submit` reads only the index: one of 16 shards, each behind a
-//! short lock, so that even a shard's table growing holds up only the submits whose ids hash to
-//! that shard, for a sixteenth of the time.
+//! `submit` asks two questions on the host's thread: did this id expire recently (then a synced
+//! event whose data is still missing is refused), and does it wait (then the event is sent
+//! outside the limits meant for new events, see [`submit_as`])? The core holds the answers in
+//! its own maps, but its lock is held for as long as a pass, a checkpoint snapshot or a table
+//! growing by a million entries takes, and a host calling `submit` waited for all of it. The
+//! core keeps this index in step with its maps instead, inside its own critical sections, and
+//! `submit` reads only the index: one of 16 shards, each behind a short lock, so that even a
+//! shard's table growing holds up only the submits whose ids hash to that shard, for a
+//! sixteenth of the time.
+//!
+//! The index says what the core has applied, not what the host has asked: a cancel or a submit
+//! may still wait in the command channel. So it never decides on its own that a submit needs no
+//! command; only the core, applying commands in the order they were sent, knows whether an id
+//! still waits when a submit reaches it.
 
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+use crate::event::Origin;
 use crate::policy::CloneUrl;
 
 const SHARDS: usize = 16;
@@ -27,8 +34,43 @@ const SHARDS: usize = 16;
 pub enum IdState {
     /// The event waits in purgatory.
     Waiting,
-    /// The event expired; its id is refused until this instant.
+    /// The event expired; until this instant a synced re-submission whose data is still
+    /// missing is refused.
     Expired(Instant),
+}
+
+/// What `submit` does with an event that has something to wait for (an object missing, or ref
+/// updates to write), by what the id index says of its id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubmitAs {
+    /// Sent as a new event, within `max_events` and the per-identifier URL cap.
+    New,
+    /// Sent, though the id looks waiting: a cancel or release of it may be applied before this
+    /// submit, and then the core queues it as a new event; otherwise the core takes it as a
+    /// re-submission and gives back what the handle counted. A re-broadcast of a waiting event
+    /// is never refused for the limits meant for new events: it is counted in `max_events`
+    /// without the check, and its URLs are reserved without the per-identifier cap.
+    Again,
+    /// Refused with `PreviouslyExpired`: refused for this much longer.
+    Refused(Duration),
+}
+
+/// How `submit` sends an event that has something to wait for, submitted at `now` with
+/// `origin`, `missing` some object, when the id index says `known` of its id.
+///
+/// An expired id is refused, as the reference relay refuses it, only while its memory lasts and
+/// only for a synced event whose data is still missing: a user publishing it again means it,
+/// and a synced event with every object present waits only for its refs. (An event with every
+/// object present and no refs never gets here: it is `AlreadySatisfied` whatever its id's
+/// state.)
+pub fn submit_as(known: Option<IdState>, origin: Origin, missing: bool, now: Instant) -> SubmitAs {
+    match known {
+        Some(IdState::Waiting) => SubmitAs::Again,
+        Some(IdState::Expired(until)) if until > now && origin == Origin::Sync && missing => {
+            SubmitAs::Refused(until - now)
+        }
+        Some(IdState::Expired(_)) | None => SubmitAs::New,
+    }
 }
 
 /// Waiting and recently expired event ids, sharded by a hash of the id.
@@ -58,7 +100,7 @@ impl EventIds {
         self.shard(id).lock().get(id).copied()
     }
 
-    /// `id` waits.
+    /// `id` waits; a refusal recorded for it is over.
     pub fn set_waiting(&self, id: Arc<str>) {
         self.shard(&id).lock().insert(id, IdState::Waiting);
     }
@@ -104,7 +146,7 @@ impl EventIds {
 ///
 /// `submit` reserves an event's URLs here before it hands the event over, and is refused when
 /// that would give the identifier more than `max` distinct URLs; the core gives an event's URLs
-/// back when it leaves (or when it drops the submit as a duplicate). Check and reservation are
+/// back when it leaves (or when it takes the submit as a re-submission of a waiting event). Check and reservation are
 /// one step under the shard's lock, so concurrent submits cannot pass the cap together.
 pub struct IdentifierUrls {
     max: usize,
@@ -170,9 +212,9 @@ impl IdentifierUrls {
         Ok(())
     }
 
-    /// Counts `urls` for `identifier` whatever the cap (events restored from the state file are
-    /// never refused).
-    pub fn reserve_restored(&self, identifier: &Arc<str>, urls: &[CloneUrl]) {
+    /// Counts `urls` for `identifier` whatever the cap, for events that were waiting already:
+    /// those restored from the state file, and re-submissions of waiting ones.
+    pub fn reserve_uncapped(&self, identifier: &Arc<str>, urls: &[CloneUrl]) {
         let mut shard = self.shard(identifier).lock();
         let counts = shard.entry(identifier.clone()).or_default();
         for u in urls {
@@ -223,7 +265,6 @@ impl IdentifierUrls {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn states_are_set_and_forgotten_only_when_they_still_hold() {
@@ -249,6 +290,38 @@ mod tests {
         assert_eq!(ids.get("a"), Some(IdState::Waiting));
         ids.forget_waiting("a");
         assert_eq!(ids.get("a"), None);
+    }
+
+    /// Only a synced event whose data is still missing is refused, and only while the memory
+    /// of its id's expiry lasts; an id that looks waiting is sent, outside the limits.
+    #[test]
+    fn only_a_synced_event_still_missing_data_is_refused_while_its_expiry_is_remembered() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(5);
+        let expired = Some(IdState::Expired(later));
+        let (user, sync) = (Origin::User, Origin::Sync);
+        let cases = [
+            (
+                expired,
+                sync,
+                true,
+                SubmitAs::Refused(Duration::from_secs(5)),
+            ),
+            (expired, sync, false, SubmitAs::New),
+            (expired, user, true, SubmitAs::New),
+            (expired, user, false, SubmitAs::New),
+            (Some(IdState::Expired(now)), sync, true, SubmitAs::New),
+            (Some(IdState::Waiting), sync, true, SubmitAs::Again),
+            (Some(IdState::Waiting), user, false, SubmitAs::Again),
+            (None, sync, true, SubmitAs::New),
+        ];
+        for (known, origin, missing, expect) in cases {
+            assert_eq!(
+                submit_as(known, origin, missing, now),
+                expect,
+                "{known:?} {origin:?} missing: {missing}"
+            );
+        }
     }
 
     fn url(u: &str) -> CloneUrl {

@@ -67,7 +67,8 @@ pub struct EngineArgs {
     /// How long an event waits for its objects before it expires [default: 30m]
     #[arg(long, value_parser = duration, value_name = "DURATION")]
     pub event_lifetime: Option<Duration>,
-    /// How long an expired event id is refused on re-submission [default: 24h]
+    /// How long an expired event id is remembered: a synced re-submission whose data is still
+    /// missing is refused meanwhile [default: 7d]
     #[arg(long, value_parser = duration, value_name = "DURATION")]
     pub expired_memory: Option<Duration>,
     /// Wall-clock limit of one fetch [default: 2m]
