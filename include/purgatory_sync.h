@@ -113,7 +113,8 @@ extern "C" {
 // `max_ref_updates_per_event`, `max_fetch_bytes`, `max_fetch_memory`, `max_object_size`,
 // `max_advertisement_bytes`, `fetch_depth` (null or n), `thread_name`,
 // `domain_limits` `{"max_concurrent", "per_minute", "burst"?}`,
-// `domain_overrides` `{"host": {"max_concurrent", "per_minute", "burst"?}}`, `our_domain`,
+// `domain_overrides` `{"host": {"max_concurrent", "per_minute", "burst"?}}`, `our_domain`
+// (`"host"`, or `"host:port"` / `"[v6]:port"` for that port only),
 // `naughty_duration_ms`, `allow_private_addresses`, `allowed_schemes` `[..]`, `state_file`,
 // `move_unreadable_state_aside`.
 //

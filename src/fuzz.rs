@@ -16,7 +16,7 @@ use crate::error::SubmitError;
 use crate::event::{RefTarget, UrlRefusal};
 use crate::ffi::capi;
 use crate::nip34::{self, Announcement, Nip34Error, NostrEvent, RepoRef};
-use crate::policy::{self, UrlPolicy};
+use crate::policy::{self, OwnDomain, UrlPolicy};
 use crate::state::{self, StateFileError, STATE_VERSION};
 use crate::{validate, ObjectId, Origin, PendingEvent};
 
@@ -65,7 +65,7 @@ pub fn submit_validation(data: &[u8]) {
         max_ref_updates_per_event: 2,
         allow_private_addresses: true,
         allowed_schemes: vec!["https".to_owned()],
-        our_domain: Some("relay.example.com".to_owned()),
+        our_domain: Some(OwnDomain::parse("relay.example.com").expect("a host")),
         ..Config::default()
     };
     check_submit(&event, &small);
@@ -123,7 +123,13 @@ fn check_submit(ev: &PendingEvent, cfg: &Config) -> Option<SubmitError> {
             url.url
         );
         assert!(!url.domain.is_empty(), "{}", url.url);
-        assert_ne!(cfg.our_domain.as_deref(), Some(&*url.domain));
+        assert!(
+            !cfg.our_domain
+                .as_ref()
+                .is_some_and(|d| d.covers(&url.domain, url.port)),
+            "{}",
+            url.url
+        );
     }
     for refused in &checked.refused {
         assert_eq!(ev.clone_urls.get(refused.index), Some(&refused.url));
@@ -152,7 +158,8 @@ fn check_submit(ev: &PendingEvent, cfg: &Config) -> Option<SubmitError> {
 ///
 /// Invariants: an accepted URL is returned as given, with a scheme of the allow-list and a
 /// non-empty domain that is [`domain_of`](crate::domain_of) the URL, already canonical, and
-/// refused as the policy's own domain; the strict policy accepts no loopback or private
+/// refused as the policy's own domain, also as that domain with the URL's port but not with
+/// another port; the strict policy accepts no loopback or private
 /// host; the two policies agree except that the open one accepts what the strict one refuses
 /// as a private address; every refusal displays a non-empty reason.
 pub fn url_policy(data: &[u8]) {
@@ -179,6 +186,27 @@ pub fn url_policy(data: &[u8]) {
                     Err(UrlRefusal::OwnDomain),
                     "{url}"
                 );
+                // With a port, the own domain is that authority only: the URL's effective port
+                // is refused, any other port of the host is not.
+                if accepted.port != 0 {
+                    let host = if domain.contains(':') {
+                        format!("[{domain}]")
+                    } else {
+                        domain.to_owned()
+                    };
+                    let ours = format!("{host}:{}", accepted.port);
+                    assert_eq!(
+                        policy.clone().our_domain(&ours).check(url),
+                        Err(UrlRefusal::OwnDomain),
+                        "{url} {ours}"
+                    );
+                    let other = format!("{host}:{}", accepted.port % 65535 + 1);
+                    assert_eq!(
+                        policy.clone().our_domain(&other).check(url).as_ref(),
+                        Ok(accepted),
+                        "{url} {other}"
+                    );
+                }
                 if !policy.private_addresses_allowed() {
                     if let Ok(ip) = domain.parse::<IpAddr>() {
                         assert!(policy::ip_allowed(ip, false), "{url}");

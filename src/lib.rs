@@ -80,6 +80,7 @@
 //! | most distinct clone URLs of one identifier's waiting events | 256 | [`EngineBuilder::max_urls_per_identifier`] |
 //! | connect timeout / longest silence on a connection | 10 s / 30 s | [`EngineBuilder::connect_timeout`], [`EngineBuilder::io_timeout`] |
 //! | shallow fetch | off | [`EngineBuilder::fetch_depth`] |
+//! | the relay's own domain, never fetched from: `host` (every port) or `host:port` (that authority only) | none | [`EngineBuilder::our_domain`] |
 //!
 //! An attempt tries the identifier's clone URLs one after another, each fetch asking for the
 //! objects still missing, until every waiting event is satisfied or every URL was tried; objects

@@ -263,6 +263,9 @@ fn invalid_json_and_config_are_refused() {
     assert!(msg.contains("workers"), "{msg}");
     let (st, msg) = try_new(r#"{"thread_name": "far-too-long-a-name"}"#);
     assert_eq!(st, PSYNC_INVALID_CONFIG, "{msg}");
+    let (st, msg) = try_new(r#"{"our_domain": "relay.example.com:0"}"#);
+    assert_eq!(st, PSYNC_INVALID_CONFIG, "{msg}");
+    assert!(msg.contains("our_domain"), "{msg}");
     // Every knob is reachable.
     let all = json!({
         "workers": 2, "tick_ms": 50, "user_delay_ms": 1000, "sync_delay_ms": 100,
@@ -273,7 +276,7 @@ fn invalid_json_and_config_are_refused() {
         "max_ref_updates_per_event": 5, "max_fetch_bytes": 1048576, "fetch_depth": null,
         "thread_name": "cfg", "domain_limits": {"max_concurrent": 2, "per_minute": 10, "burst": 2},
         "domain_overrides": {"git.example.com": {"max_concurrent": 1, "per_minute": 6}},
-        "our_domain": "relay.example.com", "naughty_duration_ms": 1000,
+        "our_domain": "relay.example.com:8443", "naughty_duration_ms": 1000,
         "allow_private_addresses": true, "allowed_schemes": ["https", "http"],
         "move_unreadable_state_aside": true
     });

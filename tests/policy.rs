@@ -403,6 +403,43 @@ fn our_own_domain_is_never_fetched_from() {
     engine.shutdown().unwrap();
 }
 
+/// An own domain with a port is that authority only: a sibling git service on another port of
+/// the same host serves the event, and the relay's own port is never asked.
+#[test]
+fn our_own_domain_with_a_port_leaves_other_ports_of_the_host_usable() {
+    let dir = tempdir();
+    let base = dir.path().join("served");
+    let tip = served(&base, "alice/r.git");
+    let ours = HttpGitServer::start(HOST_B, &base).unwrap();
+    let sibling = HttpGitServer::start(HOST_B, &base).unwrap();
+    assert_ne!(ours.addr().port(), sibling.addr().port());
+    let target = testkit::init_bare(&dir.path().join("relay/r.git"));
+    let own = format!("127.0.0.3:{}", ours.addr().port());
+    let engine = fast("pol-p").our_domain(&own).build().unwrap();
+    let own_url = ours.url("alice/r.git");
+    let admission = engine
+        .submit(event(
+            "e1",
+            "alice/r",
+            &target,
+            tip,
+            &[&own_url, &sibling.url("alice/r.git")],
+        ))
+        .unwrap();
+    assert_eq!(
+        admission.refused_urls(),
+        [RefusedUrl::new(0, own_url, UrlRefusal::OwnDomain)]
+    );
+    match recv_outcome(&engine) {
+        Outcome::Released { event_id, .. } => assert_eq!(event_id, "e1"),
+        other => panic!("expected e1 released, got {other:?}"),
+    }
+    assert!(testkit::has_object(&target, tip));
+    assert!(!sibling.requests().is_empty());
+    assert!(ours.requests().is_empty(), "{:?}", ours.requests());
+    engine.shutdown().unwrap();
+}
+
 /// `url.<base>.insteadOf` in the target repository's configuration would send the fetch to
 /// another server: the fetch is refused, and neither server gets a request.
 #[test]

@@ -1396,7 +1396,7 @@ fn timeouts_refusals_and_missing_objects_do_not_make_a_domain_naughty() {
 #[test]
 fn our_own_domain_is_never_fetched_and_matched_on_the_whole_host() {
     let mut h = Harness::with(Config {
-        our_domain: Some("relay.example.com".into()),
+        our_domain: Some(crate::policy::OwnDomain::parse("relay.example.com").unwrap()),
         sync_delay: Duration::ZERO,
         ..Config::default()
     });
@@ -1415,6 +1415,35 @@ fn our_own_domain_is_never_fetched_and_matched_on_the_whole_host() {
     assert_eq!(h.jobs[0].request.url, "https://notrelay.example.com.evil/r");
     h.fail_ident("id", FailureKind::NotFound);
     assert!(h.jobs.is_empty(), "our own URL counts as tried");
+}
+
+/// An own domain with a port is only that authority: another port of the host is a sibling
+/// service and is fetched from, and a URL naming the port, or no port for a scheme whose
+/// default it is, is not.
+#[test]
+fn our_own_domain_with_a_port_skips_only_that_port() {
+    let mut h = Harness::with(Config {
+        our_domain: Some(crate::policy::OwnDomain::parse("relay.example.com:443").unwrap()),
+        sync_delay: Duration::ZERO,
+        ..Config::default()
+    });
+    h.submit(
+        "e",
+        "id",
+        "/r",
+        &[oid(1)],
+        &[
+            "https://relay.example.com/r",
+            "https://relay.example.com:443/s",
+            "git://relay.example.com:443/t",
+            "https://relay.example.com:8443/r",
+        ],
+        Origin::Sync,
+    );
+    assert_eq!(h.jobs.len(), 1);
+    assert_eq!(h.jobs[0].request.url, "https://relay.example.com:8443/r");
+    h.fail_ident("id", FailureKind::NotFound);
+    assert!(h.jobs.is_empty(), "the URLs on port 443 count as tried");
 }
 
 #[test]

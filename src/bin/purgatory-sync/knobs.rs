@@ -112,8 +112,9 @@ pub struct EngineArgs {
     /// Limits for one domain: HOST=CONCURRENT/PER_MINUTE[/BURST] (repeatable)
     #[arg(long = "domain", value_parser = domain_override, value_name = "HOST=C/M[/B]")]
     pub domain_overrides: Vec<DomainOverride>,
-    /// This relay's own domain, never fetched from
-    #[arg(long, value_name = "HOST")]
+    /// This relay's own domain, never fetched from: HOST (every port of it), HOST:PORT or
+    /// [IPV6]:PORT (only that port)
+    #[arg(long, value_name = "HOST[:PORT]")]
     pub our_domain: Option<String>,
     /// How long a domain with DNS or TLS failures is skipped [default: 12h]
     #[arg(long, value_parser = duration, value_name = "DURATION")]
