@@ -68,6 +68,9 @@ typedef enum psync_status {
   // submit: the event's clone URLs would give its identifier more distinct URLs than
   // allowed (`max_urls_per_identifier`).
   PSYNC_TOO_MANY_IDENTIFIER_URLS = 33,
+  // submit: `replace_refs` is set but the event has no ref update (an empty complete set
+  // would delete every branch and tag).
+  PSYNC_REPLACE_REFS_WITHOUT_REF_UPDATES = 34,
   // submit: a refusal added to the library after this header was written.
   PSYNC_OTHER_SUBMIT_ERROR = 39,
 } psync_status;
@@ -138,7 +141,10 @@ enum psync_status psync_engine_new(const char *config_json, struct psync_engine 
 // `event_json` is a JSON object: `{"id", "identifier", "repo", "oids": [..],
 // "clone_urls": [..], "origin": "user"|"sync" (default "sync"), "ref_updates":
 // [{"name": "refs/heads/main", "oid": "<40 hex>"} | {"name": "HEAD", "symbolic":
-// "refs/heads/main"}]}`; unknown fields are refused.
+// "refs/heads/main"} | {"name": "refs/heads/old", "delete": true}], "replace_refs": false}`;
+// unknown fields are refused. `"replace_refs": true` says the ref updates are the
+// repository's complete set of branches and tags: writing them deletes every other ref
+// under `refs/heads/` and `refs/tags/`, in the same all-or-none transaction.
 //
 // On `PSYNC_OK`, `*out_admission` (if not NULL) says whether the event waits
 // (`PSYNC_ADMISSION_PENDING`: one outcome follows on `psync_engine_poll`) or was already
@@ -146,7 +152,7 @@ enum psync_status psync_engine_new(const char *config_json, struct psync_engine 
 // `[{"index", "url", "reason"}]` (possibly `"[]"`) of the clone URLs the URL policy refused:
 // release it with `psync_string_free`. On failure `*out_refused_urls_json` is NULL. Each
 // refusal of the event has its own status (`PSYNC_INVALID_EVENT_ID` ..
-// `PSYNC_INVALID_REF_UPDATE`). Never blocks on fetches. Thread-safe.
+// `PSYNC_REPLACE_REFS_WITHOUT_REF_UPDATES`). Never blocks on fetches. Thread-safe.
 //
 // # Safety
 // `engine` is NULL or a live engine; `event_json` is NULL or a NUL-terminated string; the

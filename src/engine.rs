@@ -286,6 +286,7 @@ impl Engine {
             missing,
             urls: checked.urls,
             refs: checked.refs.into(),
+            replace_refs: event.replace_refs,
             origin: event.origin,
             submitted: self.clock.now(),
             restored: None,

@@ -51,10 +51,23 @@ pub struct PendingEvent {
     /// Checked at submit: each name is `HEAD` or a valid git ref name under `refs/` (at most
     /// 1024 bytes, not under the engine's own `refs/purgatory-sync/`), no name is given twice
     /// or is a directory of another (`refs/heads/a` and `refs/heads/a/b`), an oid target is 40
-    /// hex digits among [`oids`](Self::oids), and only `HEAD` may have a symbolic target (a
-    /// `refs/...` name). At most 256 per event by default
+    /// hex digits among [`oids`](Self::oids), only `HEAD` may have a symbolic target (a
+    /// `refs/...` name), and `HEAD` may not be deleted ([`RefTarget::Delete`]). At most 256
+    /// per event by default
     /// ([`EngineBuilder::max_ref_updates_per_event`](crate::EngineBuilder::max_ref_updates_per_event)).
     pub ref_updates: Vec<RefUpdate>,
+    /// The event's [`ref_updates`](Self::ref_updates) are the repository's *complete* set of
+    /// branches and tags, as a repository state event (NIP-34 kind 30618) lists them: when
+    /// they are written, every existing ref under `refs/heads/` and `refs/tags/` that the
+    /// event does not name is deleted, in the same all-or-none transaction. `HEAD` and refs
+    /// in other namespaces (`refs/nostr/*`, the engine's `refs/purgatory-sync/*`) are never
+    /// deleted by it.
+    ///
+    /// An event with `replace_refs` and no ref update is refused at submit
+    /// ([`SubmitError::ReplaceRefsWithoutRefUpdates`](crate::SubmitError::ReplaceRefsWithoutRefUpdates)):
+    /// an empty set would delete every branch and tag, which NIP-34 means by no state
+    /// event at all.
+    pub replace_refs: bool,
 }
 
 /// A ref to set when an event is released.
@@ -82,6 +95,14 @@ impl RefUpdate {
             target: RefTarget::Symbolic(target.into()),
         }
     }
+
+    /// The deletion of a ref (not `HEAD`); a ref that does not exist is no error.
+    pub fn delete(name: impl Into<String>) -> Self {
+        RefUpdate {
+            name: name.into(),
+            target: RefTarget::Delete,
+        }
+    }
 }
 
 /// The target of a [`RefUpdate`].
@@ -91,6 +112,9 @@ pub enum RefTarget {
     Oid(String),
     /// Another ref's full name (only for `HEAD`).
     Symbolic(String),
+    /// No target: the ref is deleted if it exists (never `HEAD`). Deleting a ref that does
+    /// not exist is not an error.
+    Delete,
 }
 
 impl PendingEvent {
@@ -129,6 +153,14 @@ impl PendingEvent {
     /// Adds a ref to set on release.
     pub fn ref_update(mut self, update: RefUpdate) -> Self {
         self.ref_updates.push(update);
+        self
+    }
+
+    /// Says whether the ref updates are the repository's complete set of branches and tags,
+    /// whose writing deletes the branches and tags they do not name (the field of the same
+    /// name).
+    pub fn replace_refs(mut self, replace: bool) -> Self {
+        self.replace_refs = replace;
         self
     }
 }

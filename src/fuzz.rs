@@ -44,8 +44,8 @@ fn scheme_of(url: &str) -> String {
 /// 40 lower-case hex digits, sorted, distinct, between 1 and the limit, and exactly the
 /// event's ids; accepted and refused URLs are the event's own, accepted ones with an allowed
 /// scheme and a non-empty domain; the ref updates are the event's, oid targets among the
-/// checked ids; an error displays a non-empty message and its index points at the value it
-/// names.
+/// checked ids, deletions never of `HEAD`, and a complete ref set (`replace_refs`) is not
+/// empty; an error displays a non-empty message and its index points at the value it names.
 pub fn submit_validation(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
@@ -94,6 +94,9 @@ fn check_submit(ev: &PendingEvent, cfg: &Config) -> Option<SubmitError> {
                 SubmitError::InvalidEventId { value, .. } => assert_eq!(value, &ev.id),
                 SubmitError::InvalidIdentifier { value, .. } => assert_eq!(value, &ev.identifier),
                 SubmitError::NoObjectIds => assert!(ev.oids.is_empty()),
+                SubmitError::ReplaceRefsWithoutRefUpdates => {
+                    assert!(ev.replace_refs && ev.ref_updates.is_empty())
+                }
                 other => panic!("validate::event does no I/O and holds no queue: {other:?}"),
             }
             return Some(e);
@@ -148,8 +151,14 @@ fn check_submit(ev: &PendingEvent, cfg: &Config) -> Option<SubmitError> {
                 assert_eq!(out.name, "HEAD");
                 assert!(target.starts_with("refs/"), "{target}");
             }
+            RefTarget::Delete => {
+                assert_ne!(out.name, "HEAD");
+                assert_eq!(given.target, RefTarget::Delete);
+            }
         }
     }
+    // A complete ref set is never empty: that would delete every branch and tag.
+    assert!(!(ev.replace_refs && checked.refs.is_empty()), "{ev:?}");
     None
 }
 
@@ -240,7 +249,8 @@ pub fn url_policy(data: &[u8]) {
 /// repository's address parses back to it; an announcement matches its own repository and
 /// holds distinct non-empty URLs and 64-hex maintainers; a pending event has the event's id,
 /// its repository's identifier, at least one object id, all 40 lower-case hex and distinct,
-/// ref targets among them, distinct non-empty clone URLs, and is refused by submit validation
+/// ref targets among them and no deletion, a complete ref set exactly when it is a state,
+/// distinct non-empty clone URLs, and is refused by submit validation
 /// for nothing but limits, identifiers, URL strings and ref clashes; errors display a
 /// non-empty message.
 pub fn nip34(data: &[u8]) {
@@ -346,6 +356,18 @@ fn check_pending(event: &NostrEvent, pending: &PendingEvent, repo: Option<&RepoR
     assert!(!pending.clone_urls.is_empty());
     assert!(pending.clone_urls.iter().all(|u| !u.is_empty()));
     assert!(distinct(&pending.clone_urls), "{:?}", pending.clone_urls);
+    // A state is the repository's complete set of branches and tags; nothing else is.
+    assert_eq!(
+        pending.replace_refs,
+        event.kind == nip34::KIND_REPOSITORY_STATE
+    );
+    assert!(
+        pending
+            .ref_updates
+            .iter()
+            .all(|u| u.target != RefTarget::Delete),
+        "NIP-34 events delete by leaving out"
+    );
     if event.kind != nip34::KIND_REPOSITORY_STATE {
         assert_eq!(pending.oids.len(), 1);
         assert_eq!(pending.ref_updates.len(), 1);

@@ -88,7 +88,9 @@
 //! moves the next attempt earlier, never later. At most one fetch runs per identifier and per
 //! repository. Fetched objects are kept reachable under [`TEMP_REF_PREFIX`] until their event
 //! leaves purgatory. An event's [`RefUpdate`]s are written in one transaction, all or none,
-//! before its [`Outcome::Released`] is sent.
+//! before its [`Outcome::Released`] is sent; a ref update may delete its ref
+//! ([`RefTarget::Delete`]), and a repository state's updates are its complete set of branches
+//! and tags ([`PendingEvent::replace_refs`]): the others are deleted in the same transaction.
 //!
 //! Each fetch is bounded: the engine registers its own socket stream with libgit2, so the
 //! deadline, the byte cap, the idle timeout and shutdown are checked on every read and write,

@@ -71,13 +71,17 @@ pub(crate) struct SavedEvent {
     /// [`ORIGIN_USER`] or [`ORIGIN_SYNC`].
     pub origin: String,
     pub ref_updates: Vec<SavedRef>,
+    /// The ref updates are the repository's complete set of branches and tags; absent
+    /// (false) in files written before it existed.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub replace_refs: bool,
     /// Lifetime left at the write, in milliseconds.
     pub remaining_ms: u64,
     /// How long it had waited at the write, in milliseconds.
     pub waited_ms: u64,
 }
 
-/// A ref update of a waiting event: exactly one of `oid` and `symbolic`.
+/// A ref update of a waiting event: exactly one of `oid`, `symbolic` and `delete: true`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct SavedRef {
@@ -86,6 +90,27 @@ pub(crate) struct SavedRef {
     pub oid: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub symbolic: Option<String>,
+    /// The ref is deleted; absent (false) otherwise, and in files written before deletions
+    /// existed.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub delete: bool,
+}
+
+impl SavedRef {
+    /// A ref update of `name` without a target yet.
+    pub fn new(name: String) -> Self {
+        SavedRef {
+            name,
+            oid: None,
+            symbolic: None,
+            delete: false,
+        }
+    }
+}
+
+/// serde's test for a `false` field left out of the file.
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// An expired event id still refused on re-submission.
@@ -278,9 +303,11 @@ fn check(state: &StateFile) -> Result<(), StateFileError> {
             ));
         }
         for (j, r) in ev.ref_updates.iter().enumerate() {
-            if r.oid.is_some() == r.symbolic.is_some() {
+            let targets = [r.oid.is_some(), r.symbolic.is_some(), r.delete];
+            if targets.into_iter().filter(|t| *t).count() != 1 {
                 return corrupt(format!(
-                    "events[{i}].ref_updates[{j}] must have exactly one of \"oid\" and \"symbolic\""
+                    "events[{i}].ref_updates[{j}] must have exactly one of \"oid\", \"symbolic\" \
+                     and \"delete\": true"
                 ));
             }
         }
@@ -545,21 +572,23 @@ mod tests {
                     origin: ORIGIN_USER.into(),
                     ref_updates: vec![
                         SavedRef {
-                            name: "refs/heads/main".into(),
                             oid: Some(A.into()),
-                            symbolic: None,
+                            ..SavedRef::new("refs/heads/main".into())
                         },
                         SavedRef {
-                            name: "refs/tags/v1.0".into(),
                             oid: Some(B.into()),
-                            symbolic: None,
+                            ..SavedRef::new("refs/tags/v1.0".into())
                         },
                         SavedRef {
-                            name: "HEAD".into(),
-                            oid: None,
                             symbolic: Some("refs/heads/main".into()),
+                            ..SavedRef::new("HEAD".into())
+                        },
+                        SavedRef {
+                            delete: true,
+                            ..SavedRef::new("refs/heads/old".into())
                         },
                     ],
+                    replace_refs: true,
                     remaining_ms: 1_234_567,
                     waited_ms: 565_433,
                 },
@@ -571,6 +600,7 @@ mod tests {
                     clone_urls: vec![],
                     origin: ORIGIN_SYNC.into(),
                     ref_updates: vec![],
+                    replace_refs: false,
                     remaining_ms: 0,
                     waited_ms: u64::MAX,
                 },
@@ -714,6 +744,13 @@ mod tests {
         let head = v["events"][0]["ref_updates"][2].as_object().unwrap();
         assert_eq!(head.len(), 2, "{head:?}");
         assert_eq!(head["symbolic"], "refs/heads/main");
+        let gone = v["events"][0]["ref_updates"][3].as_object().unwrap();
+        assert_eq!(gone.len(), 2, "{gone:?}");
+        assert_eq!(gone["delete"], true);
+        assert_eq!(v["events"][0]["replace_refs"], true);
+        // False and absent values of the newer fields are left out, as older files have them.
+        let plain = v["events"][1].as_object().unwrap();
+        assert!(!plain.contains_key("replace_refs"), "{plain:?}");
         assert_eq!(v["naughty"][0]["category"], "dns");
         assert_eq!(v["naughty"][1]["category"], "tls");
         assert_eq!(
@@ -900,6 +937,18 @@ mod tests {
                 "",
                 "events[0].ref_updates[2]",
             ),
+            (
+                r#","symbolic":"refs/heads/main""#,
+                r#","delete":false"#,
+                "events[0].ref_updates[2]",
+            ),
+            (
+                r#","symbolic":"refs/heads/main""#,
+                r#","symbolic":"refs/heads/main","delete":true"#,
+                "events[0].ref_updates[2]",
+            ),
+            (r#""delete":true"#, r#""delete":"yes""#, ""),
+            (r#""replace_refs":true"#, r#""replace_refs":1"#, ""),
             (r#""expired_ids":["#, r#""expired_ids":{},"x":["#, ""),
             (r#""naughty":["#, r#""naughty":null,"y":["#, ""),
         ];

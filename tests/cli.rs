@@ -358,7 +358,10 @@ fn run_syncs_a_manifest_of_nip34_events_and_exits_0() {
         "repo": "relay/carol/notes.git",
         "oids": [notes],
         "clone_urls": [up.full.url("carol/notes.git")],
-        "ref_updates": [{"name": "refs/heads/main", "oid": notes}],
+        "ref_updates": [
+            {"name": "refs/heads/main", "oid": notes},
+            {"name": "refs/heads/stale", "delete": true},
+        ],
     }});
     let manifest = write_manifest(
         work.path(),
@@ -426,6 +429,16 @@ fn run_syncs_a_manifest_of_nip34_events_and_exits_0() {
         Some(notes.as_str())
     );
 
+    // Branches the relay got meanwhile: the state, a complete set, deletes the one it does not
+    // list; the plain event deletes the one it names and leaves the others.
+    for repo in [&hello, &notes_repo] {
+        let r = git2::Repository::open_bare(repo).unwrap();
+        let at = r.refname_to_id("refs/heads/main").unwrap();
+        for name in ["refs/heads/stale", "refs/heads/other"] {
+            r.reference(name, at, false, "test").unwrap();
+        }
+    }
+
     // Running the same manifest again: the objects are there, so the events are released
     // (their refs rewritten) without a single fetch: no domain appears in the summary.
     let again = run_to_end(&args, Duration::from_secs(60));
@@ -438,6 +451,13 @@ fn run_syncs_a_manifest_of_nip34_events_and_exits_0() {
         "{}",
         again.stderr_text()
     );
+    let heads = |repo: &Path| testkit::refs_with_prefix(repo, "refs/heads/");
+    assert_eq!(
+        heads(&hello),
+        ["refs/heads/main"],
+        "the state's branches only"
+    );
+    assert_eq!(heads(&notes_repo), ["refs/heads/main", "refs/heads/other"]);
 }
 
 /// Scrapes `http://addr/metrics` and parses it as Prometheus text.

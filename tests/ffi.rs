@@ -301,6 +301,30 @@ fn invalid_json_and_config_are_refused() {
     ev["ref_updates"] = json!([{"name": "HEAD"}]);
     assert_eq!(submit(e, &ev).0, PSYNC_INVALID_JSON);
     assert!(last_error().unwrap().contains("ref_updates[0]"));
+    for (bad, says) in [
+        (
+            json!([{"name": "refs/heads/x", "delete": false}]),
+            "ref_updates[0]",
+        ),
+        (
+            json!([{"name": "refs/heads/x", "oid": missing_oid(1), "delete": true}]),
+            "ref_updates[0]",
+        ),
+        (
+            json!([{"name": "refs/heads/x", "delete": "yes"}]),
+            "a boolean",
+        ),
+    ] {
+        let mut ev = event("a", &repo, &missing_oid(1));
+        ev["ref_updates"] = bad.clone();
+        assert_eq!(submit(e, &ev).0, PSYNC_INVALID_JSON, "{bad}");
+        let message = last_error().unwrap();
+        assert!(message.contains(says), "{bad}: {message}");
+    }
+    let mut ev = event("a", &repo, &missing_oid(1));
+    ev["replace_refs"] = json!("yes");
+    assert_eq!(submit(e, &ev).0, PSYNC_INVALID_JSON);
+    assert!(last_error().unwrap().contains("a boolean"));
     // SAFETY: a live engine.
     unsafe { psync_engine_free(e) };
 }
@@ -355,6 +379,14 @@ fn every_submit_error_has_its_own_status() {
         (
             with("ref_updates", json!([{"name": "not a ref", "oid": oid}])),
             PSYNC_INVALID_REF_UPDATE,
+        ),
+        (
+            with("ref_updates", json!([{"name": "HEAD", "delete": true}])),
+            PSYNC_INVALID_REF_UPDATE,
+        ),
+        (
+            with("replace_refs", json!(true)),
+            PSYNC_REPLACE_REFS_WITHOUT_REF_UPDATES,
         ),
     ];
     for (ev, want) in &cases {
@@ -499,6 +531,42 @@ fn poll_times_out_and_release_goes_end_to_end() {
     let waited = t.json["waited_ms"].as_f64().unwrap() / 1000.0;
     let sum = scalar(&m, "purgatory_sync_time_to_release_seconds_sum");
     assert!((0.0..0.001).contains(&(sum - waited)), "{sum} vs {waited}");
+    // SAFETY: a live engine.
+    unsafe { psync_engine_free(e) };
+}
+
+/// A repository state through the C ABI: its complete ref set and an explicit deletion are
+/// written on release, and the branch it does not list is gone.
+#[test]
+fn a_complete_ref_set_with_a_deletion_is_written_on_release() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = init_bare(&dir.path().join("r.git"));
+    let old = purgatory_sync::testkit::commit(&repo, "old", &[("f", b"0")], "zero");
+    let tip = purgatory_sync::testkit::commit(&repo, "topic", &[("f", b"1")], "one");
+    let r = git2::Repository::open_bare(&repo).unwrap();
+    let old_oid = git2::Oid::from_str(&old.to_string()).unwrap();
+    r.reference("refs/tags/v0", old_oid, false, "test").unwrap();
+    r.reference("refs/nostr/pr", old_oid, false, "test")
+        .unwrap();
+    let e = new_engine(quiet());
+    let mut ev = event("state", &repo, &tip.to_string());
+    ev["ref_updates"] = json!([
+        {"name": "refs/heads/main", "oid": tip.to_string()},
+        {"name": "refs/tags/v0", "delete": true},
+        {"name": "HEAD", "symbolic": "refs/heads/main"},
+    ]);
+    ev["replace_refs"] = json!(true);
+    let (st, adm, _) = submit(e, &ev);
+    assert_eq!(
+        (st, adm),
+        (PSYNC_OK, Some(PsyncAdmission::PSYNC_ADMISSION_PENDING))
+    );
+    let t = poll(e, 10_000).expect("the event is released");
+    assert_eq!(t.kind, PsyncOutcomeKind::PSYNC_OUTCOME_RELEASED);
+    assert_eq!(
+        purgatory_sync::testkit::refs_with_prefix(&repo, "refs/"),
+        ["refs/heads/main", "refs/nostr/pr"]
+    );
     // SAFETY: a live engine.
     unsafe { psync_engine_free(e) };
 }

@@ -103,53 +103,117 @@ pub(crate) fn drop_temp_refs(repo: &Path, oids: &[ObjectId]) -> Result<(), Fetch
     Ok(())
 }
 
-pub(crate) fn apply_refs(repo: &Path, updates: &[crate::RefUpdate]) -> Result<(), FetchError> {
-    if updates.is_empty() {
+/// The namespaces of a complete ref set ([`PendingEvent::replace_refs`](crate::PendingEvent)):
+/// a repository state lists every branch and tag, and nothing else.
+const COMPLETE_SET_NAMESPACES: [&str; 2] = ["refs/heads/", "refs/tags/"];
+
+pub(crate) fn apply_refs(
+    repo: &Path,
+    updates: &[crate::RefUpdate],
+    replace_refs: bool,
+) -> Result<(), FetchError> {
+    if updates.is_empty() && !replace_refs {
         return Ok(());
     }
     let repo = open(repo)?;
+    // Every ref the transaction changes, with its new target (`Delete`: removed).
+    let mut changes: Vec<(&str, &crate::RefTarget)> = updates
+        .iter()
+        .map(|u| (u.name.as_str(), &u.target))
+        .collect();
+    let unnamed = if replace_refs {
+        unnamed_branches_and_tags(&repo, updates)?
+    } else {
+        Vec::new()
+    };
+    changes.extend(
+        unnamed
+            .iter()
+            .map(|n| (n.as_str(), &crate::RefTarget::Delete)),
+    );
     let mut tx = repo.transaction().map_err(local)?;
-    for u in updates {
-        tx.lock_ref(&u.name).map_err(local)?;
+    for (name, _) in &changes {
+        tx.lock_ref(name).map_err(local)?;
     }
     // With every lock held nobody else can change these refs: remember them, so that a
-    // failure half-way through the writes below can be undone.
-    let before: Vec<Option<Previous>> = updates.iter().map(|u| previous(&repo, &u.name)).collect();
-    for u in updates {
-        match &u.target {
+    // failure half-way through the writes below can be undone. (A branch pushed between the
+    // listing above and the locks is not deleted: it is newer than the state being written.)
+    let before: Vec<Option<Previous>> = changes
+        .iter()
+        .map(|(name, _)| previous(&repo, name))
+        .collect();
+    for ((name, target), old) in changes.iter().zip(&before) {
+        match target {
             crate::RefTarget::Oid(hex) => {
                 let oid = git2::Oid::from_str(hex).map_err(local)?;
-                tx.set_target(&u.name, oid, None, "purgatory-sync: release")
+                tx.set_target(name, oid, None, "purgatory-sync: release")
             }
             crate::RefTarget::Symbolic(target) => {
-                tx.set_symbolic_target(&u.name, target, None, "purgatory-sync: release")
+                tx.set_symbolic_target(name, target, None, "purgatory-sync: release")
             }
+            // libgit2 fails the whole commit on the removal of a ref that does not exist;
+            // a locked ref left unchanged is only unlocked.
+            crate::RefTarget::Delete if old.is_none() => Ok(()),
+            crate::RefTarget::Delete => tx.remove(name),
         }
         .map_err(local)?;
     }
     // Dropping an uncommitted transaction unlocks every ref without writing any; a commit
     // writes them one by one and may stop in the middle.
     if let Err(e) = tx.commit() {
-        for (u, old) in updates.iter().zip(before) {
+        for ((name, _), old) in changes.iter().zip(before) {
             let restored = match old {
                 Some(Previous::Direct(oid)) => repo
-                    .reference(&u.name, oid, true, "purgatory-sync: undo")
+                    .reference(name, oid, true, "purgatory-sync: undo")
                     .map(drop),
                 Some(Previous::Symbolic(target)) => repo
-                    .reference_symbolic(&u.name, &target, true, "purgatory-sync: undo")
+                    .reference_symbolic(name, &target, true, "purgatory-sync: undo")
                     .map(drop),
-                None => match repo.find_reference(&u.name) {
+                None => match repo.find_reference(name) {
                     Ok(mut r) => r.delete(),
                     Err(_) => Ok(()),
                 },
             };
             if let Err(undo) = restored {
-                log::warn!("could not undo {} after a failed update: {undo}", u.name);
+                log::warn!("could not undo {name} after a failed update: {undo}");
             }
         }
         return Err(local(e));
     }
     Ok(())
+}
+
+/// The branches and tags of `repo` that `updates` does not name, sorted: what writing
+/// `updates` as a complete ref set deletes.
+fn unnamed_branches_and_tags(
+    repo: &Repository,
+    updates: &[crate::RefUpdate],
+) -> Result<Vec<String>, FetchError> {
+    let named: HashSet<&str> = updates.iter().map(|u| u.name.as_str()).collect();
+    let mut refs = repo.references().map_err(local)?;
+    let mut unnamed = Vec::new();
+    for name in refs.names() {
+        // An unreadable ref fails the write: leaving a branch the state does not list would
+        // serve another set than the state's.
+        let name = name.map_err(|e| {
+            FetchError::new(
+                FailureKind::LocalRepository,
+                format!(
+                    "cannot list the repository's branches and tags: {}",
+                    e.message()
+                ),
+            )
+        })?;
+        if COMPLETE_SET_NAMESPACES
+            .iter()
+            .any(|ns| name.starts_with(ns))
+            && !named.contains(name)
+        {
+            unnamed.push(name.to_owned());
+        }
+    }
+    unnamed.sort_unstable();
+    Ok(unnamed)
 }
 
 enum Previous {

@@ -358,14 +358,24 @@ pub trait Fetcher: Send + Sync + 'static {
         git::drop_temp_refs(repo, oids)
     }
 
-    /// Sets `updates` in `repo` in one transaction: all of them or none. Called on the
-    /// scheduler thread when an event with ref updates is released, while no fetch runs in
-    /// `repo`. The updates were validated at submit. The default uses a libgit2 transaction.
+    /// Sets `updates` in `repo` in one transaction: all of them or none. A
+    /// [`RefTarget::Delete`](crate::RefTarget::Delete) deletes its ref if it exists. With
+    /// `replace_refs` ([`PendingEvent::replace_refs`](crate::PendingEvent::replace_refs)),
+    /// every existing ref under `refs/heads/` and `refs/tags/` that `updates` does not name is
+    /// deleted in the same transaction. Called on the scheduler thread when an event with ref
+    /// updates is released, while no fetch runs in `repo`. The updates were validated at
+    /// submit. The default uses a libgit2 transaction that locks every ref it changes before
+    /// writing any.
     ///
     /// # Errors
     /// The repository could not be opened, a ref could not be locked (another writer holds
     /// it) or written; nothing was changed.
-    fn apply_refs(&self, repo: &Path, updates: &[crate::RefUpdate]) -> Result<(), FetchError> {
-        git::apply_refs(repo, updates)
+    fn apply_refs(
+        &self,
+        repo: &Path,
+        updates: &[crate::RefUpdate],
+        replace_refs: bool,
+    ) -> Result<(), FetchError> {
+        git::apply_refs(repo, updates, replace_refs)
     }
 }

@@ -87,6 +87,9 @@ pub enum PsyncStatus {
     /// submit: the event's clone URLs would give its identifier more distinct URLs than
     /// allowed (`max_urls_per_identifier`).
     PSYNC_TOO_MANY_IDENTIFIER_URLS = 33,
+    /// submit: `replace_refs` is set but the event has no ref update (an empty complete set
+    /// would delete every branch and tag).
+    PSYNC_REPLACE_REFS_WITHOUT_REF_UPDATES = 34,
     /// submit: a refusal added to the library after this header was written.
     PSYNC_OTHER_SUBMIT_ERROR = 39,
 }
@@ -375,6 +378,8 @@ struct RefUpdateJson {
     name: String,
     oid: Option<String>,
     symbolic: Option<String>,
+    #[serde(default)]
+    delete: bool,
 }
 
 #[derive(Deserialize)]
@@ -397,19 +402,25 @@ struct EventJson {
     origin: Option<OriginJson>,
     #[serde(default)]
     ref_updates: Vec<RefUpdateJson>,
+    #[serde(default)]
+    replace_refs: bool,
 }
 
 impl EventJson {
     fn event(self) -> Result<PendingEvent, Failure> {
         let mut ref_updates = Vec::with_capacity(self.ref_updates.len());
         for (i, r) in self.ref_updates.into_iter().enumerate() {
-            ref_updates.push(match (r.oid, r.symbolic) {
-                (Some(oid), None) => RefUpdate::oid(r.name, oid),
-                (None, Some(target)) => RefUpdate::symbolic(r.name, target),
+            ref_updates.push(match (r.oid, r.symbolic, r.delete) {
+                (Some(oid), None, false) => RefUpdate::oid(r.name, oid),
+                (None, Some(target), false) => RefUpdate::symbolic(r.name, target),
+                (None, None, true) => RefUpdate::delete(r.name),
                 _ => {
                     return Err((
                         PsyncStatus::PSYNC_INVALID_JSON,
-                        format!("ref_updates[{i}]: exactly one of `oid` and `symbolic` is needed"),
+                        format!(
+                            "ref_updates[{i}]: exactly one of `oid`, `symbolic` and \
+                             `\"delete\": true` is needed"
+                        ),
                     ))
                 }
             });
@@ -425,6 +436,7 @@ impl EventJson {
                 Some(OriginJson::Sync) | None => Origin::Sync,
             },
             ref_updates,
+            replace_refs: self.replace_refs,
         })
     }
 }
@@ -449,6 +461,7 @@ fn submit_status(e: &SubmitError) -> PsyncStatus {
         SubmitError::TooManyIdentifierUrls { .. } => PSYNC_TOO_MANY_IDENTIFIER_URLS,
         SubmitError::TooManyRefUpdates { .. } => PSYNC_TOO_MANY_REF_UPDATES,
         SubmitError::InvalidRefUpdate { .. } => PSYNC_INVALID_REF_UPDATE,
+        SubmitError::ReplaceRefsWithoutRefUpdates => PSYNC_REPLACE_REFS_WITHOUT_REF_UPDATES,
         SubmitError::InvalidRepository { .. } => PSYNC_INVALID_REPOSITORY,
         SubmitError::PreviouslyExpired { .. } => PSYNC_PREVIOUSLY_EXPIRED,
         SubmitError::QueueFull { .. } => PSYNC_QUEUE_FULL,
@@ -643,7 +656,10 @@ pub unsafe extern "C" fn psync_engine_new(
 /// `event_json` is a JSON object: `{"id", "identifier", "repo", "oids": [..],
 /// "clone_urls": [..], "origin": "user"|"sync" (default "sync"), "ref_updates":
 /// [{"name": "refs/heads/main", "oid": "<40 hex>"} | {"name": "HEAD", "symbolic":
-/// "refs/heads/main"}]}`; unknown fields are refused.
+/// "refs/heads/main"} | {"name": "refs/heads/old", "delete": true}], "replace_refs": false}`;
+/// unknown fields are refused. `"replace_refs": true` says the ref updates are the
+/// repository's complete set of branches and tags: writing them deletes every other ref
+/// under `refs/heads/` and `refs/tags/`, in the same all-or-none transaction.
 ///
 /// On `PSYNC_OK`, `*out_admission` (if not NULL) says whether the event waits
 /// (`PSYNC_ADMISSION_PENDING`: one outcome follows on `psync_engine_poll`) or was already
@@ -651,7 +667,7 @@ pub unsafe extern "C" fn psync_engine_new(
 /// `[{"index", "url", "reason"}]` (possibly `"[]"`) of the clone URLs the URL policy refused:
 /// release it with `psync_string_free`. On failure `*out_refused_urls_json` is NULL. Each
 /// refusal of the event has its own status (`PSYNC_INVALID_EVENT_ID` ..
-/// `PSYNC_INVALID_REF_UPDATE`). Never blocks on fetches. Thread-safe.
+/// `PSYNC_REPLACE_REFS_WITHOUT_REF_UPDATES`). Never blocks on fetches. Thread-safe.
 ///
 /// # Safety
 /// `engine` is NULL or a live engine; `event_json` is NULL or a NUL-terminated string; the
@@ -1040,6 +1056,7 @@ mod tests {
                 name: String::new(),
                 reason: "",
             },
+            SubmitError::ReplaceRefsWithoutRefUpdates,
             SubmitError::InvalidRepository {
                 path: PathBuf::new(),
                 reason: String::new(),

@@ -85,6 +85,7 @@ impl QueueBench {
                     .check(&format!("https://git{}.example.com/{i}.git", i % domains))
                     .expect("the bench's URLs pass the policy")],
                 refs: Arc::from([]),
+                replace_refs: false,
                 origin: Origin::User,
                 submitted,
                 restored: None,
@@ -225,6 +226,7 @@ impl CommandBench {
                 })
                 .collect(),
             refs: Arc::from([]),
+            replace_refs: false,
             origin: Origin::User,
             submitted: self.now,
             restored: None,

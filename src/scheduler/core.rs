@@ -44,6 +44,9 @@ pub(crate) struct ValidEvent {
     /// Refs to write, all or none, before the event is released; validated, oid targets in
     /// lower case.
     pub refs: Arc<[RefUpdate]>,
+    /// `refs` are the repository's complete set of branches and tags
+    /// ([`PendingEvent::replace_refs`](crate::PendingEvent::replace_refs)).
+    pub replace_refs: bool,
     pub origin: Origin,
     /// When the host submitted it: delays and the lifetime count from here, not from when the
     /// scheduler got round to the command.
@@ -100,12 +103,14 @@ pub(crate) enum Action {
         repo: Arc<Path>,
         oids: Vec<ObjectId>,
     },
-    /// Write the event's ref updates in one transaction and hand the result to
-    /// [`Core::refs_applied`]; the repository has no fetch running.
+    /// Write the event's ref updates in one transaction (with `replace_refs`, deleting the
+    /// branches and tags they do not name) and hand the result to [`Core::refs_applied`]; the
+    /// repository has no fetch running.
     ApplyRefs {
         event_id: Arc<str>,
         repo: Arc<Path>,
         updates: Arc<[RefUpdate]>,
+        replace_refs: bool,
     },
 }
 
@@ -155,6 +160,7 @@ struct EventState {
     /// event's refs win over an earlier one's written at the same pass.
     seq: u64,
     refs: Arc<[RefUpdate]>,
+    replace_refs: bool,
     /// An [`Action::ApplyRefs`] for it is out and not answered yet.
     applying: bool,
     /// After a failed ref update: not retried before this.
@@ -292,6 +298,7 @@ struct SnapshotEvent {
     urls: Vec<Arc<str>>,
     origin: Origin,
     refs: Arc<[RefUpdate]>,
+    replace_refs: bool,
     remaining: Duration,
     waited: Duration,
 }
@@ -319,19 +326,25 @@ impl Snapshot {
                 ref_updates: ev
                     .refs
                     .iter()
-                    .map(|r| match &r.target {
-                        RefTarget::Oid(o) => SavedRef {
-                            name: r.name.clone(),
-                            oid: Some(o.clone()),
-                            symbolic: None,
-                        },
-                        RefTarget::Symbolic(t) => SavedRef {
-                            name: r.name.clone(),
-                            oid: None,
-                            symbolic: Some(t.clone()),
-                        },
+                    .map(|r| {
+                        let saved = SavedRef::new(r.name.clone());
+                        match &r.target {
+                            RefTarget::Oid(o) => SavedRef {
+                                oid: Some(o.clone()),
+                                ..saved
+                            },
+                            RefTarget::Symbolic(t) => SavedRef {
+                                symbolic: Some(t.clone()),
+                                ..saved
+                            },
+                            RefTarget::Delete => SavedRef {
+                                delete: true,
+                                ..saved
+                            },
+                        }
                     })
                     .collect(),
+                replace_refs: ev.replace_refs,
                 remaining_ms: ms(ev.remaining),
                 waited_ms: ms(ev.waited),
             })
@@ -596,6 +609,7 @@ impl Core {
                 urls: ev.urls,
                 seq,
                 refs: ev.refs,
+                replace_refs: ev.replace_refs,
                 applying: false,
                 retry_at: None,
                 ref_error: None,
@@ -691,6 +705,7 @@ impl Core {
                 event_id: ev.clone(),
                 repo: repo.clone(),
                 updates: state.refs.clone(),
+                replace_refs: state.replace_refs,
             });
         }
     }
@@ -1018,6 +1033,7 @@ impl Core {
                     urls: ev.urls.iter().map(|u| u.url.clone()).collect(),
                     origin: ev.origin,
                     refs: Arc::clone(&ev.refs),
+                    replace_refs: ev.replace_refs,
                     remaining: ev.expires.saturating_duration_since(now),
                     waited: now.saturating_duration_since(ev.submitted),
                 }

@@ -8,8 +8,9 @@ fn oid(n: u8) -> ObjectId {
     ObjectId::from_bytes([n; 20])
 }
 
-/// An [`Action::ApplyRefs`]: event id, repository, updates.
-type Apply = (Arc<str>, Arc<Path>, Arc<[RefUpdate]>);
+/// An [`Action::ApplyRefs`]: event id, repository, updates, whether they replace the
+/// repository's branches and tags.
+type Apply = (Arc<str>, Arc<Path>, Arc<[RefUpdate]>, bool);
 
 struct Harness {
     core: Core,
@@ -108,6 +109,7 @@ impl Harness {
             missing: missing.to_vec(),
             urls: urls.iter().map(|u| crate::policy::clone_url(u)).collect(),
             refs: refs.into(),
+            replace_refs: false,
             origin,
             submitted: self.now(),
             restored: None,
@@ -136,14 +138,15 @@ impl Harness {
                     event_id,
                     repo,
                     updates,
-                } => self.applies.push((event_id, repo, updates)),
+                    replace_refs,
+                } => self.applies.push((event_id, repo, updates, replace_refs)),
             }
         }
     }
 
     /// Answers the oldest ref update asked for.
     fn answer_refs(&mut self, result: Result<(), &str>) -> Arc<str> {
-        let (event_id, _, _) = self.applies.remove(0);
+        let (event_id, ..) = self.applies.remove(0);
         let result = result.map_err(|m| FetchError::new(FailureKind::LocalRepository, m));
         let now = self.now();
         self.core.refs_applied(&event_id, result, now);
@@ -777,6 +780,48 @@ fn main_at(n: u8) -> RefUpdate {
     RefUpdate::oid("refs/heads/main", oid(n).to_string())
 }
 
+/// A repository state's complete ref set, with a deletion: the write is asked with
+/// `replace_refs`, and a checkpoint keeps both the flag and the deletion.
+#[test]
+fn a_complete_ref_set_is_written_as_one_and_kept_by_a_checkpoint() {
+    let mut h = Harness::new();
+    let refs = [main_at(1), RefUpdate::delete("refs/tags/old")];
+    let mut ev = h.valid_event(
+        "state",
+        "id",
+        "/r",
+        &[oid(1)],
+        &[oid(1)],
+        &["git://a/r"],
+        &refs,
+        Origin::Sync,
+    );
+    ev.replace_refs = true;
+    h.submit_event(ev);
+    h.submit_refs("pr", "/r", &[oid(2)], &[main_at(2)]);
+
+    let file = h.core.snapshot(h.now(), 0).into_state_file();
+    let saved = &file.events[0];
+    assert_eq!(saved.id, "state");
+    assert!(saved.replace_refs);
+    let gone = &saved.ref_updates[1];
+    assert_eq!(
+        (gone.name.as_str(), gone.delete, &gone.oid, &gone.symbolic),
+        ("refs/tags/old", true, &None, &None)
+    );
+    assert!(!file.events[1].replace_refs);
+
+    h.advance(500 * MS);
+    h.finish(&[oid(1), oid(2)], None);
+    let asked: Vec<(&str, bool)> = h
+        .applies
+        .iter()
+        .map(|(id, _, _, replace)| (&**id, *replace))
+        .collect();
+    assert_eq!(asked, [("state", true), ("pr", false)]);
+    assert_eq!(&h.applies[0].2[..], &refs);
+}
+
 #[test]
 fn an_event_with_refs_is_released_only_after_they_are_written() {
     let mut h = Harness::new();
@@ -786,7 +831,8 @@ fn an_event_with_refs_is_released_only_after_they_are_written() {
     h.finish(&[oid(1)], None);
     assert!(h.outcomes.is_empty(), "not released before its refs");
     assert_eq!(h.applies.len(), 1);
-    let (event_id, repo, updates) = &h.applies[0];
+    let (event_id, repo, updates, replace_refs) = &h.applies[0];
+    assert!(!replace_refs);
     assert_eq!((&**event_id, &**repo), ("e", Path::new("/r")));
     assert_eq!(&updates[..], &refs);
     assert!(

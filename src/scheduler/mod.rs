@@ -181,11 +181,12 @@ impl Scheduler {
                         event_id,
                         repo,
                         updates,
+                        replace_refs,
                     } => {
                         // A custom fetcher's panic must not take the scheduler down: it counts
                         // as a failed write, retried like one.
                         let result = catch_unwind(AssertUnwindSafe(|| {
-                            self.fetcher.apply_refs(&repo, &updates)
+                            self.fetcher.apply_refs(&repo, &updates, replace_refs)
                         }))
                         .unwrap_or_else(|panic| {
                             Err(FetchError::new(

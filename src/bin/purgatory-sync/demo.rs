@@ -209,6 +209,9 @@ fn build_scenario(root: &Path, servers: &Servers, args: &DemoArgs) -> Vec<Planne
                     RefUpdate::oid("refs/tags/v0.1", first.to_string()),
                     RefUpdate::symbolic("HEAD", "refs/heads/main"),
                 ],
+                // The relay repository also gets users' pushes, which a complete set
+                // written later would delete.
+                replace_refs: false,
             },
             kind: Kind::State,
             refs: vec![
@@ -235,6 +238,7 @@ fn build_scenario(root: &Path, servers: &Servers, args: &DemoArgs) -> Vec<Planne
                     clone_urls: urls.clone(),
                     origin: Origin::Sync,
                     ref_updates: vec![RefUpdate::oid(&nostr_ref, tip.to_string())],
+                    replace_refs: false,
                 },
                 kind: Kind::PullRequest,
                 refs: vec![(nostr_ref, tip)],
@@ -259,6 +263,7 @@ fn build_scenario(root: &Path, servers: &Servers, args: &DemoArgs) -> Vec<Planne
                     clone_urls: vec![servers.full.url(&name)],
                     origin: Origin::User,
                     ref_updates: vec![],
+                    replace_refs: false,
                 },
                 kind: Kind::UserPush,
                 refs: vec![],
@@ -277,6 +282,7 @@ fn build_scenario(root: &Path, servers: &Servers, args: &DemoArgs) -> Vec<Planne
                     clone_urls: vec![servers.partial.url(&name), servers.full.url(&name)],
                     origin: Origin::Sync,
                     ref_updates: vec![],
+                    replace_refs: false,
                 },
                 kind: Kind::Unfindable,
                 refs: vec![],
