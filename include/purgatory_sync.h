@@ -141,10 +141,13 @@ enum psync_status psync_engine_new(const char *config_json, struct psync_engine 
 // `event_json` is a JSON object: `{"id", "identifier", "repo", "oids": [..],
 // "clone_urls": [..], "origin": "user"|"sync" (default "sync"), "ref_updates":
 // [{"name": "refs/heads/main", "oid": "<40 hex>"} | {"name": "HEAD", "symbolic":
-// "refs/heads/main"} | {"name": "refs/heads/old", "delete": true}], "replace_refs": false}`;
-// unknown fields are refused. `"replace_refs": true` says the ref updates are the
-// repository's complete set of branches and tags: writing them deletes every other ref
-// under `refs/heads/` and `refs/tags/`, in the same all-or-none transaction.
+// "refs/heads/main"} | {"name": "refs/heads/old", "delete": true}], "replace_refs": false,
+// "created_at": <Unix seconds>}`; unknown fields are refused. `"replace_refs": true` says the
+// ref updates are the repository's complete set of branches and tags: writing them deletes
+// every other ref under `refs/heads/` and `refs/tags/`, in the same all-or-none transaction.
+// `created_at` (optional, the Nostr event's) orders complete sets of one repository: a set
+// older than one written before is released without being written (the outcome's `"refs"`
+// says `"skipped_older_state"`).
 //
 // On `PSYNC_OK`, `*out_admission` (if not NULL) says whether the event waits
 // (`PSYNC_ADMISSION_PENDING`: one outcome follows on `psync_engine_poll`) or was already
@@ -211,8 +214,11 @@ const char *psync_outcome_event_id(const struct psync_outcome *outcome);
 const char *psync_outcome_identifier(const struct psync_outcome *outcome);
 
 // The whole outcome as JSON, owned by the outcome and valid until `psync_outcome_free`; NULL
-// if `outcome` is NULL. `{"kind": "released", "event_id", "identifier", "repo", "waited_ms"}`
-// or `{"kind": "expired", "event_id", "identifier", "repo", "missing": [..], "reason":
+// if `outcome` is NULL. `{"kind": "released", "event_id", "identifier", "repo", "waited_ms",
+// "refs": "none"|"written"|"skipped_older_state", "newer_created_at"?}` (`refs`: the event
+// had no ref updates, they were written, or none was because a newer state of the
+// repository, created at `newer_created_at`, was written before) or `{"kind": "expired",
+// "event_id", "identifier", "repo", "missing": [..], "reason":
 // "lifetime_ended"|"ref_update_failed"|"repository_gone", "message"?}`.
 //
 // # Safety

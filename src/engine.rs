@@ -287,6 +287,7 @@ impl Engine {
             urls: checked.urls,
             refs: checked.refs.into(),
             replace_refs: event.replace_refs,
+            created_at: event.created_at,
             origin: event.origin,
             submitted: self.clock.now(),
             restored: None,

@@ -249,7 +249,8 @@ pub fn url_policy(data: &[u8]) {
 /// repository's address parses back to it; an announcement matches its own repository and
 /// holds distinct non-empty URLs and 64-hex maintainers; a pending event has the event's id,
 /// its repository's identifier, at least one object id, all 40 lower-case hex and distinct,
-/// ref targets among them and no deletion, a complete ref set exactly when it is a state,
+/// ref targets among them and no deletion, a complete ref set exactly when it is a state, the
+/// event's `created_at`,
 /// distinct non-empty clone URLs, and is refused by submit validation
 /// for nothing but limits, identifiers, URL strings and ref clashes; errors display a
 /// non-empty message.
@@ -356,6 +357,7 @@ fn check_pending(event: &NostrEvent, pending: &PendingEvent, repo: Option<&RepoR
     assert!(!pending.clone_urls.is_empty());
     assert!(pending.clone_urls.iter().all(|u| !u.is_empty()));
     assert!(distinct(&pending.clone_urls), "{:?}", pending.clone_urls);
+    assert_eq!(pending.created_at, Some(event.created_at));
     // A state is the repository's complete set of branches and tags; nothing else is.
     assert_eq!(
         pending.replace_refs,

@@ -91,6 +91,9 @@
 //! before its [`Outcome::Released`] is sent; a ref update may delete its ref
 //! ([`RefTarget::Delete`]), and a repository state's updates are its complete set of branches
 //! and tags ([`PendingEvent::replace_refs`]): the others are deleted in the same transaction.
+//! Of two such states of one repository the newest ([`PendingEvent::created_at`]) wins: an
+//! older one released after a newer one was written is not written, and its outcome says so
+//! ([`RefsOutcome::SkippedOlderState`]).
 //!
 //! Each fetch is bounded: the engine registers its own socket stream with libgit2, so the
 //! deadline, the byte cap, the idle timeout and shutdown are checked on every read and write,
@@ -139,8 +142,8 @@ pub use config::{DomainLimits, EngineBuilder};
 pub use engine::Engine;
 pub use error::{BuildError, ShutdownError, SubmitError};
 pub use event::{
-    Admission, ExpiryReason, Origin, Outcome, PendingEvent, RefTarget, RefUpdate, RefusedUrl,
-    UrlRefusal,
+    Admission, ExpiryReason, Origin, Outcome, PendingEvent, RefTarget, RefUpdate, RefsOutcome,
+    RefusedUrl, UrlRefusal,
 };
 pub use fetch::{
     FailureKind, FetchControl, FetchError, FetchReport, FetchRequest, Fetcher, GitFetcher,

@@ -434,6 +434,8 @@ pub fn repository_of(event: &NostrEvent) -> Result<RepoRef, Nip34Error> {
 ///   tag, so [`replace_refs`](PendingEvent::replace_refs) is set: once released, the
 ///   repository serves exactly the state's branches and tags. A state without `refs/` tags
 ///   means its author stopped tracking state: [`Nip34Error::NothingToFetch`].
+/// - Every kind: [`created_at`](PendingEvent::created_at) is the event's, so that of two
+///   states of a repository the newer wins whichever one's data arrives last.
 /// - **Pull request (1618), update (1619), patch with a `c` tag (1617)**: `identifier` comes
 ///   from the `a` tag; `oids` is the `c` tip, lower-cased; `ref_updates` sets
 ///   `refs/nostr/<event-id>` to it. A patch without a `c` tag is
@@ -500,6 +502,8 @@ pub fn pending_event(
         ref_updates,
         // A state lists every branch and tag of the repository: the others go.
         replace_refs: event.kind == KIND_REPOSITORY_STATE,
+        // Orders the states of a repository: the newest one wins.
+        created_at: Some(event.created_at),
     })
 }
 

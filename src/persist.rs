@@ -197,6 +197,7 @@ pub(crate) fn restore(
             origin,
             ref_updates,
             replace_refs: saved.replace_refs,
+            created_at: saved.created_at,
         };
         let checked = crate::validate::event(&pending, cfg)
             .map_err(|e| corrupt(format!("event {}: {e}", saved.id)))?;
@@ -220,6 +221,7 @@ pub(crate) fn restore(
                 urls: checked.urls,
                 refs: checked.refs.into(),
                 replace_refs: saved.replace_refs,
+                created_at: saved.created_at,
                 origin,
                 submitted: now,
                 restored: None,
@@ -272,6 +274,18 @@ pub(crate) fn restore(
             ..n
         })
         .collect();
+    // Keyed by the canonical path, as the restored events' repositories are; capped like
+    // the events' lifetimes, which they outlive by nothing.
+    let newest_states = file
+        .newest_states
+        .into_iter()
+        .map(|n| {
+            let repo = std::fs::canonicalize(&n.repo).unwrap_or(n.repo);
+            let left = Duration::from_millis(n.remaining_ms).min(cfg.event_lifetime);
+            (Arc::from(repo.as_path()), n.created_at, left)
+        })
+        .collect();
+    core.restore_newest_states(newest_states, downtime, now);
     core.restore(events, expired, naughty, downtime, now, wall_ms);
     Ok(())
 }

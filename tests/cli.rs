@@ -337,6 +337,14 @@ fn run_syncs_a_manifest_of_nip34_events_and_exits_0() {
             vec!["HEAD", "ref: refs/heads/main"],
         ],
     );
+    // An older state of the same repository, whose data comes with the newer one's: it is
+    // released without being written.
+    let older_state = nostr(
+        MAINTAINER,
+        30618,
+        1_700_000_050,
+        vec![vec!["d", "hello"], vec!["refs/heads/main", &second]],
+    );
     let a_tag = format!("30617:{ALICE}:hello");
     let pr = nostr(
         BOB,
@@ -368,6 +376,7 @@ fn run_syncs_a_manifest_of_nip34_events_and_exits_0() {
         &[
             // The state comes before the announcement: order does not matter.
             json!({"nostr": state, "origin": "sync"}),
+            json!({"nostr": older_state}),
             json!({"repository": {"identifier": "hello", "owner": ALICE, "path": "relay/alice/hello.git"}}),
             json!({"repository": {"identifier": "carol/notes", "path": "relay/carol/notes.git"}}),
             json!({"nostr": announcement}),
@@ -392,10 +401,11 @@ fn run_syncs_a_manifest_of_nip34_events_and_exits_0() {
     );
 
     let lines = done.json_lines();
-    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert_eq!(lines.len(), 4, "{lines:?}");
     assert!(lines.iter().all(|l| l["kind"] == "released"), "{lines:?}");
     let events = by_event(&lines);
     let state_id = state["id"].as_str().unwrap();
+    let older_id = older_state["id"].as_str().unwrap();
     let pr_id = pr["id"].as_str().unwrap();
     assert!(
         events.contains_key(state_id)
@@ -403,6 +413,9 @@ fn run_syncs_a_manifest_of_nip34_events_and_exits_0() {
             && events.contains_key("notes-1")
     );
     assert!(events[state_id]["waited_ms"].is_u64());
+    assert_eq!(events[state_id]["refs"], "written");
+    assert_eq!(events[older_id]["refs"], "skipped_older_state");
+    assert_eq!(events[older_id]["newer_created_at"], 1_700_000_100u64);
 
     let hello = work.path().join("relay/alice/hello.git");
     assert_eq!(
@@ -444,8 +457,10 @@ fn run_syncs_a_manifest_of_nip34_events_and_exits_0() {
     let again = run_to_end(&args, Duration::from_secs(60));
     assert_eq!(again.code, Some(0), "{}", again.stderr_text());
     let lines = again.json_lines();
-    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert_eq!(lines.len(), 4, "{lines:?}");
     assert!(lines.iter().all(|l| l["kind"] == "released"), "{lines:?}");
+    let events = by_event(&lines);
+    assert_eq!(events[older_id]["refs"], "skipped_older_state", "{lines:?}");
     assert!(
         !again.stderr_text().contains("127.0.0.31"),
         "{}",

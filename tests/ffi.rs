@@ -485,6 +485,8 @@ fn poll_times_out_and_release_goes_end_to_end() {
     assert_eq!(t.json["event_id"], "rel");
     assert_eq!(t.json["repo"], repo.to_string_lossy().as_ref());
     assert!(t.json["waited_ms"].is_u64());
+    assert_eq!(t.json["refs"], "none", "no ref updates");
+    assert!(t.json.get("newer_created_at").is_none());
 
     // Now present: a second event for the same object is already satisfied.
     let (st, adm, _) = submit(e, &event("again", &repo, &oid));
@@ -535,8 +537,9 @@ fn poll_times_out_and_release_goes_end_to_end() {
     unsafe { psync_engine_free(e) };
 }
 
-/// A repository state through the C ABI: its complete ref set and an explicit deletion are
-/// written on release, and the branch it does not list is gone.
+/// Repository states through the C ABI: a complete ref set and an explicit deletion are
+/// written on release, and the branch it does not list is gone; an older state released
+/// afterwards is not written, and its outcome says so.
 #[test]
 fn a_complete_ref_set_with_a_deletion_is_written_on_release() {
     let dir = tempfile::tempdir().unwrap();
@@ -556,6 +559,7 @@ fn a_complete_ref_set_with_a_deletion_is_written_on_release() {
         {"name": "HEAD", "symbolic": "refs/heads/main"},
     ]);
     ev["replace_refs"] = json!(true);
+    ev["created_at"] = json!(1_700_000_200u64);
     let (st, adm, _) = submit(e, &ev);
     assert_eq!(
         (st, adm),
@@ -563,10 +567,23 @@ fn a_complete_ref_set_with_a_deletion_is_written_on_release() {
     );
     let t = poll(e, 10_000).expect("the event is released");
     assert_eq!(t.kind, PsyncOutcomeKind::PSYNC_OUTCOME_RELEASED);
+    assert_eq!(t.json["refs"], "written");
     assert_eq!(
         purgatory_sync::testkit::refs_with_prefix(&repo, "refs/"),
         ["refs/heads/main", "refs/nostr/pr"]
     );
+
+    let mut older = event("older", &repo, &old.to_string());
+    older["ref_updates"] = json!([{"name": "refs/heads/main", "oid": old.to_string()}]);
+    older["replace_refs"] = json!(true);
+    older["created_at"] = json!(1_700_000_100u64);
+    assert_eq!(submit(e, &older).0, PSYNC_OK);
+    let t = poll(e, 10_000).expect("the older state is released");
+    assert_eq!(t.event_id, "older");
+    assert_eq!(t.json["refs"], "skipped_older_state");
+    assert_eq!(t.json["newer_created_at"], 1_700_000_200u64);
+    let main = r.refname_to_id("refs/heads/main").unwrap();
+    assert_eq!(main.to_string(), tip.to_string(), "not rolled back");
     // SAFETY: a live engine.
     unsafe { psync_engine_free(e) };
 }

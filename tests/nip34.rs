@@ -424,6 +424,7 @@ fn owner_state_becomes_a_pending_event() {
             ],
             // A state names every branch and tag of the repository.
             replace_refs: true,
+            created_at: Some(ev.created_at),
         }
     );
     assert_eq!(repository_of(&ev).unwrap(), RepoRef::new(ALICE, "hello"));
@@ -693,6 +694,7 @@ fn pull_request_becomes_a_pending_event() {
             ref_updates: vec![RefUpdate::oid(format!("refs/nostr/{}", ev.id), DEV)],
             // A pull request adds its ref and leaves the others alone.
             replace_refs: false,
+            created_at: Some(ev.created_at),
         }
     );
     assert_eq!(repository_of(&ev).unwrap(), RepoRef::new(ALICE, "hello"));

@@ -212,6 +212,7 @@ fn build_scenario(root: &Path, servers: &Servers, args: &DemoArgs) -> Vec<Planne
                 // The relay repository also gets users' pushes, which a complete set
                 // written later would delete.
                 replace_refs: false,
+                created_at: None,
             },
             kind: Kind::State,
             refs: vec![
@@ -239,6 +240,7 @@ fn build_scenario(root: &Path, servers: &Servers, args: &DemoArgs) -> Vec<Planne
                     origin: Origin::Sync,
                     ref_updates: vec![RefUpdate::oid(&nostr_ref, tip.to_string())],
                     replace_refs: false,
+                    created_at: None,
                 },
                 kind: Kind::PullRequest,
                 refs: vec![(nostr_ref, tip)],
@@ -264,6 +266,7 @@ fn build_scenario(root: &Path, servers: &Servers, args: &DemoArgs) -> Vec<Planne
                     origin: Origin::User,
                     ref_updates: vec![],
                     replace_refs: false,
+                    created_at: None,
                 },
                 kind: Kind::UserPush,
                 refs: vec![],
@@ -283,6 +286,7 @@ fn build_scenario(root: &Path, servers: &Servers, args: &DemoArgs) -> Vec<Planne
                     origin: Origin::Sync,
                     ref_updates: vec![],
                     replace_refs: false,
+                    created_at: None,
                 },
                 kind: Kind::Unfindable,
                 refs: vec![],

@@ -7,7 +7,7 @@
 //!            "ref_updates": [{"name": "refs/heads/main", "oid": "…"},
 //!                            {"name": "refs/heads/old", "delete": true},
 //!                            {"name": "HEAD", "symbolic": "refs/heads/main"}],
-//!            "replace_refs": true}}
+//!            "replace_refs": true, "created_at": 1700000000}}
 //! {"nostr": {"id": "…", "pubkey": "…", "kind": 30618, "tags": [[…]], …}, "origin": "sync"}
 //! ```
 //!
@@ -17,7 +17,8 @@
 //!   maintainer; a line without `owner` matches any owner).
 //! * `event` lines are waiting events as the library takes them. `"replace_refs": true` says
 //!   the ref updates are the repository's complete set of branches and tags (the others are
-//!   deleted when they are written).
+//!   deleted when they are written); `created_at` (Unix seconds) orders such sets of one
+//!   repository, so that an older one released later is not written.
 //! * `nostr` lines are raw NIP-34 events: announcements (kind 30617) give clone URLs,
 //!   repository states (30618) and pull requests (1618, 1619) become waiting events.
 //!
@@ -155,6 +156,20 @@ impl<'a> Obj<'a> {
             Some(other) => Err(field_error(
                 self.at(key),
                 format!("expected true or false, found {}", json_type(other)),
+            )),
+        }
+    }
+
+    fn opt_u64(&self, key: &str) -> Result<Option<u64>, FieldError> {
+        match self.map.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Number(n)) if n.is_u64() => Ok(n.as_u64()),
+            Some(other) => Err(field_error(
+                self.at(key),
+                format!(
+                    "expected a whole number of seconds from 0, found {}",
+                    json_type(other)
+                ),
             )),
         }
     }
@@ -457,6 +472,7 @@ fn plain_event(
         "origin",
         "ref_updates",
         "replace_refs",
+        "created_at",
     ])?;
     let mut ref_updates = Vec::new();
     for (i, u) in e.list("ref_updates")?.iter().enumerate() {
@@ -489,6 +505,7 @@ fn plain_event(
         origin: origin(&e, "origin")?,
         ref_updates,
         replace_refs: e.opt_bool("replace_refs")?,
+        created_at: e.opt_u64("created_at")?,
     })
 }
 
@@ -535,7 +552,7 @@ mod tests {
     #[test]
     fn deletions_and_complete_ref_sets_are_read() {
         let text = format!(
-            "{{\"event\": {{\"id\": \"e1\", \"identifier\": \"hello\", \"repo\": \"r.git\", \"oids\": [\"{OID}\"], \"ref_updates\": [{{\"name\": \"refs/heads/main\", \"oid\": \"{OID}\"}}, {{\"name\": \"refs/tags/old\", \"delete\": true}}], \"replace_refs\": true}}}}\n\
+            "{{\"event\": {{\"id\": \"e1\", \"identifier\": \"hello\", \"repo\": \"r.git\", \"oids\": [\"{OID}\"], \"ref_updates\": [{{\"name\": \"refs/heads/main\", \"oid\": \"{OID}\"}}, {{\"name\": \"refs/tags/old\", \"delete\": true}}], \"replace_refs\": true, \"created_at\": 1700000000}}}}\n\
              {{\"event\": {{\"id\": \"e2\", \"identifier\": \"hello\", \"repo\": \"r.git\", \"oids\": [\"{OID}\"]}}}}\n"
         );
         let m = load_text(&text, LoadOptions::default()).unwrap();
@@ -548,7 +565,9 @@ mod tests {
             ]
         );
         assert!(e.replace_refs);
+        assert_eq!(e.created_at, Some(1_700_000_000));
         assert!(!m.entries[1].event.replace_refs, "false unless given");
+        assert_eq!(m.entries[1].event.created_at, None);
 
         let event = |extra: &str| {
             format!("{{\"event\": {{\"id\": \"e\", \"identifier\": \"i\", \"repo\": \"r.git\", {extra}}}}}")
@@ -575,6 +594,13 @@ mod tests {
             one_error(&event(r#""replace_refs": 1"#)),
             "1:event.replace_refs: expected true or false, found a number"
         );
+        for bad in ["-1", "1.5", "\"1700000000\""] {
+            let e = one_error(&event(&format!(r#""created_at": {bad}"#)));
+            assert!(
+                e.starts_with("1:event.created_at: expected a whole number of seconds"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]
@@ -589,7 +615,7 @@ mod tests {
         );
         assert_eq!(
             one_error("{\"event\": {\"id\": \"e\", \"identifier\": \"i\", \"repo\": \"r.git\", \"oid\": []}}"),
-            "1:event.oid: unknown field (expected one of: id, identifier, repo, oids, clone_urls, origin, ref_updates, replace_refs)"
+            "1:event.oid: unknown field (expected one of: id, identifier, repo, oids, clone_urls, origin, ref_updates, replace_refs, created_at)"
         );
         assert_eq!(
             one_error("{\"event\": {\"id\": \"e\", \"identifier\": \"i\", \"repo\": \"r.git\", \"origin\": \"push\"}}"),
