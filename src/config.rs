@@ -49,6 +49,7 @@ pub(crate) struct Config {
     pub state_file: Option<std::path::PathBuf>,
     pub checkpoint_interval: Duration,
     pub move_unreadable_state_aside: bool,
+    pub hide_temp_refs: bool,
 }
 
 /// How politely the engine treats one domain: at most `max_concurrent` fetches in flight,
@@ -149,6 +150,7 @@ impl Default for Config {
             state_file: None,
             checkpoint_interval: Duration::from_secs(60),
             move_unreadable_state_aside: false,
+            hide_temp_refs: true,
         }
     }
 }
@@ -413,6 +415,21 @@ impl EngineBuilder {
                 self.our_domain_error = Some(format!("{domain:?}: {why}"));
             }
         }
+        self
+    }
+
+    /// Whether the built-in fetcher hides its temporary refs from the relay's clients
+    /// (default `true`). The objects of waiting events are pinned under
+    /// [`TEMP_REF_PREFIX`](crate::TEMP_REF_PREFIX) so that `git gc` keeps them; served by
+    /// `git upload-pack` (`git daemon`, `git http-backend`), those refs would be advertised to
+    /// anyone who clones the repository while the events wait. Before it first pins objects
+    /// in a repository the fetcher adds `transfer.hideRefs = refs/purgatory-sync/` to the
+    /// repository's own configuration, unless a value there or in the system or global
+    /// configuration already hides them, or explicitly shows them (`!refs/purgatory-sync/`).
+    /// The value is written once and left in place. It also makes `git receive-pack` refuse
+    /// pushes to those refs. `false` writes nothing.
+    pub fn hide_temp_refs(mut self, hide: bool) -> Self {
+        self.cfg.hide_temp_refs = hide;
         self
     }
 

@@ -81,13 +81,15 @@
 //! | connect timeout / longest silence on a connection | 10 s / 30 s | [`EngineBuilder::connect_timeout`], [`EngineBuilder::io_timeout`] |
 //! | shallow fetch | off | [`EngineBuilder::fetch_depth`] |
 //! | the relay's own domain, never fetched from: `host` (every port) or `host:port` (that authority only) | none | [`EngineBuilder::our_domain`] |
+//! | temporary refs hidden from the relay's clients (`transfer.hideRefs`) | yes | [`EngineBuilder::hide_temp_refs`] |
 //!
 //! An attempt tries the identifier's clone URLs one after another, each fetch asking for the
 //! objects still missing, until every waiting event is satisfied or every URL was tried; objects
 //! may come from different URLs. A new event for a queued identifier resets the backoff and
 //! moves the next attempt earlier, never later. At most one fetch runs per identifier and per
 //! repository. Fetched objects are kept reachable under [`TEMP_REF_PREFIX`] until their event
-//! leaves purgatory. An event's [`RefUpdate`]s are written in one transaction, all or none,
+//! leaves purgatory; those refs are hidden from the relay's clients (`transfer.hideRefs` in the
+//! repository's configuration, see [`EngineBuilder::hide_temp_refs`]). An event's [`RefUpdate`]s are written in one transaction, all or none,
 //! before its [`Outcome::Released`] is sent; a ref update may delete its ref
 //! ([`RefTarget::Delete`]), and a repository state's updates are its complete set of branches
 //! and tags ([`PendingEvent::replace_refs`]): the others are deleted in the same transaction.

@@ -763,6 +763,7 @@ fn every_engine_setting_is_a_flag_of_run() {
         "--state-file",
         "--checkpoint-interval",
         "--move-unreadable-state-aside",
+        "--no-hide-temp-refs",
         "--metrics",
         "--manifest",
     ] {

@@ -278,7 +278,7 @@ fn invalid_json_and_config_are_refused() {
         "domain_overrides": {"git.example.com": {"max_concurrent": 1, "per_minute": 6}},
         "our_domain": "relay.example.com:8443", "naughty_duration_ms": 1000,
         "allow_private_addresses": true, "allowed_schemes": ["https", "http"],
-        "move_unreadable_state_aside": true
+        "move_unreadable_state_aside": true, "hide_temp_refs": false
     });
     let (st, msg) = try_new(&all.to_string());
     assert_eq!(st, PSYNC_OK, "{msg}");

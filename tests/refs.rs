@@ -395,3 +395,123 @@ fn a_locked_ref_holds_back_every_deletion_and_update_of_a_complete_set() {
     assert_eq!(ref_target(&target, "refs/heads/main"), Some(c1.to_string()));
     engine.shutdown().unwrap();
 }
+
+/// The refs `git ls-remote <url>` lists (through the test kit's isolated `git`).
+fn ls_remote(url: &str) -> Vec<String> {
+    let out = testkit::git_command()
+        .args(["ls-remote", url])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git ls-remote {url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split('\t').nth(1))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The refs a `git clone --mirror <url>` into `dest` gets.
+fn mirrored_refs(url: &str, dest: &Path) -> Vec<String> {
+    let out = testkit::git_command()
+        .args(["clone", "--mirror", "--quiet", url])
+        .arg(dest)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git clone --mirror {url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    testkit::refs_with_prefix(dest, "refs/")
+}
+
+/// (h) While an event waits, the objects fetched for it are pinned under
+/// `refs/purgatory-sync/` in the relay's repository. Cloners of that repository, through
+/// `git daemon` and `git http-backend`, do not see those refs: the engine put
+/// `transfer.hideRefs` in the repository's configuration before pinning. With
+/// `hide_temp_refs(false)` nothing is written and the refs are advertised and mirrored.
+#[test]
+fn temporary_refs_are_hidden_from_clients_of_the_relay_unless_told_otherwise() {
+    testkit::require_git();
+    for hide in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("mirror");
+        let served = testkit::served_repo(&base, "alice/project.git");
+        let c1 = testkit::commit(&served, "main", &[("f", b"1\n")], "one");
+        let mirror = daemon(&base);
+        let relay = dir.path().join("relay");
+        let target = testkit::init_bare(&relay.join("project.git"));
+        testkit::commit(&target, "main", &[("g", b"relay\n")], "relay's own");
+
+        let engine = fast(if hide { "rh1" } else { "rh0" })
+            .hide_temp_refs(hide)
+            .build()
+            .unwrap();
+        // One object the mirror has, one nobody has: the event keeps waiting, its object
+        // pinned.
+        let nobody: ObjectId = "1111111111111111111111111111111111111111".parse().unwrap();
+        let ev = event(
+            "waits",
+            &target,
+            &[c1, nobody],
+            &[mirror.url("alice/project.git")],
+        );
+        assert_eq!(engine.submit(ev).unwrap(), Admission::pending());
+        let pin = format!("{TEMP_REF_PREFIX}{c1}");
+        testkit::wait_for_stats(&engine, GENEROUS, |s| {
+            s.fetches_partial >= 1 && temp_refs(&target).contains(&pin)
+        });
+
+        let hidden_by_config = git2::Repository::open_bare(&target)
+            .unwrap()
+            .config()
+            .unwrap()
+            .multivar("transfer.hiderefs", None)
+            .map(|mut values| {
+                let mut all = Vec::new();
+                while let Some(v) = values.next() {
+                    all.push(v.unwrap().value().unwrap().to_owned());
+                }
+                all
+            })
+            .unwrap_or_default();
+        let want: &[&str] = if hide { &[TEMP_REF_PREFIX] } else { &[] };
+        assert_eq!(hidden_by_config, want, "hide {hide}");
+
+        let git = GitDaemon::start(Ipv4Addr::new(127, 0, 0, 3), &relay).unwrap();
+        let http = testkit::HttpGitServer::start(Ipv4Addr::new(127, 0, 0, 4), &relay).unwrap();
+        for (i, url) in [git.url("project.git"), http.url("project.git")]
+            .iter()
+            .enumerate()
+        {
+            let listed = ls_remote(url);
+            assert!(
+                listed.contains(&"refs/heads/main".to_owned()),
+                "{url}: {listed:?}"
+            );
+            assert_eq!(
+                listed.contains(&pin),
+                !hide,
+                "hide {hide}: {url} lists {listed:?}"
+            );
+            let mirrored = mirrored_refs(url, &dir.path().join(format!("clone-{i}.git")));
+            assert!(
+                mirrored.contains(&"refs/heads/main".to_owned()),
+                "{url}: {mirrored:?}"
+            );
+            assert_eq!(
+                mirrored.iter().any(|r| r.starts_with(TEMP_REF_PREFIX)),
+                !hide,
+                "hide {hide}: a mirror of {url} has {mirrored:?}"
+            );
+        }
+        engine.cancel("waits");
+        engine.shutdown().unwrap();
+        assert_eq!(temp_refs(&target), Vec::<String>::new());
+    }
+}

@@ -280,6 +280,7 @@ struct ConfigJson {
     allowed_schemes: Option<Vec<String>>,
     state_file: Option<PathBuf>,
     move_unreadable_state_aside: Option<bool>,
+    hide_temp_refs: Option<bool>,
 }
 
 impl ConfigJson {
@@ -324,6 +325,7 @@ impl ConfigJson {
         set!(allow_private_addresses => allow_private_addresses);
         set!(state_file => state_file);
         set!(move_unreadable_state_aside => move_unreadable_state_aside);
+        set!(hide_temp_refs => hide_temp_refs);
         if self.fetch_depth.is_some() {
             b = b.fetch_depth(self.fetch_depth);
         }
@@ -609,7 +611,9 @@ fn stats_json(s: &Stats) -> Value {
 /// `domain_overrides` `{"host": {"max_concurrent", "per_minute", "burst"?}}`, `our_domain`
 /// (`"host"`, or `"host:port"` / `"[v6]:port"` for that port only),
 /// `naughty_duration_ms`, `allow_private_addresses`, `allowed_schemes` `[..]`, `state_file`,
-/// `move_unreadable_state_aside`.
+/// `move_unreadable_state_aside`, `hide_temp_refs` (default true: the fetcher adds
+/// `transfer.hideRefs = refs/purgatory-sync/` to a repository's configuration before it pins
+/// objects there, so that clients of the relay do not see its temporary refs).
 ///
 /// On `PSYNC_OK`, `*out_engine` is a new engine owned by the caller: release it with
 /// `psync_engine_free`. On failure it is set to NULL. Errors: `PSYNC_NULL_ARGUMENT`,

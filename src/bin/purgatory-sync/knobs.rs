@@ -149,6 +149,10 @@ pub struct EngineArgs {
     /// Rename an unreadable state file aside and start empty (instead of failing)
     #[arg(long)]
     pub move_unreadable_state_aside: bool,
+    /// Do not add `transfer.hideRefs = refs/purgatory-sync/` to the relay repositories'
+    /// configuration: the engine's temporary refs are then advertised to their clients
+    #[arg(long)]
+    pub no_hide_temp_refs: bool,
 }
 
 impl EngineArgs {
@@ -211,6 +215,9 @@ impl EngineArgs {
         }
         if self.move_unreadable_state_aside {
             b = b.move_unreadable_state_aside(true);
+        }
+        if self.no_hide_temp_refs {
+            b = b.hide_temp_refs(false);
         }
         b
     }
