@@ -462,6 +462,9 @@ pub(crate) struct Core {
     awaiting_refs: BTreeMap<u64, Arc<str>>,
     /// The newest complete ref set with a `created_at` written in each repository.
     newest_states: HashMap<Arc<Path>, NewestState>,
+    /// Repositories where the last [`flush_refs`](Self::flush_refs) held an older state back
+    /// for a newer one awaiting its refs: the newer one's write releases it at once.
+    held_back: HashSet<Arc<Path>>,
     actions: Vec<Action>,
     next_entry: EntryId,
     next_seq: u64,
@@ -498,6 +501,7 @@ impl Core {
             urls: Arc::new(IdentifierUrls::new(cfg_urls_cap)),
             awaiting_refs: BTreeMap::new(),
             newest_states: HashMap::new(),
+            held_back: HashSet::new(),
             actions: Vec::new(),
             next_entry: 0,
             next_seq: 0,
@@ -750,6 +754,7 @@ impl Core {
             }
         }
         let mut skipped = Vec::new();
+        self.held_back.clear();
         for ev in self.awaiting_refs.values() {
             let state = self.events.get_mut(ev).expect("awaiting events wait");
             if state.applying {
@@ -763,6 +768,7 @@ impl Core {
                     continue;
                 }
                 if newest_awaiting.get(repo).is_some_and(|n| *n > at) {
+                    self.held_back.insert(repo.clone());
                     continue;
                 }
             }
@@ -810,9 +816,13 @@ impl Core {
                     newest.created_at = newest.created_at.max(at);
                     newest.until = until;
                 }
+                let repo = self.entries[&self.events[event_id].entry].repo.clone();
                 self.release(event_id, RefsOutcome::Written, now);
-                // States this one makes out of date are released now, not at the next pass.
-                self.flush_refs(now);
+                // Older states held back for this one are released now, not at the next
+                // pass; other writes need no new look at every event awaiting its refs.
+                if self.held_back.contains(&repo) {
+                    self.flush_refs(now);
+                }
                 self.flush_drops();
             }
             Err(e) => {
