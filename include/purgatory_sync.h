@@ -69,6 +69,9 @@ typedef enum psync_status {
   // submit: the event's clone URLs would give its identifier more distinct URLs than
   // allowed (`max_urls_per_identifier`).
   PSYNC_TOO_MANY_IDENTIFIER_URLS = 33,
+  // submit: `replace_refs` is set but the event has no ref update (an empty complete set
+  // would delete every branch and tag).
+  PSYNC_REPLACE_REFS_WITHOUT_REF_UPDATES = 34,
   // submit: a refusal added to the library after this header was written.
   PSYNC_OTHER_SUBMIT_ERROR = 39,
 } psync_status;
@@ -114,9 +117,12 @@ extern "C" {
 // `max_ref_updates_per_event`, `max_fetch_bytes`, `max_fetch_memory`, `max_object_size`,
 // `max_advertisement_bytes`, `fetch_depth` (null or n), `thread_name`,
 // `domain_limits` `{"max_concurrent", "per_minute", "burst"?}`,
-// `domain_overrides` `{"host": {"max_concurrent", "per_minute", "burst"?}}`, `our_domain`,
+// `domain_overrides` `{"host": {"max_concurrent", "per_minute", "burst"?}}`, `our_domain`
+// (`"host"`, or `"host:port"` / `"[v6]:port"` for that port only),
 // `naughty_duration_ms`, `allow_private_addresses`, `allowed_schemes` `[..]`, `state_file`,
-// `move_unreadable_state_aside`.
+// `move_unreadable_state_aside`, `hide_temp_refs` (default true: the fetcher adds
+// `transfer.hideRefs = refs/purgatory-sync/` to a repository's configuration before it pins
+// objects there, so that clients of the relay do not see its temporary refs).
 //
 // On `PSYNC_OK`, `*out_engine` is a new engine owned by the caller: release it with
 // `psync_engine_free`. On failure it is set to NULL. Errors: `PSYNC_NULL_ARGUMENT`,
@@ -138,7 +144,13 @@ enum psync_status psync_engine_new(const char *config_json, struct psync_engine 
 // `event_json` is a JSON object: `{"id", "identifier", "repo", "oids": [..],
 // "clone_urls": [..], "origin": "user"|"sync" (default "sync"), "ref_updates":
 // [{"name": "refs/heads/main", "oid": "<40 hex>"} | {"name": "HEAD", "symbolic":
-// "refs/heads/main"}]}`; unknown fields are refused.
+// "refs/heads/main"} | {"name": "refs/heads/old", "delete": true}], "replace_refs": false,
+// "created_at": <Unix seconds>}`; unknown fields are refused. `"replace_refs": true` says the
+// ref updates are the repository's complete set of branches and tags: writing them deletes
+// every other ref under `refs/heads/` and `refs/tags/`, in the same all-or-none transaction.
+// `created_at` (optional, the Nostr event's) orders complete sets of one repository: a set
+// older than one written before is released without being written (the outcome's `"refs"`
+// says `"skipped_older_state"`).
 //
 // On `PSYNC_OK`, `*out_admission` (if not NULL) says whether the event waits
 // (`PSYNC_ADMISSION_PENDING`: one outcome follows on `psync_engine_poll`) or was already
@@ -146,7 +158,7 @@ enum psync_status psync_engine_new(const char *config_json, struct psync_engine 
 // `[{"index", "url", "reason"}]` (possibly `"[]"`) of the clone URLs the URL policy refused:
 // release it with `psync_string_free`. On failure `*out_refused_urls_json` is NULL. Each
 // refusal of the event has its own status (`PSYNC_INVALID_EVENT_ID` ..
-// `PSYNC_INVALID_REF_UPDATE`). Never blocks on fetches. Thread-safe.
+// `PSYNC_REPLACE_REFS_WITHOUT_REF_UPDATES`). Never blocks on fetches. Thread-safe.
 //
 // Calls from one thread take effect in the order made: a submit right after
 // `psync_engine_cancel` of the same id waits again; a submit of an id that still waits is
@@ -211,8 +223,11 @@ const char *psync_outcome_event_id(const struct psync_outcome *outcome);
 const char *psync_outcome_identifier(const struct psync_outcome *outcome);
 
 // The whole outcome as JSON, owned by the outcome and valid until `psync_outcome_free`; NULL
-// if `outcome` is NULL. `{"kind": "released", "event_id", "identifier", "repo", "waited_ms"}`
-// or `{"kind": "expired", "event_id", "identifier", "repo", "missing": [..], "reason":
+// if `outcome` is NULL. `{"kind": "released", "event_id", "identifier", "repo", "waited_ms",
+// "refs": "none"|"written"|"skipped_older_state", "newer_created_at"?}` (`refs`: the event
+// had no ref updates, they were written, or none was because a newer state of the
+// repository, created at `newer_created_at`, was written before) or `{"kind": "expired",
+// "event_id", "identifier", "repo", "missing": [..], "reason":
 // "lifetime_ended"|"ref_update_failed"|"repository_gone", "message"?}`.
 //
 // # Safety

@@ -42,13 +42,14 @@ pub(crate) struct Config {
     pub thread_name: String,
     pub domain_limits: DomainLimits,
     pub domain_overrides: std::collections::HashMap<String, DomainLimits>,
-    pub our_domain: Option<String>,
+    pub our_domain: Option<crate::policy::OwnDomain>,
     pub naughty_duration: Duration,
     pub allow_private_addresses: bool,
     pub allowed_schemes: Vec<String>,
     pub state_file: Option<std::path::PathBuf>,
     pub checkpoint_interval: Duration,
     pub move_unreadable_state_aside: bool,
+    pub hide_temp_refs: bool,
 }
 
 /// How politely the engine treats one domain: at most `max_concurrent` fetches in flight,
@@ -149,6 +150,7 @@ impl Default for Config {
             state_file: None,
             checkpoint_interval: Duration::from_secs(60),
             move_unreadable_state_aside: false,
+            hide_temp_refs: true,
         }
     }
 }
@@ -205,6 +207,9 @@ pub struct EngineBuilder {
     cfg: Config,
     clock: Arc<dyn Clock>,
     fetcher: Option<Arc<dyn Fetcher>>,
+    /// Why the value given to [`our_domain`](Self::our_domain) is not a host with an optional
+    /// port: reported by `build`, which is where settings are refused.
+    our_domain_error: Option<String>,
 }
 
 impl Default for EngineBuilder {
@@ -213,6 +218,7 @@ impl Default for EngineBuilder {
             cfg: Config::default(),
             clock: Arc::new(SystemClock),
             fetcher: None,
+            our_domain_error: None,
         }
     }
 }
@@ -390,14 +396,42 @@ impl EngineBuilder {
         self
     }
 
-    /// The relay's own domain, never fetched from (matched on the whole host, not a
-    /// substring).
+    /// The relay's own domain, never fetched from: `host` refuses every port of the host,
+    /// `host:port` (or `[v6-address]:port`) only URLs whose port, given or their scheme's
+    /// default, is `port`, so that a sibling git service on another port of the same host can
+    /// still be fetched from. The host is matched on the whole host, not a substring, without
+    /// case or trailing dot.
+    ///
+    /// A value that is not a host with an optional port (an empty one, a port outside
+    /// 1 ..= 65535) makes [`build`](Self::build) fail with
+    /// [`BuildError::InvalidSetting`] naming `our_domain`.
     pub fn our_domain(mut self, domain: &str) -> Self {
         // The same canonical form as the domains of clone URLs (IPv6 brackets, IDN, case).
-        let host = domain.trim();
-        let canonical = crate::policy::domain_of(&format!("http://{host}/"))
-            .unwrap_or_else(|| host.trim_end_matches('.').to_ascii_lowercase());
-        self.cfg.our_domain = Some(canonical);
+        match crate::policy::OwnDomain::parse(domain) {
+            Ok(own) => {
+                self.cfg.our_domain = Some(own);
+                self.our_domain_error = None;
+            }
+            Err(why) => {
+                self.cfg.our_domain = None;
+                self.our_domain_error = Some(format!("{domain:?}: {why}"));
+            }
+        }
+        self
+    }
+
+    /// Whether the built-in fetcher hides its temporary refs from the relay's clients
+    /// (default `true`). The objects of waiting events are pinned under
+    /// [`TEMP_REF_PREFIX`](crate::TEMP_REF_PREFIX) so that `git gc` keeps them; served by
+    /// `git upload-pack` (`git daemon`, `git http-backend`), those refs would be advertised to
+    /// anyone who clones the repository while the events wait. Before it first pins objects
+    /// in a repository the fetcher adds `transfer.hideRefs = refs/purgatory-sync/` to the
+    /// repository's own configuration, unless a value there or in the system or global
+    /// configuration already hides them, or explicitly shows them (`!refs/purgatory-sync/`).
+    /// The value is written once and left in place. It also makes `git receive-pack` refuse
+    /// pushes to those refs. `false` writes nothing.
+    pub fn hide_temp_refs(mut self, hide: bool) -> Self {
+        self.cfg.hide_temp_refs = hide;
         self
     }
 
@@ -556,6 +590,9 @@ impl EngineBuilder {
             }
         };
         let year = Duration::from_secs(365 * 24 * 3600);
+        if let Some(why) = &self.our_domain_error {
+            return bad("our_domain", why.clone());
+        }
         range("tick", c.tick, ms, hour)?;
         range("user_delay", c.user_delay, Duration::ZERO, year)?;
         range("sync_delay", c.sync_delay, Duration::ZERO, year)?;
@@ -741,7 +778,8 @@ mod our_domain_tests {
             ("127.0.0.3", "127.0.0.3"),
         ] {
             let b = EngineBuilder::new().our_domain(given);
-            assert_eq!(b.cfg.our_domain.as_deref(), Some(canonical), "{given}");
+            let own = b.cfg.our_domain.as_ref().expect("a valid own domain");
+            assert_eq!((&*own.host, own.port), (canonical, None), "{given}");
             let url = format!("https://{given}/r.git");
             assert_eq!(
                 crate::policy::domain_of(&url).as_deref(),
@@ -749,6 +787,55 @@ mod our_domain_tests {
                 "{given}"
             );
         }
+    }
+
+    #[test]
+    fn our_domain_takes_a_port_with_the_host_in_canonical_form() {
+        for (given, host, port) in [
+            ("relay.example.com:8443", "relay.example.com", 8443),
+            ("Relay.Example.COM.:443", "relay.example.com", 443),
+            ("[::1]:9418", "::1", 9418),
+            ("[0::1]:1", "::1", 1),
+            ("127.0.0.3:65535", "127.0.0.3", 65535),
+            (" relay.example.com:80 ", "relay.example.com", 80),
+        ] {
+            let b = EngineBuilder::new().our_domain(given);
+            let own = b.cfg.our_domain.as_ref().expect("a valid own domain");
+            assert_eq!((&*own.host, own.port), (host, Some(port)), "{given}");
+            assert!(b.validate().is_ok(), "{given}");
+        }
+    }
+
+    #[test]
+    fn an_own_domain_that_is_no_host_with_a_port_is_refused_at_build() {
+        for given in [
+            "",
+            "relay.example.com:",
+            "relay.example.com:0",
+            "relay.example.com:65536",
+            "relay.example.com:https",
+            "relay.example.com:+443",
+            "[::1",
+            "[::1]443",
+            "::1:99999",
+            "fe80::1:443x",
+            "relay.example.com/x",
+            "user@relay.example.com",
+            "a b",
+        ] {
+            match EngineBuilder::new().our_domain(given).validate() {
+                Err(BuildError::InvalidSetting {
+                    setting: "our_domain",
+                    reason,
+                }) => assert!(reason.starts_with(&format!("{given:?}: ")), "{reason}"),
+                other => panic!("{given:?}: {other:?}"),
+            }
+        }
+        // A later valid value replaces the refused one.
+        let b = EngineBuilder::new()
+            .our_domain("relay.example.com:0")
+            .our_domain("relay.example.com");
+        assert!(b.validate().is_ok());
     }
 }
 

@@ -320,6 +320,8 @@ impl Engine {
             missing,
             urls: checked.urls,
             refs: checked.refs.into(),
+            replace_refs: event.replace_refs,
+            created_at: event.created_at,
             origin: event.origin,
             submitted: now,
             restored: None,

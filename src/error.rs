@@ -167,6 +167,10 @@ pub enum SubmitError {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// [`PendingEvent::replace_refs`](crate::PendingEvent::replace_refs) is set but the event
+    /// has no ref update: an empty complete set would delete every branch and tag of the
+    /// repository.
+    ReplaceRefsWithoutRefUpdates,
     /// The repository path is not an existing bare git repository.
     InvalidRepository {
         /// The path as given.
@@ -239,6 +243,10 @@ impl fmt::Display for SubmitError {
                 name,
                 reason,
             } => write!(f, "invalid ref_updates[{index}] {}: {reason}", quoted(name)),
+            SubmitError::ReplaceRefsWithoutRefUpdates => f.write_str(
+                "invalid replace_refs: the event has no ref updates, and an empty complete set \
+                 would delete every branch and tag",
+            ),
             SubmitError::InvalidRepository { path, reason } => {
                 write!(f, "invalid repo {}: {reason}", path.display())
             }

@@ -51,10 +51,34 @@ pub struct PendingEvent {
     /// Checked at submit: each name is `HEAD` or a valid git ref name under `refs/` (at most
     /// 1024 bytes, not under the engine's own `refs/purgatory-sync/`), no name is given twice
     /// or is a directory of another (`refs/heads/a` and `refs/heads/a/b`), an oid target is 40
-    /// hex digits among [`oids`](Self::oids), and only `HEAD` may have a symbolic target (a
-    /// `refs/...` name). At most 256 per event by default
+    /// hex digits among [`oids`](Self::oids), only `HEAD` may have a symbolic target (a
+    /// `refs/...` name), and `HEAD` may not be deleted ([`RefTarget::Delete`]). At most 256
+    /// per event by default
     /// ([`EngineBuilder::max_ref_updates_per_event`](crate::EngineBuilder::max_ref_updates_per_event)).
     pub ref_updates: Vec<RefUpdate>,
+    /// The event's [`ref_updates`](Self::ref_updates) are the repository's *complete* set of
+    /// branches and tags, as a repository state event (NIP-34 kind 30618) lists them: when
+    /// they are written, every existing ref under `refs/heads/` and `refs/tags/` that the
+    /// event does not name is deleted, in the same all-or-none transaction. `HEAD` and refs
+    /// in other namespaces (`refs/nostr/*`, the engine's `refs/purgatory-sync/*`) are never
+    /// deleted by it.
+    ///
+    /// An event with `replace_refs` and no ref update is refused at submit
+    /// ([`SubmitError::ReplaceRefsWithoutRefUpdates`](crate::SubmitError::ReplaceRefsWithoutRefUpdates)):
+    /// an empty set would delete every branch and tag, which NIP-34 means by no state
+    /// event at all.
+    pub replace_refs: bool,
+    /// When the event was created, in Unix seconds (a Nostr event's `created_at`), if known.
+    ///
+    /// It orders the complete ref sets ([`replace_refs`](Self::replace_refs)) of one
+    /// repository: the newest state wins. Once a state with a `created_at` has been written,
+    /// an *older* state of the same repository whose data arrives later is released without
+    /// writing its refs ([`RefsOutcome::SkippedOlderState`]), so that the refs never roll
+    /// back. The engine remembers the newest written state of each repository for the event
+    /// lifetime after it was written (an older state can only wait in purgatory that long).
+    /// Without `created_at`, or without `replace_refs`, an event's refs are written whatever
+    /// was written before, in submission order.
+    pub created_at: Option<u64>,
 }
 
 /// A ref to set when an event is released.
@@ -82,6 +106,14 @@ impl RefUpdate {
             target: RefTarget::Symbolic(target.into()),
         }
     }
+
+    /// The deletion of a ref (not `HEAD`); a ref that does not exist is no error.
+    pub fn delete(name: impl Into<String>) -> Self {
+        RefUpdate {
+            name: name.into(),
+            target: RefTarget::Delete,
+        }
+    }
 }
 
 /// The target of a [`RefUpdate`].
@@ -91,6 +123,9 @@ pub enum RefTarget {
     Oid(String),
     /// Another ref's full name (only for `HEAD`).
     Symbolic(String),
+    /// No target: the ref is deleted if it exists (never `HEAD`). Deleting a ref that does
+    /// not exist is not an error.
+    Delete,
 }
 
 impl PendingEvent {
@@ -129,6 +164,20 @@ impl PendingEvent {
     /// Adds a ref to set on release.
     pub fn ref_update(mut self, update: RefUpdate) -> Self {
         self.ref_updates.push(update);
+        self
+    }
+
+    /// Says whether the ref updates are the repository's complete set of branches and tags,
+    /// whose writing deletes the branches and tags they do not name (the field of the same
+    /// name).
+    pub fn replace_refs(mut self, replace: bool) -> Self {
+        self.replace_refs = replace;
+        self
+    }
+
+    /// Sets when the event was created, in Unix seconds (the field of the same name).
+    pub fn created_at(mut self, unix_seconds: u64) -> Self {
+        self.created_at = Some(unix_seconds);
         self
     }
 }
@@ -263,6 +312,33 @@ pub enum ExpiryReason {
     },
 }
 
+/// What became of a released event's [ref updates](PendingEvent::ref_updates).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RefsOutcome {
+    /// The event had no ref updates.
+    NoRefUpdates,
+    /// They were written, all of them, before the event was released.
+    Written,
+    /// None was written: the event is a complete ref set
+    /// ([`replace_refs`](PendingEvent::replace_refs)) older, by its
+    /// [`created_at`](PendingEvent::created_at), than a state of the same repository written
+    /// before; writing it would roll the repository's refs back. The event's objects are in
+    /// the repository.
+    #[non_exhaustive]
+    SkippedOlderState {
+        /// The `created_at` of the newer state that was written.
+        newer_created_at: u64,
+    },
+}
+
+impl RefsOutcome {
+    /// A [`RefsOutcome::SkippedOlderState`].
+    pub fn skipped_older_state(newer_created_at: u64) -> Self {
+        RefsOutcome::SkippedOlderState { newer_created_at }
+    }
+}
+
 /// What finally happened to a submitted event, delivered on
 /// [`Engine::outcomes`](crate::Engine::outcomes). Every pending event gets exactly one,
 /// unless it is cancelled.
@@ -270,7 +346,8 @@ pub enum ExpiryReason {
 #[non_exhaustive]
 pub enum Outcome {
     /// Every object the event waited for is in its repository, and its
-    /// [ref updates](PendingEvent::ref_updates), if any, are written.
+    /// [ref updates](PendingEvent::ref_updates), if any, are written, unless `refs` says they
+    /// were skipped as an older state's.
     #[non_exhaustive]
     Released {
         /// The event's id.
@@ -281,6 +358,8 @@ pub enum Outcome {
         repo: PathBuf,
         /// How long the event waited, by the engine's clock.
         waited: Duration,
+        /// What became of its ref updates.
+        refs: RefsOutcome,
     },
     /// The event left purgatory without all its objects.
     #[non_exhaustive]
@@ -325,11 +404,16 @@ impl Outcome {
 /// `purgatory-sync run` prints, one per line:
 ///
 /// ```json
-/// {"kind":"released","event_id":"…","identifier":"…","repo":"/srv/a.git","waited_ms":1234}
+/// {"kind":"released","event_id":"…","identifier":"…","repo":"/srv/a.git","waited_ms":1234,
+///  "refs":"written"}
+/// {"kind":"released","event_id":"…","identifier":"…","repo":"/srv/a.git","waited_ms":1234,
+///  "refs":"skipped_older_state","newer_created_at":1700000100}
 /// {"kind":"expired","event_id":"…","identifier":"…","repo":"/srv/a.git","missing":["…"],
 ///  "reason":"lifetime_ended"}
 /// ```
 ///
+/// `refs` ([`RefsOutcome`]) is `none` (no ref updates), `written` or `skipped_older_state`;
+/// the last adds `newer_created_at`, the `created_at` of the newer state written before.
 /// `reason` is `lifetime_ended`, `repository_gone` or `ref_update_failed`; the last two add a
 /// `message`. Paths that are not UTF-8 are written lossily.
 ///
@@ -363,8 +447,16 @@ impl serde::Serialize for Outcome {
         map.serialize_entry("identifier", identifier)?;
         map.serialize_entry("repo", &repo.to_string_lossy())?;
         match self {
-            Outcome::Released { waited, .. } => {
+            Outcome::Released { waited, refs, .. } => {
                 map.serialize_entry("waited_ms", &crate::state::millis(*waited))?;
+                match refs {
+                    RefsOutcome::NoRefUpdates => map.serialize_entry("refs", "none")?,
+                    RefsOutcome::Written => map.serialize_entry("refs", "written")?,
+                    RefsOutcome::SkippedOlderState { newer_created_at } => {
+                        map.serialize_entry("refs", "skipped_older_state")?;
+                        map.serialize_entry("newer_created_at", newer_created_at)?;
+                    }
+                }
             }
             Outcome::Expired {
                 missing, reason, ..
@@ -384,5 +476,47 @@ impl serde::Serialize for Outcome {
             }
         }
         map.end()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn released(refs: RefsOutcome) -> serde_json::Value {
+        serde_json::to_value(Outcome::Released {
+            event_id: "e".into(),
+            identifier: "i".into(),
+            repo: PathBuf::from("/srv/a.git"),
+            waited: Duration::from_millis(1234),
+            refs,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_released_outcome_says_what_became_of_its_refs() {
+        let base = serde_json::json!({"kind": "released", "event_id": "e", "identifier": "i",
+                                      "repo": "/srv/a.git", "waited_ms": 1234});
+        let with = |extra: serde_json::Value| {
+            let mut v = base.clone();
+            v.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            v
+        };
+        assert_eq!(
+            released(RefsOutcome::NoRefUpdates),
+            with(serde_json::json!({"refs": "none"}))
+        );
+        assert_eq!(
+            released(RefsOutcome::Written),
+            with(serde_json::json!({"refs": "written"}))
+        );
+        assert_eq!(
+            released(RefsOutcome::skipped_older_state(1_700_000_100)),
+            with(serde_json::json!({"refs": "skipped_older_state",
+                                    "newer_created_at": 1_700_000_100u64}))
+        );
     }
 }

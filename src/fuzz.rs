@@ -16,7 +16,7 @@ use crate::error::SubmitError;
 use crate::event::{RefTarget, UrlRefusal};
 use crate::ffi::capi;
 use crate::nip34::{self, Announcement, Nip34Error, NostrEvent, RepoRef};
-use crate::policy::{self, UrlPolicy};
+use crate::policy::{self, OwnDomain, UrlPolicy};
 use crate::state::{self, StateFileError, STATE_VERSION};
 use crate::{validate, ObjectId, Origin, PendingEvent};
 
@@ -44,8 +44,8 @@ fn scheme_of(url: &str) -> String {
 /// 40 lower-case hex digits, sorted, distinct, between 1 and the limit, and exactly the
 /// event's ids; accepted and refused URLs are the event's own, accepted ones with an allowed
 /// scheme and a non-empty domain; the ref updates are the event's, oid targets among the
-/// checked ids; an error displays a non-empty message and its index points at the value it
-/// names.
+/// checked ids, deletions never of `HEAD`, and a complete ref set (`replace_refs`) is not
+/// empty; an error displays a non-empty message and its index points at the value it names.
 pub fn submit_validation(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
@@ -65,7 +65,7 @@ pub fn submit_validation(data: &[u8]) {
         max_ref_updates_per_event: 2,
         allow_private_addresses: true,
         allowed_schemes: vec!["https".to_owned()],
-        our_domain: Some("relay.example.com".to_owned()),
+        our_domain: Some(OwnDomain::parse("relay.example.com").expect("a host")),
         ..Config::default()
     };
     check_submit(&event, &small);
@@ -94,6 +94,9 @@ fn check_submit(ev: &PendingEvent, cfg: &Config) -> Option<SubmitError> {
                 SubmitError::InvalidEventId { value, .. } => assert_eq!(value, &ev.id),
                 SubmitError::InvalidIdentifier { value, .. } => assert_eq!(value, &ev.identifier),
                 SubmitError::NoObjectIds => assert!(ev.oids.is_empty()),
+                SubmitError::ReplaceRefsWithoutRefUpdates => {
+                    assert!(ev.replace_refs && ev.ref_updates.is_empty())
+                }
                 other => panic!("validate::event does no I/O and holds no queue: {other:?}"),
             }
             return Some(e);
@@ -123,7 +126,13 @@ fn check_submit(ev: &PendingEvent, cfg: &Config) -> Option<SubmitError> {
             url.url
         );
         assert!(!url.domain.is_empty(), "{}", url.url);
-        assert_ne!(cfg.our_domain.as_deref(), Some(&*url.domain));
+        assert!(
+            !cfg.our_domain
+                .as_ref()
+                .is_some_and(|d| d.covers(&url.domain, url.port)),
+            "{}",
+            url.url
+        );
     }
     for refused in &checked.refused {
         assert_eq!(ev.clone_urls.get(refused.index), Some(&refused.url));
@@ -142,8 +151,14 @@ fn check_submit(ev: &PendingEvent, cfg: &Config) -> Option<SubmitError> {
                 assert_eq!(out.name, "HEAD");
                 assert!(target.starts_with("refs/"), "{target}");
             }
+            RefTarget::Delete => {
+                assert_ne!(out.name, "HEAD");
+                assert_eq!(given.target, RefTarget::Delete);
+            }
         }
     }
+    // A complete ref set is never empty: that would delete every branch and tag.
+    assert!(!(ev.replace_refs && checked.refs.is_empty()), "{ev:?}");
     None
 }
 
@@ -152,7 +167,8 @@ fn check_submit(ev: &PendingEvent, cfg: &Config) -> Option<SubmitError> {
 ///
 /// Invariants: an accepted URL is returned as given, with a scheme of the allow-list and a
 /// non-empty domain that is [`domain_of`](crate::domain_of) the URL, already canonical, and
-/// refused as the policy's own domain; the strict policy accepts no loopback or private
+/// refused as the policy's own domain, also as that domain with the URL's port but not with
+/// another port; the strict policy accepts no loopback or private
 /// host; the two policies agree except that the open one accepts what the strict one refuses
 /// as a private address; every refusal displays a non-empty reason.
 pub fn url_policy(data: &[u8]) {
@@ -179,6 +195,27 @@ pub fn url_policy(data: &[u8]) {
                     Err(UrlRefusal::OwnDomain),
                     "{url}"
                 );
+                // With a port, the own domain is that authority only: the URL's effective port
+                // is refused, any other port of the host is not.
+                if accepted.port != 0 {
+                    let host = if domain.contains(':') {
+                        format!("[{domain}]")
+                    } else {
+                        domain.to_owned()
+                    };
+                    let ours = format!("{host}:{}", accepted.port);
+                    assert_eq!(
+                        policy.clone().our_domain(&ours).check(url),
+                        Err(UrlRefusal::OwnDomain),
+                        "{url} {ours}"
+                    );
+                    let other = format!("{host}:{}", accepted.port % 65535 + 1);
+                    assert_eq!(
+                        policy.clone().our_domain(&other).check(url).as_ref(),
+                        Ok(accepted),
+                        "{url} {other}"
+                    );
+                }
                 if !policy.private_addresses_allowed() {
                     if let Ok(ip) = domain.parse::<IpAddr>() {
                         assert!(policy::ip_allowed(ip, false), "{url}");
@@ -212,7 +249,9 @@ pub fn url_policy(data: &[u8]) {
 /// repository's address parses back to it; an announcement matches its own repository and
 /// holds distinct non-empty URLs and 64-hex maintainers; a pending event has the event's id,
 /// its repository's identifier, at least one object id, all 40 lower-case hex and distinct,
-/// ref targets among them, distinct non-empty clone URLs, and is refused by submit validation
+/// ref targets among them and no deletion, a complete ref set exactly when it is a state, the
+/// event's `created_at`,
+/// distinct non-empty clone URLs, and is refused by submit validation
 /// for nothing but limits, identifiers, URL strings and ref clashes; errors display a
 /// non-empty message.
 pub fn nip34(data: &[u8]) {
@@ -318,6 +357,19 @@ fn check_pending(event: &NostrEvent, pending: &PendingEvent, repo: Option<&RepoR
     assert!(!pending.clone_urls.is_empty());
     assert!(pending.clone_urls.iter().all(|u| !u.is_empty()));
     assert!(distinct(&pending.clone_urls), "{:?}", pending.clone_urls);
+    assert_eq!(pending.created_at, Some(event.created_at));
+    // A state is the repository's complete set of branches and tags; nothing else is.
+    assert_eq!(
+        pending.replace_refs,
+        event.kind == nip34::KIND_REPOSITORY_STATE
+    );
+    assert!(
+        pending
+            .ref_updates
+            .iter()
+            .all(|u| u.target != RefTarget::Delete),
+        "NIP-34 events delete by leaving out"
+    );
     if event.kind != nip34::KIND_REPOSITORY_STATE {
         assert_eq!(pending.oids.len(), 1);
         assert_eq!(pending.ref_updates.len(), 1);

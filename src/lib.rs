@@ -80,14 +80,22 @@
 //! | most distinct clone URLs of one identifier's waiting events | 256 | [`EngineBuilder::max_urls_per_identifier`] |
 //! | connect timeout / longest silence on a connection | 10 s / 30 s | [`EngineBuilder::connect_timeout`], [`EngineBuilder::io_timeout`] |
 //! | shallow fetch | off | [`EngineBuilder::fetch_depth`] |
+//! | the relay's own domain, never fetched from: `host` (every port) or `host:port` (that authority only) | none | [`EngineBuilder::our_domain`] |
+//! | temporary refs hidden from the relay's clients (`transfer.hideRefs`) | yes | [`EngineBuilder::hide_temp_refs`] |
 //!
 //! An attempt tries the identifier's clone URLs one after another, each fetch asking for the
 //! objects still missing, until every waiting event is satisfied or every URL was tried; objects
 //! may come from different URLs. A new event for a queued identifier resets the backoff and
 //! moves the next attempt earlier, never later. At most one fetch runs per identifier and per
 //! repository. Fetched objects are kept reachable under [`TEMP_REF_PREFIX`] until their event
-//! leaves purgatory. An event's [`RefUpdate`]s are written in one transaction, all or none,
-//! before its [`Outcome::Released`] is sent.
+//! leaves purgatory; those refs are hidden from the relay's clients (`transfer.hideRefs` in the
+//! repository's configuration, see [`EngineBuilder::hide_temp_refs`]). An event's [`RefUpdate`]s are written in one transaction, all or none,
+//! before its [`Outcome::Released`] is sent; a ref update may delete its ref
+//! ([`RefTarget::Delete`]), and a repository state's updates are its complete set of branches
+//! and tags ([`PendingEvent::replace_refs`]): the others are deleted in the same transaction.
+//! Of two such states of one repository the newest ([`PendingEvent::created_at`]) wins: an
+//! older one released after a newer one was written is not written, and its outcome says so
+//! ([`RefsOutcome::SkippedOlderState`]).
 //!
 //! A host's calls from one thread take effect in the order it made them: a submit right after
 //! a cancel of the same id queues the event anew, and a submit of an id that still waits is a
@@ -143,8 +151,8 @@ pub use config::{DomainLimits, EngineBuilder};
 pub use engine::Engine;
 pub use error::{BuildError, ShutdownError, SubmitError};
 pub use event::{
-    Admission, ExpiryReason, Origin, Outcome, PendingEvent, RefTarget, RefUpdate, RefusedUrl,
-    UrlRefusal,
+    Admission, ExpiryReason, Origin, Outcome, PendingEvent, RefTarget, RefUpdate, RefsOutcome,
+    RefusedUrl, UrlRefusal,
 };
 pub use fetch::{
     FailureKind, FetchControl, FetchError, FetchReport, FetchRequest, Fetcher, GitFetcher,

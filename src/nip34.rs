@@ -8,7 +8,7 @@
 //! | kind | event | becomes |
 //! |---|---|---|
 //! | [30617](KIND_REPOSITORY_ANNOUNCEMENT) | repository announcement | an [`Announcement`]: the repository's clone URLs and maintainers |
-//! | [30618](KIND_REPOSITORY_STATE) | repository state | its refs' object ids, one [`RefUpdate`] per `refs/` tag, plus `HEAD` |
+//! | [30618](KIND_REPOSITORY_STATE) | repository state | its refs' object ids, one [`RefUpdate`] per `refs/` tag, plus `HEAD`; the complete set of branches and tags ([`replace_refs`](PendingEvent::replace_refs)) |
 //! | [1618](KIND_PULL_REQUEST), [1619](KIND_PULL_REQUEST_UPDATE) | pull request, pull request update | its `c` tip, the ref `refs/nostr/<event-id>` |
 //! | [1617](KIND_PATCH) with a `c` tag | a pull request sent with the patch kind | as a pull request |
 //!
@@ -82,6 +82,8 @@
 //!         RefUpdate::symbolic("HEAD", "refs/heads/main"),
 //!     ]
 //! );
+//! // A state is the repository's complete set of branches and tags.
+//! assert!(pending.replace_refs);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
@@ -428,8 +430,12 @@ pub fn repository_of(event: &NostrEvent) -> Result<RepoRef, Nip34Error> {
 ///   `refs/` tags in tag order (the first value of each tag: NIP-34 allows ancestry after it),
 ///   lower-cased; `ref_updates` has one oid update per `refs/` tag, then `HEAD` when a `HEAD`
 ///   tag says `ref: refs/heads/<branch>`. A peeled entry (`refs/tags/v1.0^{}`, the commit an
-///   annotated tag points at) adds its object id but no ref. A state without `refs/` tags
+///   annotated tag points at) adds its object id but no ref. A state lists *every* branch and
+///   tag, so [`replace_refs`](PendingEvent::replace_refs) is set: once released, the
+///   repository serves exactly the state's branches and tags. A state without `refs/` tags
 ///   means its author stopped tracking state: [`Nip34Error::NothingToFetch`].
+/// - Every kind: [`created_at`](PendingEvent::created_at) is the event's, so that of two
+///   states of a repository the newer wins whichever one's data arrives last.
 /// - **Pull request (1618), update (1619), patch with a `c` tag (1617)**: `identifier` comes
 ///   from the `a` tag; `oids` is the `c` tip, lower-cased; `ref_updates` sets
 ///   `refs/nostr/<event-id>` to it. A patch without a `c` tag is
@@ -494,6 +500,10 @@ pub fn pending_event(
         clone_urls,
         origin,
         ref_updates,
+        // A state lists every branch and tag of the repository: the others go.
+        replace_refs: event.kind == KIND_REPOSITORY_STATE,
+        // Orders the states of a repository: the newest one wins.
+        created_at: Some(event.created_at),
     })
 }
 

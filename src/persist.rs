@@ -176,12 +176,13 @@ pub(crate) fn restore(
         };
         let mut ref_updates = Vec::with_capacity(saved.ref_updates.len());
         for r in &saved.ref_updates {
-            ref_updates.push(match (&r.oid, &r.symbolic) {
-                (Some(o), None) => RefUpdate::oid(&r.name, o),
-                (None, Some(t)) => RefUpdate::symbolic(&r.name, t),
+            ref_updates.push(match (&r.oid, &r.symbolic, r.delete) {
+                (Some(o), None, false) => RefUpdate::oid(&r.name, o),
+                (None, Some(t), false) => RefUpdate::symbolic(&r.name, t),
+                (None, None, true) => RefUpdate::delete(&r.name),
                 _ => {
                     return Err(corrupt(format!(
-                        "event {}: ref {} needs exactly one of oid and symbolic",
+                        "event {}: ref {} needs exactly one of oid, symbolic and delete",
                         saved.id, r.name
                     )))
                 }
@@ -195,6 +196,8 @@ pub(crate) fn restore(
             clone_urls: saved.clone_urls.clone(),
             origin,
             ref_updates,
+            replace_refs: saved.replace_refs,
+            created_at: saved.created_at,
         };
         let checked = crate::validate::event(&pending, cfg)
             .map_err(|e| corrupt(format!("event {}: {e}", saved.id)))?;
@@ -217,6 +220,8 @@ pub(crate) fn restore(
                 missing,
                 urls: checked.urls,
                 refs: checked.refs.into(),
+                replace_refs: saved.replace_refs,
+                created_at: saved.created_at,
                 origin,
                 submitted: now,
                 restored: None,
@@ -269,6 +274,18 @@ pub(crate) fn restore(
             ..n
         })
         .collect();
+    // Keyed by the canonical path, as the restored events' repositories are; capped like
+    // the events' lifetimes, which they outlive by nothing.
+    let newest_states = file
+        .newest_states
+        .into_iter()
+        .map(|n| {
+            let repo = std::fs::canonicalize(&n.repo).unwrap_or(n.repo);
+            let left = Duration::from_millis(n.remaining_ms).min(cfg.event_lifetime);
+            (Arc::from(repo.as_path()), n.created_at, left)
+        })
+        .collect();
+    core.restore_newest_states(newest_states, downtime, now);
     core.restore(events, expired, naughty, downtime, now, wall_ms);
     Ok(())
 }

@@ -55,6 +55,91 @@ pub(crate) fn default_port(scheme: &str) -> Option<u16> {
     }
 }
 
+/// The relay's own domain: a host, and optionally the one port of it that is the relay's.
+///
+/// Written `host` (every port of the host is ours), `host:port` or `[v6-address]:port` (only
+/// that authority is ours: a sibling git service on another port of the same host may be
+/// fetched from). The host is kept in the canonical form of clone URLs' domains
+/// ([`domain_of`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct OwnDomain {
+    /// Canonical, as [`domain_of`] gives it.
+    pub host: Arc<str>,
+    /// `None`: every port of `host`.
+    pub port: Option<u16>,
+}
+
+impl OwnDomain {
+    /// Reads `host`, `host:port` or `[v6]:port`; the host is canonicalised like a clone URL's.
+    ///
+    /// # Errors
+    /// Why the value is not a host with an optional port.
+    pub(crate) fn parse(value: &str) -> Result<OwnDomain, &'static str> {
+        let value = value.trim();
+        if value.is_empty() {
+            return Err("empty");
+        }
+        // A bare address, IPv6 included, has no port: `::1` is not host `:` port `1`.
+        if let Ok(ip) = value.parse::<IpAddr>() {
+            return Ok(OwnDomain {
+                host: Arc::from(ip.to_string()),
+                port: None,
+            });
+        }
+        let (host, port) = if let Some(inner) = value.strip_prefix('[') {
+            let (v6, rest) = inner.split_once(']').ok_or("`[` without `]`")?;
+            let port = match rest {
+                "" => None,
+                _ => Some(
+                    rest.strip_prefix(':')
+                        .ok_or("text after `]` that is not `:port`")?,
+                ),
+            };
+            (format!("[{v6}]"), port)
+        } else {
+            match value.rsplit_once(':') {
+                Some((_, _)) if value.matches(':').count() > 1 => {
+                    return Err("an IPv6 address with a port is written `[address]:port`")
+                }
+                Some((host, port)) => (host.to_owned(), Some(port)),
+                None => (value.to_owned(), None),
+            }
+        };
+        let port = match port {
+            None => None,
+            Some(p) => match p.parse::<u16>() {
+                Ok(n) if n > 0 && p.bytes().all(|b| b.is_ascii_digit()) => Some(n),
+                _ => return Err("the port is not a number from 1 to 65535"),
+            },
+        };
+        // Anything a URL parser would read as the end of the authority or as user info.
+        if host.contains(['/', '?', '#', '@', '\\']) || host.contains(char::is_whitespace) {
+            return Err("not a valid host name or address");
+        }
+        let host =
+            domain_of(&format!("http://{host}/")).ok_or("not a valid host name or address")?;
+        Ok(OwnDomain {
+            host: Arc::from(host),
+            port,
+        })
+    }
+
+    /// Whether a URL of `domain` (canonical) whose connections go to `port` is ours.
+    pub(crate) fn covers(&self, domain: &str, port: u16) -> bool {
+        *self.host == *domain && self.port.is_none_or(|p| p == port)
+    }
+}
+
+impl std::fmt::Display for OwnDomain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.port, self.host.contains(':')) {
+            (None, _) => f.write_str(&self.host),
+            (Some(p), true) => write!(f, "[{}]:{p}", self.host),
+            (Some(p), false) => write!(f, "{}:{p}", self.host),
+        }
+    }
+}
+
 /// Which clone URLs may be fetched.
 ///
 /// The engine builds its policy from [`EngineBuilder`](crate::EngineBuilder)'s
@@ -68,7 +153,8 @@ pub(crate) fn default_port(scheme: &str) -> Option<u16> {
 ///   `<transport>::<address>` form such as `ext::` (`Scheme`);
 /// - it embeds user info (`user@`, `user:password@`) (`Credentials`);
 /// - its host is the relay's own domain, compared on the whole host after lower-casing and
-///   removing a trailing dot (`OwnDomain`);
+///   removing a trailing dot, and, when the own domain names a port, its port (the URL's, or
+///   its scheme's default) is that port (`OwnDomain`);
 /// - unless private addresses are allowed, its host is a literal loopback, private (10/8,
 ///   172.16/12, 192.168/16, 100.64/10, fc00::/7), link-local, multicast, unspecified,
 ///   broadcast or reserved address, also inside an IPv4-mapped IPv6 address, an address of
@@ -84,6 +170,10 @@ pub(crate) fn default_port(scheme: &str) -> Option<u16> {
 /// assert!(policy.permits("https://git.example.com/alice/project.git").is_ok());
 /// assert_eq!(policy.permits("https://Relay.Example.COM./x.git"), Err(UrlRefusal::OwnDomain));
 /// assert!(policy.permits("https://notrelay.example.com.evil/x.git").is_ok());
+/// // With a port, only that authority is ours: a sibling git service on the host is not.
+/// let policy = UrlPolicy::new().our_domain("relay.example.com:443");
+/// assert_eq!(policy.permits("https://relay.example.com/x.git"), Err(UrlRefusal::OwnDomain));
+/// assert!(policy.permits("https://relay.example.com:8443/x.git").is_ok());
 /// assert!(matches!(policy.permits("file:///srv/x.git"), Err(UrlRefusal::Scheme(_))));
 /// assert!(matches!(policy.permits("git://10.0.0.7/x.git"), Err(UrlRefusal::PrivateAddress(_))));
 /// assert!(UrlPolicy::new().allow_private_addresses(true).permits("git://10.0.0.7/x.git").is_ok());
@@ -93,8 +183,7 @@ pub struct UrlPolicy {
     /// Lower case.
     schemes: Arc<[String]>,
     allow_private: bool,
-    /// Canonical, as [`domain_of`] gives it.
-    our_domain: Option<Arc<str>>,
+    our_domain: Option<OwnDomain>,
 }
 
 impl Default for UrlPolicy {
@@ -119,9 +208,9 @@ impl UrlPolicy {
         let policy = UrlPolicy::new()
             .allowed_schemes(cfg.allowed_schemes.iter().map(String::as_str))
             .allow_private_addresses(cfg.allow_private_addresses);
-        match &cfg.our_domain {
-            Some(d) => policy.our_domain(d),
-            None => policy,
+        UrlPolicy {
+            our_domain: cfg.our_domain.clone(),
+            ..policy
         }
     }
 
@@ -146,14 +235,17 @@ impl UrlPolicy {
         self
     }
 
-    /// The relay's own domain, never fetched from. Matched on the whole host, without case
-    /// and trailing dot; an IP address is compared as an address.
+    /// The relay's own domain, never fetched from: `host` (every port of it), `host:port` or
+    /// `[v6-address]:port` (only URLs whose port, given or the scheme's default, is `port`).
+    /// The host is matched on the whole host, without case and trailing dot; an IP address is
+    /// compared as an address. A value that is no host (with a port) matches no URL;
+    /// [`EngineBuilder::our_domain`](crate::EngineBuilder::our_domain) refuses it at build.
     pub fn our_domain(mut self, domain: &str) -> Self {
-        let canonical = canonical_host(domain).map_or_else(
-            || domain.trim_end_matches('.').to_ascii_lowercase(),
-            |h| h.to_string(),
-        );
-        self.our_domain = Some(Arc::from(canonical));
+        let own = OwnDomain::parse(domain).unwrap_or_else(|_| OwnDomain {
+            host: Arc::from(domain.trim_end_matches('.').to_ascii_lowercase()),
+            port: None,
+        });
+        self.our_domain = Some(own);
         self
     }
 
@@ -226,7 +318,11 @@ impl UrlPolicy {
             .or_else(|| default_port(&scheme))
             .or_else(|| parsed.port_or_known_default())
             .unwrap_or(0);
-        if self.our_domain.as_deref() == Some(domain.as_str()) {
+        if self
+            .our_domain
+            .as_ref()
+            .is_some_and(|d| d.covers(&domain, port))
+        {
             return Err(UrlRefusal::OwnDomain);
         }
         if !self.allow_private {
@@ -779,6 +875,82 @@ mod tests {
     }
 
     #[test]
+    fn our_domain_with_a_port_is_matched_on_the_host_and_the_effective_port() {
+        let p = UrlPolicy::new().our_domain("Relay.Example.COM.:443");
+        for url in [
+            "https://relay.example.com/x.git",
+            "https://relay.example.com:443/x.git",
+            "https://RELAY.example.com.:443/x.git",
+            "http://relay.example.com:443/x.git",
+            "git://relay.example.com:443/x.git",
+        ] {
+            assert_eq!(refusal(&p, url), UrlRefusal::OwnDomain, "{url}");
+        }
+        for url in [
+            "https://relay.example.com:8443/x.git",
+            "http://relay.example.com/x.git",
+            "git://relay.example.com/x.git",
+            "https://git.relay.example.com/x.git",
+        ] {
+            accepted(&p, url);
+        }
+        // A scheme's default port counts as the URL's port.
+        let p = UrlPolicy::new().our_domain("relay.example.com:9418");
+        assert_eq!(
+            refusal(&p, "git://relay.example.com/x.git"),
+            UrlRefusal::OwnDomain
+        );
+        accepted(&p, "https://relay.example.com/x.git");
+        // IPv6 addresses take brackets with a port, and are compared as addresses.
+        let p = UrlPolicy::new()
+            .our_domain("[0::1]:9418")
+            .allow_private_addresses(true);
+        assert_eq!(refusal(&p, "git://[::1]/x.git"), UrlRefusal::OwnDomain);
+        accepted(&p, "git://[::1]:9419/x.git");
+        let p = UrlPolicy::new()
+            .our_domain("127.0.0.3:8080")
+            .allow_private_addresses(true);
+        assert_eq!(
+            refusal(&p, "http://127.0.0.3:8080/x.git"),
+            UrlRefusal::OwnDomain
+        );
+        accepted(&p, "http://127.0.0.3/x.git");
+    }
+
+    #[test]
+    fn own_domains_read_host_port_and_bracketed_addresses() {
+        let own = |s: &str| OwnDomain::parse(s).map(|d| (d.host.to_string(), d.port));
+        let ok = |h: &str, p: Option<u16>| Ok((h.to_owned(), p));
+        assert_eq!(own("relay.example.com"), ok("relay.example.com", None));
+        assert_eq!(
+            own("relay.example.com:8443"),
+            ok("relay.example.com", Some(8443))
+        );
+        assert_eq!(own("::1"), ok("::1", None));
+        assert_eq!(own("[::1]"), ok("::1", None));
+        assert_eq!(own("[::1]:22"), ok("::1", Some(22)));
+        assert_eq!(own("0x7f.0.0.1:80"), ok("127.0.0.1", Some(80)));
+        for bad in [
+            "", ":80", "h:", "h:0", "h:-1", "h:1:2", "[::1]x", "[::1", "h/x", "u@h",
+        ] {
+            assert!(OwnDomain::parse(bad).is_err(), "{bad:?}");
+        }
+        for s in [
+            "relay.example.com",
+            "relay.example.com:8443",
+            "::1",
+            "[::1]:22",
+        ] {
+            let d = OwnDomain::parse(s).unwrap();
+            assert_eq!(OwnDomain::parse(&d.to_string()), Ok(d.clone()), "{s}");
+        }
+        assert_eq!(
+            OwnDomain::parse("[::1]:22").unwrap().to_string(),
+            "[::1]:22"
+        );
+    }
+
+    #[test]
     fn hosts_are_canonical() {
         let name = |s: &str| Some(Host::Name(s.to_owned()));
         let ip = |s: &str| Some(Host::Ip(s.parse().unwrap()));
@@ -864,7 +1036,7 @@ mod tests {
         assert_eq!(UrlPolicy::from_config(&cfg), UrlPolicy::new());
         cfg.allow_private_addresses = true;
         cfg.allowed_schemes = vec!["https".to_owned()];
-        cfg.our_domain = Some("relay.example.com".to_owned());
+        cfg.our_domain = Some(OwnDomain::parse("relay.example.com:443").unwrap());
         let p = UrlPolicy::from_config(&cfg);
         assert!(p.private_addresses_allowed());
         accepted(&p, "https://127.0.0.1/x.git");
@@ -876,6 +1048,7 @@ mod tests {
             refusal(&p, "https://relay.example.com/x.git"),
             UrlRefusal::OwnDomain
         );
+        accepted(&p, "https://relay.example.com:8443/x.git");
     }
 }
 

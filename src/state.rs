@@ -54,6 +54,10 @@ pub(crate) struct StateFile {
     pub events: Vec<SavedEvent>,
     pub expired_ids: Vec<SavedExpiredId>,
     pub naughty: Vec<SavedNaughty>,
+    /// The newest complete ref set written in each repository; absent (empty) in files
+    /// written before it existed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub newest_states: Vec<SavedNewestState>,
 }
 
 /// A waiting event.
@@ -71,13 +75,21 @@ pub(crate) struct SavedEvent {
     /// [`ORIGIN_USER`] or [`ORIGIN_SYNC`].
     pub origin: String,
     pub ref_updates: Vec<SavedRef>,
+    /// The ref updates are the repository's complete set of branches and tags; absent
+    /// (false) in files written before it existed.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub replace_refs: bool,
+    /// The event's creation time, Unix seconds; absent when the host gave none, and in files
+    /// written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<u64>,
     /// Lifetime left at the write, in milliseconds.
     pub remaining_ms: u64,
     /// How long it had waited at the write, in milliseconds.
     pub waited_ms: u64,
 }
 
-/// A ref update of a waiting event: exactly one of `oid` and `symbolic`.
+/// A ref update of a waiting event: exactly one of `oid`, `symbolic` and `delete: true`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct SavedRef {
@@ -86,6 +98,41 @@ pub(crate) struct SavedRef {
     pub oid: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub symbolic: Option<String>,
+    /// The ref is deleted; absent (false) otherwise, and in files written before deletions
+    /// existed.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub delete: bool,
+}
+
+impl SavedRef {
+    /// A ref update of `name` without a target yet.
+    pub fn new(name: String) -> Self {
+        SavedRef {
+            name,
+            oid: None,
+            symbolic: None,
+            delete: false,
+        }
+    }
+}
+
+/// serde's test for a `false` field left out of the file.
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// The newest complete ref set (with a `created_at`) written in a repository: an older one
+/// released later is not written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SavedNewestState {
+    /// Written like [`SavedEvent::repo`].
+    #[serde(with = "repo_path")]
+    pub repo: PathBuf,
+    /// Its `created_at`, Unix seconds.
+    pub created_at: u64,
+    /// How much longer it is remembered, in milliseconds.
+    pub remaining_ms: u64,
 }
 
 /// An expired event id still remembered (a synced re-submission whose data is still missing is
@@ -279,9 +326,11 @@ fn check(state: &StateFile) -> Result<(), StateFileError> {
             ));
         }
         for (j, r) in ev.ref_updates.iter().enumerate() {
-            if r.oid.is_some() == r.symbolic.is_some() {
+            let targets = [r.oid.is_some(), r.symbolic.is_some(), r.delete];
+            if targets.into_iter().filter(|t| *t).count() != 1 {
                 return corrupt(format!(
-                    "events[{i}].ref_updates[{j}] must have exactly one of \"oid\" and \"symbolic\""
+                    "events[{i}].ref_updates[{j}] must have exactly one of \"oid\", \"symbolic\" \
+                     and \"delete\": true"
                 ));
             }
         }
@@ -546,21 +595,24 @@ mod tests {
                     origin: ORIGIN_USER.into(),
                     ref_updates: vec![
                         SavedRef {
-                            name: "refs/heads/main".into(),
                             oid: Some(A.into()),
-                            symbolic: None,
+                            ..SavedRef::new("refs/heads/main".into())
                         },
                         SavedRef {
-                            name: "refs/tags/v1.0".into(),
                             oid: Some(B.into()),
-                            symbolic: None,
+                            ..SavedRef::new("refs/tags/v1.0".into())
                         },
                         SavedRef {
-                            name: "HEAD".into(),
-                            oid: None,
                             symbolic: Some("refs/heads/main".into()),
+                            ..SavedRef::new("HEAD".into())
+                        },
+                        SavedRef {
+                            delete: true,
+                            ..SavedRef::new("refs/heads/old".into())
                         },
                     ],
+                    replace_refs: true,
+                    created_at: Some(1_731_999_000),
                     remaining_ms: 1_234_567,
                     waited_ms: 565_433,
                 },
@@ -572,6 +624,8 @@ mod tests {
                     clone_urls: vec![],
                     origin: ORIGIN_SYNC.into(),
                     ref_updates: vec![],
+                    replace_refs: false,
+                    created_at: None,
                     remaining_ms: 0,
                     waited_ms: u64::MAX,
                 },
@@ -610,6 +664,18 @@ mod tests {
                     remaining_ms: 1,
                 },
             ],
+            newest_states: vec![
+                SavedNewestState {
+                    repo: PathBuf::from("/srv/git/alice/project.git"),
+                    created_at: 1_731_998_000,
+                    remaining_ms: 1_700_000,
+                },
+                SavedNewestState {
+                    repo: PathBuf::from("relative/other.git"),
+                    created_at: 0,
+                    remaining_ms: 1,
+                },
+            ],
         }
     }
 
@@ -620,6 +686,7 @@ mod tests {
             events: vec![],
             expired_ids: vec![],
             naughty: vec![],
+            newest_states: vec![],
         }
     }
 
@@ -694,9 +761,34 @@ mod tests {
         assert_eq!(ev.remaining_ms, 1_500_000);
         assert_eq!(state.expired_ids.len(), 1);
         assert_eq!(state.naughty[0].category, NAUGHTY_TLS);
+        // The fields added since version 1 first shipped.
+        assert_eq!(ev.ref_updates[2].name, "refs/heads/old");
+        assert!(ev.ref_updates[2].delete);
+        assert!(ev.replace_refs);
+        assert_eq!(ev.created_at, Some(1_764_099_700));
+        assert_eq!(state.newest_states[0].created_at, 1_764_099_500);
+        assert_eq!(state.newest_states[0].remaining_ms, 1_200_000);
         // Written back, it is the same state.
         let compact = serde_json::to_vec(&state).unwrap();
         assert_eq!(parse(&compact).unwrap(), state);
+    }
+
+    /// A file written before deletions, complete ref sets, `created_at` and the newest states
+    /// existed reads as it always did, with their defaults.
+    #[test]
+    fn a_file_without_the_optional_fields_reads_with_their_defaults() {
+        let old = format!(
+            r#"{{"version":1,"written_at_ms":5,"events":[{{"id":"e","identifier":"i",
+            "repo":"/r.git","oids":["{A}"],"clone_urls":[],"origin":"sync",
+            "ref_updates":[{{"name":"refs/heads/main","oid":"{A}"}}],"remaining_ms":1,
+            "waited_ms":2}}],"expired_ids":[],"naughty":[]}}"#
+        );
+        let state = parse(old.as_bytes()).unwrap();
+        let ev = &state.events[0];
+        assert!(!ev.replace_refs);
+        assert_eq!(ev.created_at, None);
+        assert!(!ev.ref_updates[0].delete);
+        assert!(state.newest_states.is_empty());
     }
 
     #[test]
@@ -715,6 +807,23 @@ mod tests {
         let head = v["events"][0]["ref_updates"][2].as_object().unwrap();
         assert_eq!(head.len(), 2, "{head:?}");
         assert_eq!(head["symbolic"], "refs/heads/main");
+        let gone = v["events"][0]["ref_updates"][3].as_object().unwrap();
+        assert_eq!(gone.len(), 2, "{gone:?}");
+        assert_eq!(gone["delete"], true);
+        assert_eq!(v["events"][0]["replace_refs"], true);
+        assert_eq!(v["events"][0]["created_at"], 1_731_999_000u64);
+        assert_eq!(
+            v["newest_states"][0],
+            serde_json::json!({"repo": "/srv/git/alice/project.git",
+                               "created_at": 1_731_998_000u64, "remaining_ms": 1_700_000})
+        );
+        // False and absent values of the newer fields are left out, as older files have them.
+        let plain = v["events"][1].as_object().unwrap();
+        assert!(!plain.contains_key("replace_refs"), "{plain:?}");
+        assert!(!plain.contains_key("created_at"), "{plain:?}");
+        write(&path, &empty()).unwrap();
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(!text.contains("newest_states"), "{text}");
         assert_eq!(v["naughty"][0]["category"], "dns");
         assert_eq!(v["naughty"][1]["category"], "tls");
         assert_eq!(
@@ -901,6 +1010,27 @@ mod tests {
                 "",
                 "events[0].ref_updates[2]",
             ),
+            (
+                r#","symbolic":"refs/heads/main""#,
+                r#","delete":false"#,
+                "events[0].ref_updates[2]",
+            ),
+            (
+                r#","symbolic":"refs/heads/main""#,
+                r#","symbolic":"refs/heads/main","delete":true"#,
+                "events[0].ref_updates[2]",
+            ),
+            (r#""delete":true"#, r#""delete":"yes""#, ""),
+            (r#""replace_refs":true"#, r#""replace_refs":1"#, ""),
+            (r#""created_at":1731999000"#, r#""created_at":-1"#, ""),
+            (r#""created_at":1731999000"#, r#""created_at":"now""#, ""),
+            (r#""created_at":1731998000"#, r#""created_at":null"#, ""),
+            (
+                r#""created_at":0,"remaining_ms":1}"#,
+                r#""remaining_ms":1}"#,
+                "created_at",
+            ),
+            (r#""newest_states":["#, r#""newest_states":{},"z":["#, ""),
             (r#""expired_ids":["#, r#""expired_ids":{},"x":["#, ""),
             (r#""naughty":["#, r#""naughty":null,"y":["#, ""),
         ];
@@ -918,6 +1048,7 @@ mod tests {
             (r#""name":"HEAD","#, r#""name":"HEAD","force":true,"#),
             (r#""id":"gone-1","#, r#""id":"gone-1","why":"x","#),
             (r#""count":3,"#, r#""count":3,"weight":443,"#),
+            (r#""created_at":0,"#, r#""created_at":0,"peeled":true,"#),
         ] {
             let msg = corrupt(edited(from, to).as_bytes());
             assert!(msg.contains("unknown field"), "{to}: {msg}");

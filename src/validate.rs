@@ -16,6 +16,7 @@ pub(crate) const MAX_URL_BYTES: usize = 2048;
 /// Longest ref name (or symbolic target) accepted, in bytes: libgit2's own limit.
 pub(crate) const MAX_REF_NAME_BYTES: usize = 1024;
 
+#[derive(Debug)]
 pub(crate) struct Checked {
     pub oids: Vec<ObjectId>,
     /// The URLs the policy accepted, in the order given, each fetch URL once.
@@ -142,6 +143,9 @@ fn ref_updates(
     cfg: &Config,
 ) -> Result<Vec<RefUpdate>, SubmitError> {
     let updates = &ev.ref_updates;
+    if ev.replace_refs && updates.is_empty() {
+        return Err(SubmitError::ReplaceRefsWithoutRefUpdates);
+    }
     if updates.len() > cfg.max_ref_updates_per_event {
         return Err(SubmitError::TooManyRefUpdates {
             count: updates.len(),
@@ -185,6 +189,13 @@ fn ref_updates(
                 ref_name(target)
                     .map_err(|_| bad("symbolic target is not a valid refs/... name"))?;
                 RefTarget::Symbolic(target.clone())
+            }
+            RefTarget::Delete => {
+                // A repository without HEAD is not one git can serve.
+                if u.name == "HEAD" {
+                    return Err(bad("HEAD cannot be deleted"));
+                }
+                RefTarget::Delete
             }
         };
         out.push(RefUpdate {
@@ -320,6 +331,91 @@ mod tests {
             assert_eq!(name(ok), Ok(()), "{ok:?}");
         }
         assert_eq!(name("a\u{85}b"), Err("contains control characters"));
+    }
+
+    fn with_refs(refs: Vec<RefUpdate>, replace: bool) -> Result<Checked, SubmitError> {
+        let ev = PendingEvent {
+            ref_updates: refs,
+            replace_refs: replace,
+            ..PendingEvent::new("e", "alice/project", "/srv/r.git")
+                .oid("e92758a50bbf13ea1fe986bbe254a709b0bf741c")
+        };
+        event(&ev, &Config::default())
+    }
+
+    #[test]
+    fn a_deletion_needs_no_object_and_never_names_head() {
+        let checked = with_refs(
+            vec![
+                RefUpdate::delete("refs/heads/gone"),
+                RefUpdate::oid(
+                    "refs/heads/main",
+                    "E92758A50BBF13EA1FE986BBE254A709B0BF741C",
+                ),
+                RefUpdate::delete("refs/tags/not-there-either"),
+            ],
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            checked.refs,
+            [
+                RefUpdate::delete("refs/heads/gone"),
+                RefUpdate::oid(
+                    "refs/heads/main",
+                    "e92758a50bbf13ea1fe986bbe254a709b0bf741c"
+                ),
+                RefUpdate::delete("refs/tags/not-there-either"),
+            ]
+        );
+        for (refs, index, reason) in [
+            (vec![RefUpdate::delete("HEAD")], 0, "HEAD cannot be deleted"),
+            (
+                vec![RefUpdate::delete("refs/purgatory-sync/x")],
+                0,
+                "under refs/purgatory-sync/, the engine's own namespace",
+            ),
+            (
+                vec![
+                    RefUpdate::delete("refs/heads/a"),
+                    RefUpdate::delete("refs/heads/a"),
+                ],
+                1,
+                "given twice",
+            ),
+            (
+                vec![
+                    RefUpdate::delete("refs/heads/a"),
+                    RefUpdate::delete("refs/heads/a/b"),
+                ],
+                1,
+                "clashes with another ref update: one name is a directory of the other",
+            ),
+            (
+                vec![RefUpdate::delete("main")],
+                0,
+                "not HEAD or a full ref name under refs/",
+            ),
+        ] {
+            match with_refs(refs, false) {
+                Err(SubmitError::InvalidRefUpdate {
+                    index: i,
+                    reason: r,
+                    ..
+                }) => assert_eq!((i, r), (index, reason)),
+                other => panic!("{reason}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_complete_ref_set_cannot_be_empty() {
+        assert_eq!(
+            with_refs(vec![], true).err(),
+            Some(SubmitError::ReplaceRefsWithoutRefUpdates)
+        );
+        assert!(with_refs(vec![], false).is_ok());
+        assert!(with_refs(vec![RefUpdate::delete("refs/heads/x")], true).is_ok());
     }
 
     #[test]

@@ -337,6 +337,14 @@ fn run_syncs_a_manifest_of_nip34_events_and_exits_0() {
             vec!["HEAD", "ref: refs/heads/main"],
         ],
     );
+    // An older state of the same repository, whose data comes with the newer one's: it is
+    // released without being written.
+    let older_state = nostr(
+        MAINTAINER,
+        30618,
+        1_700_000_050,
+        vec![vec!["d", "hello"], vec!["refs/heads/main", &second]],
+    );
     let a_tag = format!("30617:{ALICE}:hello");
     let pr = nostr(
         BOB,
@@ -358,13 +366,17 @@ fn run_syncs_a_manifest_of_nip34_events_and_exits_0() {
         "repo": "relay/carol/notes.git",
         "oids": [notes],
         "clone_urls": [up.full.url("carol/notes.git")],
-        "ref_updates": [{"name": "refs/heads/main", "oid": notes}],
+        "ref_updates": [
+            {"name": "refs/heads/main", "oid": notes},
+            {"name": "refs/heads/stale", "delete": true},
+        ],
     }});
     let manifest = write_manifest(
         work.path(),
         &[
             // The state comes before the announcement: order does not matter.
             json!({"nostr": state, "origin": "sync"}),
+            json!({"nostr": older_state}),
             json!({"repository": {"identifier": "hello", "owner": ALICE, "path": "relay/alice/hello.git"}}),
             json!({"repository": {"identifier": "carol/notes", "path": "relay/carol/notes.git"}}),
             json!({"nostr": announcement}),
@@ -389,10 +401,11 @@ fn run_syncs_a_manifest_of_nip34_events_and_exits_0() {
     );
 
     let lines = done.json_lines();
-    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert_eq!(lines.len(), 4, "{lines:?}");
     assert!(lines.iter().all(|l| l["kind"] == "released"), "{lines:?}");
     let events = by_event(&lines);
     let state_id = state["id"].as_str().unwrap();
+    let older_id = older_state["id"].as_str().unwrap();
     let pr_id = pr["id"].as_str().unwrap();
     assert!(
         events.contains_key(state_id)
@@ -400,6 +413,9 @@ fn run_syncs_a_manifest_of_nip34_events_and_exits_0() {
             && events.contains_key("notes-1")
     );
     assert!(events[state_id]["waited_ms"].is_u64());
+    assert_eq!(events[state_id]["refs"], "written");
+    assert_eq!(events[older_id]["refs"], "skipped_older_state");
+    assert_eq!(events[older_id]["newer_created_at"], 1_700_000_100u64);
 
     let hello = work.path().join("relay/alice/hello.git");
     assert_eq!(
@@ -426,18 +442,37 @@ fn run_syncs_a_manifest_of_nip34_events_and_exits_0() {
         Some(notes.as_str())
     );
 
+    // Branches the relay got meanwhile: the state, a complete set, deletes the one it does not
+    // list; the plain event deletes the one it names and leaves the others.
+    for repo in [&hello, &notes_repo] {
+        let r = git2::Repository::open_bare(repo).unwrap();
+        let at = r.refname_to_id("refs/heads/main").unwrap();
+        for name in ["refs/heads/stale", "refs/heads/other"] {
+            r.reference(name, at, false, "test").unwrap();
+        }
+    }
+
     // Running the same manifest again: the objects are there, so the events are released
     // (their refs rewritten) without a single fetch: no domain appears in the summary.
     let again = run_to_end(&args, Duration::from_secs(60));
     assert_eq!(again.code, Some(0), "{}", again.stderr_text());
     let lines = again.json_lines();
-    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert_eq!(lines.len(), 4, "{lines:?}");
     assert!(lines.iter().all(|l| l["kind"] == "released"), "{lines:?}");
+    let events = by_event(&lines);
+    assert_eq!(events[older_id]["refs"], "skipped_older_state", "{lines:?}");
     assert!(
         !again.stderr_text().contains("127.0.0.31"),
         "{}",
         again.stderr_text()
     );
+    let heads = |repo: &Path| testkit::refs_with_prefix(repo, "refs/heads/");
+    assert_eq!(
+        heads(&hello),
+        ["refs/heads/main"],
+        "the state's branches only"
+    );
+    assert_eq!(heads(&notes_repo), ["refs/heads/main", "refs/heads/other"]);
 }
 
 /// Scrapes `http://addr/metrics` and parses it as Prometheus text.
@@ -728,6 +763,7 @@ fn every_engine_setting_is_a_flag_of_run() {
         "--state-file",
         "--checkpoint-interval",
         "--move-unreadable-state-aside",
+        "--no-hide-temp-refs",
         "--metrics",
         "--manifest",
     ] {

@@ -1053,7 +1053,7 @@ impl Fetcher for RefWriter {
         FetchReport::failed(FetchError::new(FailureKind::Protocol, "no server"))
     }
 
-    fn apply_refs(&self, _: &Path, updates: &[RefUpdate]) -> Result<(), FetchError> {
+    fn apply_refs(&self, _: &Path, updates: &[RefUpdate], _: bool) -> Result<(), FetchError> {
         let _ = self.calls.send(updates.to_vec());
         match self.script.lock().pop_front().unwrap_or(Write::Ok) {
             Write::Ok => Ok(()),

@@ -292,7 +292,9 @@ fn a_ref_update_clashing_with_an_existing_ref_writes_none_of_the_refs() {
         purgatory_sync::RefUpdate::oid("refs/heads/main", c2.to_string()),
         purgatory_sync::RefUpdate::oid("refs/tags/zz-last", c.to_string()),
     ];
-    let err = GitFetcher::new().apply_refs(&t, &updates).unwrap_err();
+    let err = GitFetcher::new()
+        .apply_refs(&t, &updates, false)
+        .unwrap_err();
     assert_eq!(err.kind, FailureKind::LocalRepository, "{err}");
     let repo = git2::Repository::open_bare(&t).unwrap();
     for name in ["refs/heads/first", "refs/tags/zz-last"] {
@@ -307,4 +309,51 @@ fn a_ref_update_clashing_with_an_existing_ref_writes_none_of_the_refs() {
         c.to_string(),
         "main keeps its old target"
     );
+}
+
+/// A complete ref set that cannot be written deletes nothing: the branches and tags it leaves
+/// out are all still there, with their targets.
+#[test]
+fn a_complete_ref_set_that_fails_to_write_deletes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = target(dir.path(), "t.git");
+    let c = testkit::commit(&t, "main", &[("f", b"1")], "one");
+    let c2 = testkit::commit(&t, "a/b", &[("f", b"2")], "two");
+    let repo = git2::Repository::open_bare(&t).unwrap();
+    for name in ["refs/heads/dev", "refs/tags/v1", "refs/tags/zz"] {
+        repo.reference(name, oid_of(c), false, "test").unwrap();
+    }
+    let before = testkit::refs_with_prefix(&t, "refs/");
+    // `refs/heads/a/b` is named, so it stays, and `refs/heads/a` cannot be written.
+    let updates = [
+        purgatory_sync::RefUpdate::oid("refs/heads/a", c.to_string()),
+        purgatory_sync::RefUpdate::oid("refs/heads/a/b", c2.to_string()),
+        purgatory_sync::RefUpdate::oid("refs/heads/main", c2.to_string()),
+    ];
+    let err = GitFetcher::new()
+        .apply_refs(&t, &updates, true)
+        .unwrap_err();
+    assert_eq!(err.kind, FailureKind::LocalRepository, "{err}");
+    assert_eq!(testkit::refs_with_prefix(&t, "refs/"), before);
+    for name in [
+        "refs/heads/dev",
+        "refs/tags/v1",
+        "refs/tags/zz",
+        "refs/heads/main",
+    ] {
+        let target = repo.find_reference(name).unwrap().target().unwrap();
+        assert_eq!(target, oid_of(c), "{name}");
+    }
+
+    // The same set without the clash is written whole.
+    let err = GitFetcher::new().apply_refs(&t, &updates[1..], true);
+    assert_eq!(err, Ok(()));
+    assert_eq!(
+        testkit::refs_with_prefix(&t, "refs/"),
+        ["refs/heads/a/b", "refs/heads/main"]
+    );
+}
+
+fn oid_of(o: purgatory_sync::ObjectId) -> git2::Oid {
+    git2::Oid::from_bytes(o.as_bytes()).unwrap()
 }

@@ -263,6 +263,9 @@ fn invalid_json_and_config_are_refused() {
     assert!(msg.contains("workers"), "{msg}");
     let (st, msg) = try_new(r#"{"thread_name": "far-too-long-a-name"}"#);
     assert_eq!(st, PSYNC_INVALID_CONFIG, "{msg}");
+    let (st, msg) = try_new(r#"{"our_domain": "relay.example.com:0"}"#);
+    assert_eq!(st, PSYNC_INVALID_CONFIG, "{msg}");
+    assert!(msg.contains("our_domain"), "{msg}");
     // Every knob is reachable.
     let all = json!({
         "workers": 2, "tick_ms": 50, "user_delay_ms": 1000, "sync_delay_ms": 100,
@@ -273,9 +276,9 @@ fn invalid_json_and_config_are_refused() {
         "max_ref_updates_per_event": 5, "max_fetch_bytes": 1048576, "fetch_depth": null,
         "thread_name": "cfg", "domain_limits": {"max_concurrent": 2, "per_minute": 10, "burst": 2},
         "domain_overrides": {"git.example.com": {"max_concurrent": 1, "per_minute": 6}},
-        "our_domain": "relay.example.com", "naughty_duration_ms": 1000,
+        "our_domain": "relay.example.com:8443", "naughty_duration_ms": 1000,
         "allow_private_addresses": true, "allowed_schemes": ["https", "http"],
-        "move_unreadable_state_aside": true
+        "move_unreadable_state_aside": true, "hide_temp_refs": false
     });
     let (st, msg) = try_new(&all.to_string());
     assert_eq!(st, PSYNC_OK, "{msg}");
@@ -298,6 +301,30 @@ fn invalid_json_and_config_are_refused() {
     ev["ref_updates"] = json!([{"name": "HEAD"}]);
     assert_eq!(submit(e, &ev).0, PSYNC_INVALID_JSON);
     assert!(last_error().unwrap().contains("ref_updates[0]"));
+    for (bad, says) in [
+        (
+            json!([{"name": "refs/heads/x", "delete": false}]),
+            "ref_updates[0]",
+        ),
+        (
+            json!([{"name": "refs/heads/x", "oid": missing_oid(1), "delete": true}]),
+            "ref_updates[0]",
+        ),
+        (
+            json!([{"name": "refs/heads/x", "delete": "yes"}]),
+            "a boolean",
+        ),
+    ] {
+        let mut ev = event("a", &repo, &missing_oid(1));
+        ev["ref_updates"] = bad.clone();
+        assert_eq!(submit(e, &ev).0, PSYNC_INVALID_JSON, "{bad}");
+        let message = last_error().unwrap();
+        assert!(message.contains(says), "{bad}: {message}");
+    }
+    let mut ev = event("a", &repo, &missing_oid(1));
+    ev["replace_refs"] = json!("yes");
+    assert_eq!(submit(e, &ev).0, PSYNC_INVALID_JSON);
+    assert!(last_error().unwrap().contains("a boolean"));
     // SAFETY: a live engine.
     unsafe { psync_engine_free(e) };
 }
@@ -352,6 +379,14 @@ fn every_submit_error_has_its_own_status() {
         (
             with("ref_updates", json!([{"name": "not a ref", "oid": oid}])),
             PSYNC_INVALID_REF_UPDATE,
+        ),
+        (
+            with("ref_updates", json!([{"name": "HEAD", "delete": true}])),
+            PSYNC_INVALID_REF_UPDATE,
+        ),
+        (
+            with("replace_refs", json!(true)),
+            PSYNC_REPLACE_REFS_WITHOUT_REF_UPDATES,
         ),
     ];
     for (ev, want) in &cases {
@@ -450,6 +485,8 @@ fn poll_times_out_and_release_goes_end_to_end() {
     assert_eq!(t.json["event_id"], "rel");
     assert_eq!(t.json["repo"], repo.to_string_lossy().as_ref());
     assert!(t.json["waited_ms"].is_u64());
+    assert_eq!(t.json["refs"], "none", "no ref updates");
+    assert!(t.json.get("newer_created_at").is_none());
 
     // Now present: a second event for the same object is already satisfied.
     let (st, adm, _) = submit(e, &event("again", &repo, &oid));
@@ -496,6 +533,57 @@ fn poll_times_out_and_release_goes_end_to_end() {
     let waited = t.json["waited_ms"].as_f64().unwrap() / 1000.0;
     let sum = scalar(&m, "purgatory_sync_time_to_release_seconds_sum");
     assert!((0.0..0.001).contains(&(sum - waited)), "{sum} vs {waited}");
+    // SAFETY: a live engine.
+    unsafe { psync_engine_free(e) };
+}
+
+/// Repository states through the C ABI: a complete ref set and an explicit deletion are
+/// written on release, and the branch it does not list is gone; an older state released
+/// afterwards is not written, and its outcome says so.
+#[test]
+fn a_complete_ref_set_with_a_deletion_is_written_on_release() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = init_bare(&dir.path().join("r.git"));
+    let old = purgatory_sync::testkit::commit(&repo, "old", &[("f", b"0")], "zero");
+    let tip = purgatory_sync::testkit::commit(&repo, "topic", &[("f", b"1")], "one");
+    let r = git2::Repository::open_bare(&repo).unwrap();
+    let old_oid = git2::Oid::from_str(&old.to_string()).unwrap();
+    r.reference("refs/tags/v0", old_oid, false, "test").unwrap();
+    r.reference("refs/nostr/pr", old_oid, false, "test")
+        .unwrap();
+    let e = new_engine(quiet());
+    let mut ev = event("state", &repo, &tip.to_string());
+    ev["ref_updates"] = json!([
+        {"name": "refs/heads/main", "oid": tip.to_string()},
+        {"name": "refs/tags/v0", "delete": true},
+        {"name": "HEAD", "symbolic": "refs/heads/main"},
+    ]);
+    ev["replace_refs"] = json!(true);
+    ev["created_at"] = json!(1_700_000_200u64);
+    let (st, adm, _) = submit(e, &ev);
+    assert_eq!(
+        (st, adm),
+        (PSYNC_OK, Some(PsyncAdmission::PSYNC_ADMISSION_PENDING))
+    );
+    let t = poll(e, 10_000).expect("the event is released");
+    assert_eq!(t.kind, PsyncOutcomeKind::PSYNC_OUTCOME_RELEASED);
+    assert_eq!(t.json["refs"], "written");
+    assert_eq!(
+        purgatory_sync::testkit::refs_with_prefix(&repo, "refs/"),
+        ["refs/heads/main", "refs/nostr/pr"]
+    );
+
+    let mut older = event("older", &repo, &old.to_string());
+    older["ref_updates"] = json!([{"name": "refs/heads/main", "oid": old.to_string()}]);
+    older["replace_refs"] = json!(true);
+    older["created_at"] = json!(1_700_000_100u64);
+    assert_eq!(submit(e, &older).0, PSYNC_OK);
+    let t = poll(e, 10_000).expect("the older state is released");
+    assert_eq!(t.event_id, "older");
+    assert_eq!(t.json["refs"], "skipped_older_state");
+    assert_eq!(t.json["newer_created_at"], 1_700_000_200u64);
+    let main = r.refname_to_id("refs/heads/main").unwrap();
+    assert_eq!(main.to_string(), tip.to_string(), "not rolled back");
     // SAFETY: a live engine.
     unsafe { psync_engine_free(e) };
 }

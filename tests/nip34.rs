@@ -422,6 +422,9 @@ fn owner_state_becomes_a_pending_event() {
                 RefUpdate::oid("refs/heads/dev", DEV),
                 RefUpdate::symbolic("HEAD", "refs/heads/main"),
             ],
+            // A state names every branch and tag of the repository.
+            replace_refs: true,
+            created_at: Some(ev.created_at),
         }
     );
     assert_eq!(repository_of(&ev).unwrap(), RepoRef::new(ALICE, "hello"));
@@ -689,6 +692,9 @@ fn pull_request_becomes_a_pending_event() {
             clone_urls: vec![BOB_CODEBERG.into(), ALICE_GITHUB.into(), alice_relay_url()],
             origin: Origin::Sync,
             ref_updates: vec![RefUpdate::oid(format!("refs/nostr/{}", ev.id), DEV)],
+            // A pull request adds its ref and leaves the others alone.
+            replace_refs: false,
+            created_at: Some(ev.created_at),
         }
     );
     assert_eq!(repository_of(&ev).unwrap(), RepoRef::new(ALICE, "hello"));
@@ -1013,8 +1019,9 @@ fn expect_released(engine: &purgatory_sync::Engine, event_id: &str) {
 
 /// End to end over `git daemon` on loopback: a state with a branch, an annotated tag listed
 /// the ngit way (tag object and peeled commit) and `HEAD` is released with exactly those refs
-/// written; then a pull request from a fork, whose own clone URL comes first, gets
-/// `refs/nostr/<event-id>`.
+/// written, and the relay's branch the state does not list is deleted; then a pull request
+/// from a fork, whose own clone URL comes first, gets `refs/nostr/<event-id>` and deletes
+/// nothing.
 #[test]
 fn state_and_pull_request_are_released_with_their_refs() {
     testkit::require_git();
@@ -1029,6 +1036,8 @@ fn state_and_pull_request_are_released_with_their_refs() {
     let tip = testkit::commit(&fork, "louder", &[("README", b"HELLO!\n")], "shout");
     let daemon = GitDaemon::start(DAEMON_HOST, &base).unwrap();
     let relay_repo = testkit::init_bare(&dir.path().join("relay/alice/hello.git"));
+    // A branch of an earlier state that the new one no longer lists.
+    testkit::commit(&relay_repo, "stale", &[("f", b"old\n")], "old");
 
     let ann = announcement_by(
         ALICE,
@@ -1071,6 +1080,11 @@ fn state_and_pull_request_are_released_with_their_refs() {
         Some("ref: refs/heads/main")
     );
     assert_eq!(ref_target(&relay_repo, "refs/tags/v1.0^{}"), None);
+    assert_eq!(
+        ref_target(&relay_repo, "refs/heads/stale"),
+        None,
+        "not in the state"
+    );
 
     let pr = pull_request(
         nip34::KIND_PULL_REQUEST,
@@ -1085,5 +1099,6 @@ fn state_and_pull_request_are_released_with_their_refs() {
         ref_target(&relay_repo, &format!("refs/nostr/{}", pr.id)),
         Some(tip)
     );
+    assert_eq!(ref_target(&relay_repo, "refs/heads/main"), Some(c2), "kept");
     engine.shutdown().unwrap();
 }

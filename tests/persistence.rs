@@ -8,7 +8,7 @@ use purgatory_sync::testkit;
 use purgatory_sync::{
     check_state_file, Clock, Engine, EngineBuilder, ExpiryReason, FailureKind, FakeClock,
     FetchControl, FetchError, FetchReport, FetchRequest, Fetcher, Origin, Outcome, PendingEvent,
-    RefUpdate, SubmitError,
+    RefUpdate, RefsOutcome, SubmitError,
 };
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -411,5 +411,99 @@ fn remaining_times_in_a_state_file_are_capped_at_the_settings() {
     let naughty = engine.stats().naughty;
     assert_eq!(naughty.len(), 1);
     assert!(naughty[0].until <= wall + 120 * MIN, "{:?}", naughty[0]);
+    engine.shutdown().unwrap();
+}
+
+/// A restart keeps what orders repository states: each waiting event's complete ref set (with
+/// its deletions) and `created_at`, and the newest state written in each repository, so that
+/// an older state released after the restart does not roll the refs back.
+#[test]
+fn a_restart_keeps_complete_ref_sets_and_the_newest_state_of_each_repository() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.json");
+    let repo = bare(dir.path(), "r.git");
+    let older_tip = testkit::commit(&repo, "dev", &[("f", b"1\n")], "one").to_string();
+    let newer_tip = testkit::commit(&repo, "topic", &[("f", b"2\n")], "two").to_string();
+    let clock = FakeClock::with_wall(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000));
+    let engine = builder("per-ns1", &clock, &state).build().unwrap();
+    let newer = event("newer", &repo, &newer_tip)
+        .oid(&older_tip)
+        .ref_update(RefUpdate::oid("refs/heads/main", &newer_tip))
+        .ref_update(RefUpdate::oid("refs/heads/dev", &older_tip))
+        .ref_update(RefUpdate::oid("refs/heads/topic", &newer_tip))
+        .replace_refs(true)
+        .created_at(200);
+    engine.submit(newer).unwrap();
+    match outcome(&engine) {
+        Outcome::Released { event_id, refs, .. } => {
+            assert_eq!((event_id.as_str(), refs), ("newer", RefsOutcome::Written))
+        }
+        o => panic!("{o:?}"),
+    }
+    let w = absent("w");
+    let waiting = event("waiting", &repo, &w)
+        .ref_update(RefUpdate::oid("refs/heads/main", &w))
+        .ref_update(RefUpdate::delete("refs/heads/dev"))
+        .replace_refs(true)
+        .created_at(300);
+    engine.submit(waiting).unwrap();
+    settle(&engine);
+    clock.advance(MIN);
+    engine.shutdown().unwrap();
+
+    let file: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    let saved = &file["events"][0];
+    assert_eq!(saved["id"], "waiting");
+    assert_eq!(saved["replace_refs"], true);
+    assert_eq!(saved["created_at"], 300);
+    assert_eq!(
+        saved["ref_updates"][1],
+        serde_json::json!({"name": "refs/heads/dev", "delete": true})
+    );
+    let newest = &file["newest_states"][0];
+    assert_eq!(newest["created_at"], 200);
+    assert_eq!(newest["remaining_ms"], (29 * MIN).as_millis() as u64);
+
+    // Five minutes later, an older state whose data is all there: released, not written.
+    let clock2 = FakeClock::with_wall(clock.wall() + 5 * MIN);
+    let engine = builder("per-ns2", &clock2, &state).build().unwrap();
+    let older = event("older", &repo, &older_tip)
+        .ref_update(RefUpdate::oid("refs/heads/main", &older_tip))
+        .replace_refs(true)
+        .created_at(100);
+    engine.submit(older).unwrap();
+    match outcome(&engine) {
+        Outcome::Released { event_id, refs, .. } => assert_eq!(
+            (event_id.as_str(), refs),
+            ("older", RefsOutcome::skipped_older_state(200))
+        ),
+        o => panic!("{o:?}"),
+    }
+    let heads = || testkit::refs_with_prefix(&repo, "refs/heads/");
+    assert_eq!(
+        heads(),
+        ["refs/heads/dev", "refs/heads/main", "refs/heads/topic"]
+    );
+    let main = || {
+        git2::Repository::open_bare(&repo)
+            .unwrap()
+            .refname_to_id("refs/heads/main")
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(main(), newer_tip, "not rolled back");
+
+    // The restored state, newer than both, is written whole once its data is pushed.
+    assert_eq!(blob(&repo, "w"), w);
+    engine.git_data_arrived("ident");
+    match outcome(&engine) {
+        Outcome::Released { event_id, refs, .. } => {
+            assert_eq!((event_id.as_str(), refs), ("waiting", RefsOutcome::Written))
+        }
+        o => panic!("{o:?}"),
+    }
+    assert_eq!(heads(), ["refs/heads/main"]);
+    assert_eq!(main(), w);
     engine.shutdown().unwrap();
 }

@@ -372,21 +372,42 @@ fn an_upper_case_scheme_fetches_normally() {
 /// The relay's own domain is never fetched from, while another server serves the event.
 #[test]
 fn our_own_domain_is_never_fetched_from() {
+    own_domain_is_skipped_and_the_other_server_serves("pol-d", HOST_A, |_| "127.0.0.3".to_owned());
+}
+
+/// An own domain with a port is that authority only: a sibling git service on another port of
+/// the same host serves the event, and the relay's own port is never asked.
+#[test]
+fn our_own_domain_with_a_port_leaves_other_ports_of_the_host_usable() {
+    own_domain_is_skipped_and_the_other_server_serves("pol-p", HOST_B, |ours| {
+        format!("127.0.0.3:{}", ours.addr().port())
+    });
+}
+
+/// The relay's own server on `HOST_B` and another on `other_host` serve the same repository;
+/// the engine's `our_domain` is `ours(relay's server)`. The own URL is refused at submit and
+/// never asked; the other server serves the event.
+fn own_domain_is_skipped_and_the_other_server_serves(
+    name: &str,
+    other_host: std::net::Ipv4Addr,
+    ours: impl Fn(&HttpGitServer) -> String,
+) {
     let dir = tempdir();
     let base = dir.path().join("served");
     let tip = served(&base, "alice/r.git");
-    let ours = HttpGitServer::start(HOST_B, &base).unwrap();
-    let theirs = HttpGitServer::start(HOST_A, &base).unwrap();
+    let own_server = HttpGitServer::start(HOST_B, &base).unwrap();
+    let other = HttpGitServer::start(other_host, &base).unwrap();
+    assert_ne!(own_server.addr(), other.addr());
     let target = testkit::init_bare(&dir.path().join("relay/r.git"));
-    let engine = fast("pol-d").our_domain("127.0.0.3").build().unwrap();
-    let own_url = ours.url("alice/r.git");
+    let engine = fast(name).our_domain(&ours(&own_server)).build().unwrap();
+    let own_url = own_server.url("alice/r.git");
     let admission = engine
         .submit(event(
             "e1",
             "alice/r",
             &target,
             tip,
-            &[&own_url, &theirs.url("alice/r.git")],
+            &[&own_url, &other.url("alice/r.git")],
         ))
         .unwrap();
     assert_eq!(
@@ -398,8 +419,12 @@ fn our_own_domain_is_never_fetched_from() {
         other => panic!("expected e1 released, got {other:?}"),
     }
     assert!(testkit::has_object(&target, tip));
-    assert!(!theirs.requests().is_empty());
-    assert!(ours.requests().is_empty(), "{:?}", ours.requests());
+    assert!(!other.requests().is_empty());
+    assert!(
+        own_server.requests().is_empty(),
+        "{:?}",
+        own_server.requests()
+    );
     engine.shutdown().unwrap();
 }
 

@@ -270,3 +270,248 @@ fn an_event_with_refs_and_objects_already_present_is_released_once_written() {
     engine.shutdown().unwrap();
     assert_eq!(own_refs(&target), ["refs/heads/main", "refs/heads/topic"]);
 }
+
+/// A relay repository as a previous state left it: `main`, `dev`, a lightweight tag `v1` (the
+/// three packed, as `git gc` leaves them), a loose annotated tag `v0`, a pull request's
+/// `refs/nostr/x` and `HEAD` on `main`. Returns the commit they are on.
+fn previous_state(target: &Path) -> ObjectId {
+    let c0 = testkit::commit(target, "main", &[("f", b"0\n")], "zero");
+    let r = git2::Repository::open_bare(target).unwrap();
+    r.reference("refs/heads/dev", oid(c0), false, "test")
+        .unwrap();
+    r.reference("refs/tags/v1", oid(c0), false, "test").unwrap();
+    r.reference("refs/nostr/x", oid(c0), false, "test").unwrap();
+    r.set_head("refs/heads/main").unwrap();
+    testkit::require_git();
+    let packed = testkit::git_command()
+        .arg("--git-dir")
+        .arg(target)
+        .args(["pack-refs", "--all"])
+        .status()
+        .unwrap();
+    assert!(packed.success());
+    annotated_tag(target, "v0", c0);
+    assert_eq!(
+        own_refs(target),
+        [
+            "refs/heads/dev",
+            "refs/heads/main",
+            "refs/nostr/x",
+            "refs/tags/v0",
+            "refs/tags/v1"
+        ]
+    );
+    c0
+}
+
+/// (e) A repository state is the complete set of branches and tags: released, it leaves
+/// exactly the branches and tags it names. `dev`, `v0` and `v1` go (packed or loose); the pull
+/// request's `refs/nostr/x` and `HEAD` stay.
+#[test]
+fn a_complete_ref_set_deletes_the_branches_and_tags_it_does_not_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("mirror");
+    let served = testkit::served_repo(&base, "alice/project.git");
+    let c2 = testkit::commit(&served, "main", &[("f", b"2\n")], "two");
+    let mirror = daemon(&base);
+    let target = testkit::init_bare(&dir.path().join("relay/project.git"));
+    let c0 = previous_state(&target);
+
+    let engine = fast("re").build().unwrap();
+    let ev = event("state", &target, &[c2], &[mirror.url("alice/project.git")])
+        .ref_update(RefUpdate::oid("refs/heads/main", c2.to_string()))
+        .replace_refs(true);
+    assert_eq!(engine.submit(ev).unwrap(), Admission::pending());
+    expect_released(&engine, "state");
+
+    assert_eq!(own_refs(&target), ["refs/heads/main", "refs/nostr/x"]);
+    assert_eq!(ref_target(&target, "refs/heads/main"), Some(c2.to_string()));
+    assert_eq!(ref_target(&target, "refs/nostr/x"), Some(c0.to_string()));
+    assert_eq!(
+        ref_target(&target, "HEAD").as_deref(),
+        Some("ref: refs/heads/main")
+    );
+    let s = engine.stats();
+    assert_eq!(
+        (s.ref_updates_applied, s.ref_update_failures),
+        (1, 0),
+        "{s:?}"
+    );
+    engine.shutdown().unwrap();
+    assert_eq!(temp_refs(&target), Vec::<String>::new());
+}
+
+/// (f) An explicit deletion removes its ref, deleting a ref that does not exist is no error,
+/// and without `replace_refs` the refs the event does not name stay.
+#[test]
+fn a_deletion_removes_its_ref_and_a_missing_one_is_no_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = testkit::init_bare(&dir.path().join("t.git"));
+    let c0 = previous_state(&target);
+
+    let engine = fast("rf").build().unwrap();
+    let ev = event("del", &target, &[c0], &[])
+        .ref_update(RefUpdate::delete("refs/heads/dev"))
+        .ref_update(RefUpdate::delete("refs/tags/v0"))
+        .ref_update(RefUpdate::delete("refs/heads/never-was"));
+    assert_eq!(engine.submit(ev).unwrap(), Admission::pending());
+    expect_released(&engine, "del");
+    assert_eq!(
+        own_refs(&target),
+        ["refs/heads/main", "refs/nostr/x", "refs/tags/v1"]
+    );
+    engine.shutdown().unwrap();
+}
+
+/// (g) All or none with deletions: while a ref the complete set deletes is locked by another
+/// writer, nothing changes (the new `main` is not written, no branch or tag is deleted) and
+/// the event waits; once the lock goes, the next tick writes the whole set.
+#[test]
+fn a_locked_ref_holds_back_every_deletion_and_update_of_a_complete_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = testkit::init_bare(&dir.path().join("t.git"));
+    let c0 = previous_state(&target);
+    let c1 = testkit::commit(&target, "topic", &[("f", b"1\n")], "one");
+    let before = own_refs(&target);
+    // Another writer holds the tag the state leaves out.
+    let lock = target.join("refs/tags/v1.lock");
+    std::fs::write(&lock, format!("{c0}\n")).unwrap();
+
+    let engine = fast("rg").build().unwrap();
+    let ev = event("state", &target, &[c1], &[])
+        .ref_update(RefUpdate::oid("refs/heads/main", c1.to_string()))
+        .ref_update(RefUpdate::symbolic("HEAD", "refs/heads/main"))
+        .replace_refs(true);
+    assert_eq!(engine.submit(ev).unwrap(), Admission::pending());
+    let s = testkit::wait_for_stats(&engine, GENEROUS, |s| s.ref_update_failures >= 2);
+    assert_eq!((s.awaiting_refs, s.released), (1, 0), "{s:?}");
+    assert!(engine.outcomes().try_recv().is_err(), "not released");
+    assert_eq!(own_refs(&target), before, "nothing deleted");
+    assert_eq!(ref_target(&target, "refs/heads/main"), Some(c0.to_string()));
+
+    std::fs::remove_file(&lock).unwrap();
+    expect_released(&engine, "state");
+    assert_eq!(own_refs(&target), ["refs/heads/main", "refs/nostr/x"]);
+    assert_eq!(ref_target(&target, "refs/heads/main"), Some(c1.to_string()));
+    engine.shutdown().unwrap();
+}
+
+/// The refs `git ls-remote <url>` lists (through the test kit's isolated `git`).
+fn ls_remote(url: &str) -> Vec<String> {
+    let out = testkit::git_command()
+        .args(["ls-remote", url])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git ls-remote {url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split('\t').nth(1))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The refs a `git clone --mirror <url>` into `dest` gets.
+fn mirrored_refs(url: &str, dest: &Path) -> Vec<String> {
+    let out = testkit::git_command()
+        .args(["clone", "--mirror", "--quiet", url])
+        .arg(dest)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git clone --mirror {url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    testkit::refs_with_prefix(dest, "refs/")
+}
+
+/// (h) While an event waits, the objects fetched for it are pinned under
+/// `refs/purgatory-sync/` in the relay's repository. Cloners of that repository, through
+/// `git daemon` and `git http-backend`, do not see those refs: the engine put
+/// `transfer.hideRefs` in the repository's configuration before pinning. With
+/// `hide_temp_refs(false)` nothing is written and the refs are advertised and mirrored.
+#[test]
+fn temporary_refs_are_hidden_from_clients_of_the_relay_unless_told_otherwise() {
+    testkit::require_git();
+    for hide in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("mirror");
+        let served = testkit::served_repo(&base, "alice/project.git");
+        let c1 = testkit::commit(&served, "main", &[("f", b"1\n")], "one");
+        let mirror = daemon(&base);
+        let relay = dir.path().join("relay");
+        let target = testkit::init_bare(&relay.join("project.git"));
+        testkit::commit(&target, "main", &[("g", b"relay\n")], "relay's own");
+
+        let engine = fast(if hide { "rh1" } else { "rh0" })
+            .hide_temp_refs(hide)
+            .build()
+            .unwrap();
+        // One object the mirror has, one nobody has: the event keeps waiting, its object
+        // pinned.
+        let nobody: ObjectId = "1111111111111111111111111111111111111111".parse().unwrap();
+        let ev = event(
+            "waits",
+            &target,
+            &[c1, nobody],
+            &[mirror.url("alice/project.git")],
+        );
+        assert_eq!(engine.submit(ev).unwrap(), Admission::pending());
+        let pin = format!("{TEMP_REF_PREFIX}{c1}");
+        testkit::wait_for_stats(&engine, GENEROUS, |s| {
+            s.fetches_partial >= 1 && temp_refs(&target).contains(&pin)
+        });
+
+        let hidden_by_config = git2::Repository::open_bare(&target)
+            .unwrap()
+            .config()
+            .unwrap()
+            .multivar("transfer.hiderefs", None)
+            .map(|mut values| {
+                let mut all = Vec::new();
+                while let Some(v) = values.next() {
+                    all.push(v.unwrap().value().unwrap().to_owned());
+                }
+                all
+            })
+            .unwrap_or_default();
+        let want: &[&str] = if hide { &[TEMP_REF_PREFIX] } else { &[] };
+        assert_eq!(hidden_by_config, want, "hide {hide}");
+
+        let git = GitDaemon::start(Ipv4Addr::new(127, 0, 0, 3), &relay).unwrap();
+        let http = testkit::HttpGitServer::start(Ipv4Addr::new(127, 0, 0, 4), &relay).unwrap();
+        for (i, url) in [git.url("project.git"), http.url("project.git")]
+            .iter()
+            .enumerate()
+        {
+            let listed = ls_remote(url);
+            assert!(
+                listed.contains(&"refs/heads/main".to_owned()),
+                "{url}: {listed:?}"
+            );
+            assert_eq!(
+                listed.contains(&pin),
+                !hide,
+                "hide {hide}: {url} lists {listed:?}"
+            );
+            let mirrored = mirrored_refs(url, &dir.path().join(format!("clone-{i}.git")));
+            assert!(
+                mirrored.contains(&"refs/heads/main".to_owned()),
+                "{url}: {mirrored:?}"
+            );
+            assert_eq!(
+                mirrored.iter().any(|r| r.starts_with(TEMP_REF_PREFIX)),
+                !hide,
+                "hide {hide}: a mirror of {url} has {mirrored:?}"
+            );
+        }
+        engine.cancel("waits");
+        engine.shutdown().unwrap();
+        assert_eq!(temp_refs(&target), Vec::<String>::new());
+    }
+}

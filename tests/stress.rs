@@ -351,9 +351,14 @@ impl Fetcher for Watched {
         self.0.inner.drop_temp_refs(repo, oids)
     }
 
-    fn apply_refs(&self, repo: &Path, updates: &[RefUpdate]) -> Result<(), FetchError> {
+    fn apply_refs(
+        &self,
+        repo: &Path,
+        updates: &[RefUpdate],
+        replace_refs: bool,
+    ) -> Result<(), FetchError> {
         self.0.refs_touched("refs written", repo);
-        self.0.inner.apply_refs(repo, updates)
+        self.0.inner.apply_refs(repo, updates, replace_refs)
     }
 }
 

@@ -1,7 +1,8 @@
 //! The libgit2 fetcher.
 //!
 //! One `Repository` handle per job, no shared libgit2 state between workers. What arrives is
-//! pinned under [`TEMP_REF_PREFIX`] so that `git gc` cannot drop it while its event waits.
+//! pinned under [`TEMP_REF_PREFIX`] so that `git gc` cannot drop it while its event waits, and
+//! the repository's configuration hides that namespace from its clients.
 
 use std::cell::Cell;
 use std::collections::HashSet;
@@ -103,53 +104,117 @@ pub(crate) fn drop_temp_refs(repo: &Path, oids: &[ObjectId]) -> Result<(), Fetch
     Ok(())
 }
 
-pub(crate) fn apply_refs(repo: &Path, updates: &[crate::RefUpdate]) -> Result<(), FetchError> {
-    if updates.is_empty() {
+/// The namespaces of a complete ref set ([`PendingEvent::replace_refs`](crate::PendingEvent)):
+/// a repository state lists every branch and tag, and nothing else.
+const COMPLETE_SET_NAMESPACES: [&str; 2] = ["refs/heads/", "refs/tags/"];
+
+pub(crate) fn apply_refs(
+    repo: &Path,
+    updates: &[crate::RefUpdate],
+    replace_refs: bool,
+) -> Result<(), FetchError> {
+    if updates.is_empty() && !replace_refs {
         return Ok(());
     }
     let repo = open(repo)?;
+    // Every ref the transaction changes, with its new target (`Delete`: removed).
+    let mut changes: Vec<(&str, &crate::RefTarget)> = updates
+        .iter()
+        .map(|u| (u.name.as_str(), &u.target))
+        .collect();
+    let unnamed = if replace_refs {
+        unnamed_branches_and_tags(&repo, updates)?
+    } else {
+        Vec::new()
+    };
+    changes.extend(
+        unnamed
+            .iter()
+            .map(|n| (n.as_str(), &crate::RefTarget::Delete)),
+    );
     let mut tx = repo.transaction().map_err(local)?;
-    for u in updates {
-        tx.lock_ref(&u.name).map_err(local)?;
+    for (name, _) in &changes {
+        tx.lock_ref(name).map_err(local)?;
     }
     // With every lock held nobody else can change these refs: remember them, so that a
-    // failure half-way through the writes below can be undone.
-    let before: Vec<Option<Previous>> = updates.iter().map(|u| previous(&repo, &u.name)).collect();
-    for u in updates {
-        match &u.target {
+    // failure half-way through the writes below can be undone. (A branch pushed between the
+    // listing above and the locks is not deleted: it is newer than the state being written.)
+    let before: Vec<Option<Previous>> = changes
+        .iter()
+        .map(|(name, _)| previous(&repo, name))
+        .collect();
+    for ((name, target), old) in changes.iter().zip(&before) {
+        match target {
             crate::RefTarget::Oid(hex) => {
                 let oid = git2::Oid::from_str(hex).map_err(local)?;
-                tx.set_target(&u.name, oid, None, "purgatory-sync: release")
+                tx.set_target(name, oid, None, "purgatory-sync: release")
             }
             crate::RefTarget::Symbolic(target) => {
-                tx.set_symbolic_target(&u.name, target, None, "purgatory-sync: release")
+                tx.set_symbolic_target(name, target, None, "purgatory-sync: release")
             }
+            // libgit2 fails the whole commit on the removal of a ref that does not exist;
+            // a locked ref left unchanged is only unlocked.
+            crate::RefTarget::Delete if old.is_none() => Ok(()),
+            crate::RefTarget::Delete => tx.remove(name),
         }
         .map_err(local)?;
     }
     // Dropping an uncommitted transaction unlocks every ref without writing any; a commit
     // writes them one by one and may stop in the middle.
     if let Err(e) = tx.commit() {
-        for (u, old) in updates.iter().zip(before) {
+        for ((name, _), old) in changes.iter().zip(before) {
             let restored = match old {
                 Some(Previous::Direct(oid)) => repo
-                    .reference(&u.name, oid, true, "purgatory-sync: undo")
+                    .reference(name, oid, true, "purgatory-sync: undo")
                     .map(drop),
                 Some(Previous::Symbolic(target)) => repo
-                    .reference_symbolic(&u.name, &target, true, "purgatory-sync: undo")
+                    .reference_symbolic(name, &target, true, "purgatory-sync: undo")
                     .map(drop),
-                None => match repo.find_reference(&u.name) {
+                None => match repo.find_reference(name) {
                     Ok(mut r) => r.delete(),
                     Err(_) => Ok(()),
                 },
             };
             if let Err(undo) = restored {
-                log::warn!("could not undo {} after a failed update: {undo}", u.name);
+                log::warn!("could not undo {name} after a failed update: {undo}");
             }
         }
         return Err(local(e));
     }
     Ok(())
+}
+
+/// The branches and tags of `repo` that `updates` does not name, sorted: what writing
+/// `updates` as a complete ref set deletes.
+fn unnamed_branches_and_tags(
+    repo: &Repository,
+    updates: &[crate::RefUpdate],
+) -> Result<Vec<String>, FetchError> {
+    let named: HashSet<&str> = updates.iter().map(|u| u.name.as_str()).collect();
+    let mut refs = repo.references().map_err(local)?;
+    let mut unnamed = Vec::new();
+    for name in refs.names() {
+        // An unreadable ref fails the write: leaving a branch the state does not list would
+        // serve another set than the state's.
+        let name = name.map_err(|e| {
+            FetchError::new(
+                FailureKind::LocalRepository,
+                format!(
+                    "cannot list the repository's branches and tags: {}",
+                    e.message()
+                ),
+            )
+        })?;
+        if COMPLETE_SET_NAMESPACES
+            .iter()
+            .any(|ns| name.starts_with(ns))
+            && !named.contains(name)
+        {
+            unnamed.push(name.to_owned());
+        }
+    }
+    unnamed.sort_unstable();
+    Ok(unnamed)
 }
 
 enum Previous {
@@ -163,6 +228,60 @@ fn previous(repo: &Repository, name: &str) -> Option<Previous> {
         Some(t) => Some(Previous::Symbolic(t.to_owned())),
         None => r.target().map(Previous::Direct),
     }
+}
+
+/// The git configuration key that keeps refs out of `git upload-pack`'s and
+/// `git receive-pack`'s advertisements.
+const HIDE_REFS_KEY: &str = "transfer.hideRefs";
+
+/// What a `transfer.hideRefs` value says of the engine's namespace: `Some(true)` hides it
+/// all, `Some(false)` shows it all again (`!`), `None` is about other refs. git strips
+/// trailing slashes from a value and matches it as a whole path prefix; `^` matches the full
+/// name before a namespace is stripped, the same here.
+fn hide_refs_value_covers(value: &str) -> Option<bool> {
+    let (shown, pattern) = match value.strip_prefix('!') {
+        Some(rest) => (true, rest),
+        None => (false, value),
+    };
+    let pattern = pattern.strip_prefix('^').unwrap_or(pattern);
+    let pattern = pattern.trim_end_matches('/');
+    let ours = TEMP_REF_PREFIX.trim_end_matches('/');
+    let covers = !pattern.is_empty()
+        && ours
+            .strip_prefix(pattern)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
+    covers.then_some(!shown)
+}
+
+/// Makes sure `git upload-pack` does not advertise the engine's refs in `repo`: adds
+/// `transfer.hideRefs = refs/purgatory-sync/` to the repository's own configuration unless
+/// a value at any level already hides them or explicitly shows them (the administrator's
+/// choice). Returns whether it wrote the value.
+fn hide_temp_refs(repo: &Repository) -> Result<bool, git2::Error> {
+    let config = repo.config()?;
+    let mut hidden = false;
+    match config.multivar(HIDE_REFS_KEY, None) {
+        Ok(mut values) => {
+            while let Some(entry) = values.next() {
+                // A value that is not UTF-8 is no pattern of the engine's ASCII namespace.
+                match entry?.value().ok().and_then(hide_refs_value_covers) {
+                    Some(true) => hidden = true,
+                    // Shown on purpose: leave it so.
+                    Some(false) => return Ok(false),
+                    None => {}
+                }
+            }
+        }
+        Err(e) if e.code() == git2::ErrorCode::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    if hidden {
+        return Ok(false);
+    }
+    // A multi-valued key: a regular expression that matches no value adds one.
+    let mut local = config.open_level(git2::ConfigLevel::Local)?;
+    local.set_multivar(HIDE_REFS_KEY, "^$", TEMP_REF_PREFIX)?;
+    Ok(true)
 }
 
 /// Where versions before 0.2 kept the refs of their broad fallback fetch, per process:
@@ -224,7 +343,9 @@ fn local(e: git2::Error) -> FetchError {
 /// 3. Otherwise fetch branches, tags and `refs/nostr/*` into a scratch ref namespace and keep
 ///    what arrived.
 ///
-/// Whatever arrived is pinned under [`TEMP_REF_PREFIX`]; the scratch refs are removed.
+/// Whatever arrived is pinned under [`TEMP_REF_PREFIX`]; the scratch refs are removed. Before
+/// it pins objects in a repository it makes sure `git upload-pack` does not advertise those
+/// refs (`transfer.hideRefs`, unless [`FetchControl::hide_temp_refs`] is off).
 #[derive(Debug, Clone)]
 pub struct GitFetcher {
     _private: (),
@@ -412,6 +533,16 @@ fn fetch_into(
     };
     let (present, missing): (Vec<ObjectId>, Vec<ObjectId>) =
         request.wanted.iter().partition(|o| present_set.contains(o));
+    if !present.is_empty() && control.hide_temp_refs() {
+        // The pins are kept all the same: losing the objects to `git gc` would be worse than
+        // showing their refs.
+        if let Err(e) = hide_temp_refs(&repo) {
+            log::warn!(
+                "could not hide the temporary refs of {} from its clients: {e}",
+                request.repo.display()
+            );
+        }
+    }
     for oid in &present {
         if let Err(e) = repo.reference(&temp_ref(*oid), oid.to_git(), true, "purgatory-sync: pin") {
             error.get_or_insert_with(|| local(e));
@@ -801,6 +932,78 @@ pub(crate) fn strip_urls(message: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hide_refs_values_are_read_as_git_reads_them() {
+        for (value, says) in [
+            ("refs/purgatory-sync/", Some(true)),
+            ("refs/purgatory-sync", Some(true)),
+            ("refs/purgatory-sync//", Some(true)),
+            ("^refs/purgatory-sync", Some(true)),
+            ("refs", Some(true)),
+            ("refs/", Some(true)),
+            ("!refs/purgatory-sync/", Some(false)),
+            ("!^refs", Some(false)),
+            ("refs/purgatory-syncx", None),
+            ("refs/purgatory-sync/x", None),
+            ("!refs/purgatory-sync/x", None),
+            ("refs/pull", None),
+            ("re", None),
+            ("", None),
+            ("!", None),
+        ] {
+            assert_eq!(hide_refs_value_covers(value), says, "{value:?}");
+        }
+    }
+
+    /// The values of `transfer.hideRefs` in the repository's own configuration.
+    fn local_hide_refs(repo: &Repository) -> Vec<String> {
+        let config = repo
+            .config()
+            .unwrap()
+            .open_level(git2::ConfigLevel::Local)
+            .unwrap();
+        let mut values = Vec::new();
+        if let Ok(mut entries) = config.multivar(HIDE_REFS_KEY, None) {
+            while let Some(entry) = entries.next() {
+                values.push(entry.unwrap().value().unwrap().to_owned());
+            }
+        }
+        values
+    }
+
+    #[test]
+    fn temporary_refs_are_hidden_once_and_an_administrators_choice_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init_bare(dir.path().join("r.git")).unwrap();
+        assert!(hide_temp_refs(&repo).unwrap());
+        assert!(!hide_temp_refs(&repo).unwrap(), "written once");
+        assert_eq!(local_hide_refs(&repo), [TEMP_REF_PREFIX]);
+
+        // Values that already hide the namespace, or show it on purpose, are left alone;
+        // others are kept beside the new one.
+        for (existing, added) in [
+            ("refs", false),
+            ("refs/purgatory-sync", false),
+            ("!refs/purgatory-sync/", false),
+            ("refs/pull", true),
+            ("refs/purgatory-sync/scratch", true),
+        ] {
+            let repo = Repository::init_bare(dir.path().join(format!("{existing}.git"))).unwrap();
+            repo.config()
+                .unwrap()
+                .open_level(git2::ConfigLevel::Local)
+                .unwrap()
+                .set_multivar(HIDE_REFS_KEY, "^$", existing)
+                .unwrap();
+            assert_eq!(hide_temp_refs(&repo).unwrap(), added, "{existing}");
+            let mut want = vec![existing.to_owned()];
+            if added {
+                want.push(TEMP_REF_PREFIX.to_owned());
+            }
+            assert_eq!(local_hide_refs(&repo), want, "{existing}");
+        }
+    }
 
     #[test]
     fn urls_are_stripped_from_messages() {

@@ -68,6 +68,7 @@ pub struct FetchControl {
     connect_timeout: Duration,
     io_timeout: Duration,
     url_policy: UrlPolicy,
+    hide_temp_refs: bool,
 }
 
 /// Why a fetch should stop now.
@@ -81,9 +82,10 @@ pub enum StopReason {
 
 impl FetchControl {
     /// A control with the given real-time deadline and shared cancel flag, and default limits
-    /// (1 GiB received, 512 MiB of memory, 32 MiB of ref advertisement, full history, 10 s connect and 30 s idle timeouts) and the strict
+    /// (1 GiB received, 512 MiB of memory, 32 MiB of ref advertisement, full history, 10 s connect and 30 s idle timeouts), the strict
     /// [`UrlPolicy::new`] (no private addresses: set
-    /// [`with_url_policy`](Self::with_url_policy) to fetch from loopback).
+    /// [`with_url_policy`](Self::with_url_policy) to fetch from loopback), and temporary refs
+    /// hidden from the repository's clients.
     pub fn new(deadline: Instant, cancel: Arc<AtomicBool>) -> Self {
         FetchControl {
             deadline,
@@ -95,6 +97,7 @@ impl FetchControl {
             connect_timeout: Duration::from_secs(10),
             io_timeout: Duration::from_secs(30),
             url_policy: UrlPolicy::new(),
+            hide_temp_refs: true,
         }
     }
 
@@ -133,6 +136,14 @@ impl FetchControl {
     pub fn with_timeouts(mut self, connect: Duration, io: Duration) -> Self {
         self.connect_timeout = connect;
         self.io_timeout = io;
+        self
+    }
+
+    /// Sets whether the fetcher hides its temporary refs from the repository's clients
+    /// (`transfer.hideRefs`, see
+    /// [`EngineBuilder::hide_temp_refs`](crate::EngineBuilder::hide_temp_refs)).
+    pub fn with_hide_temp_refs(mut self, hide: bool) -> Self {
+        self.hide_temp_refs = hide;
         self
     }
 
@@ -185,6 +196,11 @@ impl FetchControl {
     /// The URL policy of the fetch.
     pub fn url_policy(&self) -> &UrlPolicy {
         &self.url_policy
+    }
+
+    /// Whether the fetcher hides its temporary refs from the repository's clients.
+    pub fn hide_temp_refs(&self) -> bool {
+        self.hide_temp_refs
     }
 
     pub(crate) fn cancel_flag(&self) -> Arc<AtomicBool> {
@@ -358,14 +374,24 @@ pub trait Fetcher: Send + Sync + 'static {
         git::drop_temp_refs(repo, oids)
     }
 
-    /// Sets `updates` in `repo` in one transaction: all of them or none. Called on the
-    /// scheduler thread when an event with ref updates is released, while no fetch runs in
-    /// `repo`. The updates were validated at submit. The default uses a libgit2 transaction.
+    /// Sets `updates` in `repo` in one transaction: all of them or none. A
+    /// [`RefTarget::Delete`](crate::RefTarget::Delete) deletes its ref if it exists. With
+    /// `replace_refs` ([`PendingEvent::replace_refs`](crate::PendingEvent::replace_refs)),
+    /// every existing ref under `refs/heads/` and `refs/tags/` that `updates` does not name is
+    /// deleted in the same transaction. Called on the scheduler thread when an event with ref
+    /// updates is released, while no fetch runs in `repo`. The updates were validated at
+    /// submit. The default uses a libgit2 transaction that locks every ref it changes before
+    /// writing any.
     ///
     /// # Errors
     /// The repository could not be opened, a ref could not be locked (another writer holds
     /// it) or written; nothing was changed.
-    fn apply_refs(&self, repo: &Path, updates: &[crate::RefUpdate]) -> Result<(), FetchError> {
-        git::apply_refs(repo, updates)
+    fn apply_refs(
+        &self,
+        repo: &Path,
+        updates: &[crate::RefUpdate],
+        replace_refs: bool,
+    ) -> Result<(), FetchError> {
+        git::apply_refs(repo, updates, replace_refs)
     }
 }

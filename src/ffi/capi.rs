@@ -88,6 +88,9 @@ pub enum PsyncStatus {
     /// submit: the event's clone URLs would give its identifier more distinct URLs than
     /// allowed (`max_urls_per_identifier`).
     PSYNC_TOO_MANY_IDENTIFIER_URLS = 33,
+    /// submit: `replace_refs` is set but the event has no ref update (an empty complete set
+    /// would delete every branch and tag).
+    PSYNC_REPLACE_REFS_WITHOUT_REF_UPDATES = 34,
     /// submit: a refusal added to the library after this header was written.
     PSYNC_OTHER_SUBMIT_ERROR = 39,
 }
@@ -278,6 +281,7 @@ struct ConfigJson {
     allowed_schemes: Option<Vec<String>>,
     state_file: Option<PathBuf>,
     move_unreadable_state_aside: Option<bool>,
+    hide_temp_refs: Option<bool>,
 }
 
 impl ConfigJson {
@@ -322,6 +326,7 @@ impl ConfigJson {
         set!(allow_private_addresses => allow_private_addresses);
         set!(state_file => state_file);
         set!(move_unreadable_state_aside => move_unreadable_state_aside);
+        set!(hide_temp_refs => hide_temp_refs);
         if self.fetch_depth.is_some() {
             b = b.fetch_depth(self.fetch_depth);
         }
@@ -376,6 +381,8 @@ struct RefUpdateJson {
     name: String,
     oid: Option<String>,
     symbolic: Option<String>,
+    #[serde(default)]
+    delete: bool,
 }
 
 #[derive(Deserialize)]
@@ -398,19 +405,26 @@ struct EventJson {
     origin: Option<OriginJson>,
     #[serde(default)]
     ref_updates: Vec<RefUpdateJson>,
+    #[serde(default)]
+    replace_refs: bool,
+    created_at: Option<u64>,
 }
 
 impl EventJson {
     fn event(self) -> Result<PendingEvent, Failure> {
         let mut ref_updates = Vec::with_capacity(self.ref_updates.len());
         for (i, r) in self.ref_updates.into_iter().enumerate() {
-            ref_updates.push(match (r.oid, r.symbolic) {
-                (Some(oid), None) => RefUpdate::oid(r.name, oid),
-                (None, Some(target)) => RefUpdate::symbolic(r.name, target),
+            ref_updates.push(match (r.oid, r.symbolic, r.delete) {
+                (Some(oid), None, false) => RefUpdate::oid(r.name, oid),
+                (None, Some(target), false) => RefUpdate::symbolic(r.name, target),
+                (None, None, true) => RefUpdate::delete(r.name),
                 _ => {
                     return Err((
                         PsyncStatus::PSYNC_INVALID_JSON,
-                        format!("ref_updates[{i}]: exactly one of `oid` and `symbolic` is needed"),
+                        format!(
+                            "ref_updates[{i}]: exactly one of `oid`, `symbolic` and \
+                             `\"delete\": true` is needed"
+                        ),
                     ))
                 }
             });
@@ -426,6 +440,8 @@ impl EventJson {
                 Some(OriginJson::Sync) | None => Origin::Sync,
             },
             ref_updates,
+            replace_refs: self.replace_refs,
+            created_at: self.created_at,
         })
     }
 }
@@ -450,6 +466,7 @@ fn submit_status(e: &SubmitError) -> PsyncStatus {
         SubmitError::TooManyIdentifierUrls { .. } => PSYNC_TOO_MANY_IDENTIFIER_URLS,
         SubmitError::TooManyRefUpdates { .. } => PSYNC_TOO_MANY_REF_UPDATES,
         SubmitError::InvalidRefUpdate { .. } => PSYNC_INVALID_REF_UPDATE,
+        SubmitError::ReplaceRefsWithoutRefUpdates => PSYNC_REPLACE_REFS_WITHOUT_REF_UPDATES,
         SubmitError::InvalidRepository { .. } => PSYNC_INVALID_REPOSITORY,
         SubmitError::PreviouslyExpired { .. } => PSYNC_PREVIOUSLY_EXPIRED,
         SubmitError::QueueFull { .. } => PSYNC_QUEUE_FULL,
@@ -592,9 +609,12 @@ fn stats_json(s: &Stats) -> Value {
 /// `max_ref_updates_per_event`, `max_fetch_bytes`, `max_fetch_memory`, `max_object_size`,
 /// `max_advertisement_bytes`, `fetch_depth` (null or n), `thread_name`,
 /// `domain_limits` `{"max_concurrent", "per_minute", "burst"?}`,
-/// `domain_overrides` `{"host": {"max_concurrent", "per_minute", "burst"?}}`, `our_domain`,
+/// `domain_overrides` `{"host": {"max_concurrent", "per_minute", "burst"?}}`, `our_domain`
+/// (`"host"`, or `"host:port"` / `"[v6]:port"` for that port only),
 /// `naughty_duration_ms`, `allow_private_addresses`, `allowed_schemes` `[..]`, `state_file`,
-/// `move_unreadable_state_aside`.
+/// `move_unreadable_state_aside`, `hide_temp_refs` (default true: the fetcher adds
+/// `transfer.hideRefs = refs/purgatory-sync/` to a repository's configuration before it pins
+/// objects there, so that clients of the relay do not see its temporary refs).
 ///
 /// On `PSYNC_OK`, `*out_engine` is a new engine owned by the caller: release it with
 /// `psync_engine_free`. On failure it is set to NULL. Errors: `PSYNC_NULL_ARGUMENT`,
@@ -643,7 +663,13 @@ pub unsafe extern "C" fn psync_engine_new(
 /// `event_json` is a JSON object: `{"id", "identifier", "repo", "oids": [..],
 /// "clone_urls": [..], "origin": "user"|"sync" (default "sync"), "ref_updates":
 /// [{"name": "refs/heads/main", "oid": "<40 hex>"} | {"name": "HEAD", "symbolic":
-/// "refs/heads/main"}]}`; unknown fields are refused.
+/// "refs/heads/main"} | {"name": "refs/heads/old", "delete": true}], "replace_refs": false,
+/// "created_at": <Unix seconds>}`; unknown fields are refused. `"replace_refs": true` says the
+/// ref updates are the repository's complete set of branches and tags: writing them deletes
+/// every other ref under `refs/heads/` and `refs/tags/`, in the same all-or-none transaction.
+/// `created_at` (optional, the Nostr event's) orders complete sets of one repository: a set
+/// older than one written before is released without being written (the outcome's `"refs"`
+/// says `"skipped_older_state"`).
 ///
 /// On `PSYNC_OK`, `*out_admission` (if not NULL) says whether the event waits
 /// (`PSYNC_ADMISSION_PENDING`: one outcome follows on `psync_engine_poll`) or was already
@@ -651,7 +677,7 @@ pub unsafe extern "C" fn psync_engine_new(
 /// `[{"index", "url", "reason"}]` (possibly `"[]"`) of the clone URLs the URL policy refused:
 /// release it with `psync_string_free`. On failure `*out_refused_urls_json` is NULL. Each
 /// refusal of the event has its own status (`PSYNC_INVALID_EVENT_ID` ..
-/// `PSYNC_INVALID_REF_UPDATE`). Never blocks on fetches. Thread-safe.
+/// `PSYNC_REPLACE_REFS_WITHOUT_REF_UPDATES`). Never blocks on fetches. Thread-safe.
 ///
 /// Calls from one thread take effect in the order made: a submit right after
 /// `psync_engine_cancel` of the same id waits again; a submit of an id that still waits is
@@ -851,8 +877,11 @@ pub unsafe extern "C" fn psync_outcome_identifier(outcome: *const PsyncOutcome) 
 }
 
 /// The whole outcome as JSON, owned by the outcome and valid until `psync_outcome_free`; NULL
-/// if `outcome` is NULL. `{"kind": "released", "event_id", "identifier", "repo", "waited_ms"}`
-/// or `{"kind": "expired", "event_id", "identifier", "repo", "missing": [..], "reason":
+/// if `outcome` is NULL. `{"kind": "released", "event_id", "identifier", "repo", "waited_ms",
+/// "refs": "none"|"written"|"skipped_older_state", "newer_created_at"?}` (`refs`: the event
+/// had no ref updates, they were written, or none was because a newer state of the
+/// repository, created at `newer_created_at`, was written before) or `{"kind": "expired",
+/// "event_id", "identifier", "repo", "missing": [..], "reason":
 /// "lifetime_ended"|"ref_update_failed"|"repository_gone", "message"?}`.
 ///
 /// # Safety
@@ -1046,6 +1075,7 @@ mod tests {
                 name: String::new(),
                 reason: "",
             },
+            SubmitError::ReplaceRefsWithoutRefUpdates,
             SubmitError::InvalidRepository {
                 path: PathBuf::new(),
                 reason: String::new(),

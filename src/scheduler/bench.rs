@@ -85,6 +85,8 @@ impl QueueBench {
                     .check(&format!("https://git{}.example.com/{i}.git", i % domains))
                     .expect("the bench's URLs pass the policy")],
                 refs: Arc::from([]),
+                replace_refs: false,
+                created_at: None,
                 origin: Origin::User,
                 submitted,
                 restored: None,
@@ -225,6 +227,8 @@ impl CommandBench {
                 })
                 .collect(),
             refs: Arc::from([]),
+            replace_refs: false,
+            created_at: None,
             origin: Origin::User,
             submitted: self.now,
             restored: None,

@@ -9,6 +9,11 @@
 //! refs*. The core asks for them to be written ([`Action::ApplyRefs`]) once no fetch runs in the
 //! repository, and releases the event only when [`Core::refs_applied`] reports success. A
 //! failure is retried at the first pass a tick later, until the event's lifetime ends.
+//!
+//! Complete ref sets (repository states) with a `created_at` are ordered: the core remembers,
+//! per repository, the newest one written, and releases an older one without writing it. An
+//! older state also waits while a newer one of its repository awaits its refs, so that the
+//! newer one is written last whichever is satisfied first.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::ops::Bound::{Excluded, Unbounded};
@@ -20,10 +25,12 @@ use std::time::{Duration, Instant};
 use super::domains::Domains;
 use super::ids::{EventIds, IdentifierUrls};
 use crate::config::Config;
-use crate::event::{ExpiryReason, Origin, Outcome, RefUpdate};
+use crate::event::{ExpiryReason, Origin, Outcome, RefUpdate, RefsOutcome};
 use crate::fetch::{FailureKind, FetchError, FetchReport, FetchRequest};
 use crate::policy::CloneUrl;
-use crate::state::{SavedEvent, SavedExpiredId, SavedNaughty, SavedRef, StateFile};
+use crate::state::{
+    SavedEvent, SavedExpiredId, SavedNaughty, SavedNewestState, SavedRef, StateFile,
+};
 use crate::stats::{FailureRecord, ReleaseHistogram, Stats};
 use crate::ObjectId;
 use crate::RefTarget;
@@ -44,6 +51,11 @@ pub(crate) struct ValidEvent {
     /// Refs to write, all or none, before the event is released; validated, oid targets in
     /// lower case.
     pub refs: Arc<[RefUpdate]>,
+    /// `refs` are the repository's complete set of branches and tags
+    /// ([`PendingEvent::replace_refs`](crate::PendingEvent::replace_refs)).
+    pub replace_refs: bool,
+    /// The event's creation time, Unix seconds, if the host gave it.
+    pub created_at: Option<u64>,
     pub origin: Origin,
     /// When the host submitted it: delays and the lifetime count from here, not from when the
     /// scheduler got round to the command.
@@ -100,12 +112,14 @@ pub(crate) enum Action {
         repo: Arc<Path>,
         oids: Vec<ObjectId>,
     },
-    /// Write the event's ref updates in one transaction and hand the result to
-    /// [`Core::refs_applied`]; the repository has no fetch running.
+    /// Write the event's ref updates in one transaction (with `replace_refs`, deleting the
+    /// branches and tags they do not name) and hand the result to [`Core::refs_applied`]; the
+    /// repository has no fetch running.
     ApplyRefs {
         event_id: Arc<str>,
         repo: Arc<Path>,
         updates: Arc<[RefUpdate]>,
+        replace_refs: bool,
     },
 }
 
@@ -156,6 +170,8 @@ struct EventState {
     /// event's refs win over an earlier one's written at the same pass.
     seq: u64,
     refs: Arc<[RefUpdate]>,
+    replace_refs: bool,
+    created_at: Option<u64>,
     /// An [`Action::ApplyRefs`] for it is out and not answered yet.
     applying: bool,
     /// After a failed ref update: not retried before this.
@@ -258,6 +274,20 @@ impl EventState {
     fn awaits_refs(&self) -> bool {
         self.missing.is_empty() && !self.refs.is_empty()
     }
+
+    /// The `created_at` of a complete ref set that has one: the events ordered by the newest
+    /// state rule.
+    fn state_created_at(&self) -> Option<u64> {
+        self.created_at.filter(|_| self.replace_refs)
+    }
+}
+
+/// The newest complete ref set written in a repository.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct NewestState {
+    created_at: u64,
+    /// Forgotten then: an older state can only wait in purgatory for one event lifetime.
+    until: Instant,
 }
 
 struct Running {
@@ -283,6 +313,9 @@ pub(crate) struct Snapshot {
     /// Recently expired ids with the time they are still refused.
     expired_ids: Vec<(Arc<str>, Duration)>,
     naughty: Vec<SavedNaughty>,
+    /// The newest complete ref set written in each repository, with the time it is still
+    /// remembered.
+    newest_states: Vec<(Arc<Path>, u64, Duration)>,
 }
 
 /// A waiting event in a [`Snapshot`].
@@ -296,6 +329,8 @@ struct SnapshotEvent {
     urls: Vec<Arc<str>>,
     origin: Origin,
     refs: Arc<[RefUpdate]>,
+    replace_refs: bool,
+    created_at: Option<u64>,
     remaining: Duration,
     waited: Duration,
 }
@@ -323,19 +358,26 @@ impl Snapshot {
                 ref_updates: ev
                     .refs
                     .iter()
-                    .map(|r| match &r.target {
-                        RefTarget::Oid(o) => SavedRef {
-                            name: r.name.clone(),
-                            oid: Some(o.clone()),
-                            symbolic: None,
-                        },
-                        RefTarget::Symbolic(t) => SavedRef {
-                            name: r.name.clone(),
-                            oid: None,
-                            symbolic: Some(t.clone()),
-                        },
+                    .map(|r| {
+                        let saved = SavedRef::new(r.name.clone());
+                        match &r.target {
+                            RefTarget::Oid(o) => SavedRef {
+                                oid: Some(o.clone()),
+                                ..saved
+                            },
+                            RefTarget::Symbolic(t) => SavedRef {
+                                symbolic: Some(t.clone()),
+                                ..saved
+                            },
+                            RefTarget::Delete => SavedRef {
+                                delete: true,
+                                ..saved
+                            },
+                        }
                     })
                     .collect(),
+                replace_refs: ev.replace_refs,
+                created_at: ev.created_at,
                 remaining_ms: ms(ev.remaining),
                 waited_ms: ms(ev.waited),
             })
@@ -349,12 +391,23 @@ impl Snapshot {
             })
             .collect();
         expired_ids.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        let mut newest_states: Vec<SavedNewestState> = self
+            .newest_states
+            .into_iter()
+            .map(|(repo, created_at, remaining)| SavedNewestState {
+                repo: repo.to_path_buf(),
+                created_at,
+                remaining_ms: ms(remaining),
+            })
+            .collect();
+        newest_states.sort_unstable_by(|a, b| a.repo.cmp(&b.repo));
         StateFile {
             version: crate::state::STATE_VERSION,
             written_at_ms: self.written_at_ms,
             events,
             expired_ids,
             naughty: self.naughty,
+            newest_states,
         }
     }
 }
@@ -411,6 +464,11 @@ pub(crate) struct Core {
     urls: Arc<IdentifierUrls>,
     /// Events whose objects are all present and whose refs are not written yet, by `seq`.
     awaiting_refs: BTreeMap<u64, Arc<str>>,
+    /// The newest complete ref set with a `created_at` written in each repository.
+    newest_states: HashMap<Arc<Path>, NewestState>,
+    /// Repositories where the last [`flush_refs`](Self::flush_refs) held an older state back
+    /// for a newer one awaiting its refs: the newer one's write releases it at once.
+    held_back: HashSet<Arc<Path>>,
     actions: Vec<Action>,
     next_entry: EntryId,
     next_seq: u64,
@@ -448,6 +506,8 @@ impl Core {
             repo_needs: HashMap::new(),
             urls: Arc::new(IdentifierUrls::new(cfg_urls_cap)),
             awaiting_refs: BTreeMap::new(),
+            newest_states: HashMap::new(),
+            held_back: HashSet::new(),
             actions: Vec::new(),
             next_entry: 0,
             next_seq: 0,
@@ -595,6 +655,8 @@ impl Core {
                 urls: ev.urls,
                 seq,
                 refs: ev.refs,
+                replace_refs: ev.replace_refs,
+                created_at: ev.created_at,
                 applying: false,
                 retry_at: None,
                 ref_error: None,
@@ -713,6 +775,7 @@ impl Core {
             }
             self.ids.forget_expired(&id, until);
         }
+        self.newest_states.retain(|_, n| n.until > now);
         self.flush_drops();
         // Before dispatch, which could make a repository busy again.
         self.flush_refs(now);
@@ -720,15 +783,41 @@ impl Core {
     }
 
     /// Asks for the ref updates of events awaiting them in repositories with no fetch
-    /// running, unless already asked or a failure is not a tick old yet.
+    /// running, unless already asked or a failure is not a tick old yet. A complete ref set
+    /// older than one written in its repository is released without being written; one older
+    /// than another awaiting its refs in its repository waits for that one.
     fn flush_refs(&mut self, now: Instant) {
+        // The newest complete set awaiting its refs in each repository.
+        let mut newest_awaiting: HashMap<&Arc<Path>, u64> = HashMap::new();
+        for ev in self.awaiting_refs.values() {
+            let state = &self.events[ev];
+            if let Some(at) = state.state_created_at() {
+                let newest = newest_awaiting
+                    .entry(&self.entries[&state.entry].repo)
+                    .or_insert(at);
+                *newest = (*newest).max(at);
+            }
+        }
+        let mut skipped = Vec::new();
+        self.held_back.clear();
         for ev in self.awaiting_refs.values() {
             let state = self.events.get_mut(ev).expect("awaiting events wait");
-            if state.applying || state.retry_at.is_some_and(|t| t > now) {
+            if state.applying {
                 continue;
             }
             let repo = &self.entries[&state.entry].repo;
-            if self.busy_repos.contains(repo) {
+            if let Some(at) = state.state_created_at() {
+                let written = self.newest_states.get(repo).filter(|n| n.until > now);
+                if let Some(newer) = written.filter(|n| n.created_at > at) {
+                    skipped.push((ev.clone(), newer.created_at));
+                    continue;
+                }
+                if newest_awaiting.get(repo).is_some_and(|n| *n > at) {
+                    self.held_back.insert(repo.clone());
+                    continue;
+                }
+            }
+            if state.retry_at.is_some_and(|t| t > now) || self.busy_repos.contains(repo) {
                 continue;
             }
             state.applying = true;
@@ -736,7 +825,14 @@ impl Core {
                 event_id: ev.clone(),
                 repo: repo.clone(),
                 updates: state.refs.clone(),
+                replace_refs: state.replace_refs,
             });
+        }
+        for (ev, newer_created_at) in skipped {
+            self.release(&ev, RefsOutcome::skipped_older_state(newer_created_at), now);
+        }
+        if !self.pending_drops.is_empty() {
+            self.flush_drops();
         }
     }
 
@@ -752,7 +848,26 @@ impl Core {
         match result {
             Ok(()) => {
                 self.counters.refs_applied += 1;
-                self.release(event_id, now);
+                if let Some(at) = state.state_created_at() {
+                    let repo = self.entries[&state.entry].repo.clone();
+                    let until = now + self.cfg.event_lifetime;
+                    let newest = self.newest_states.entry(repo).or_insert(NewestState {
+                        created_at: at,
+                        until,
+                    });
+                    if newest.until <= now {
+                        newest.created_at = at;
+                    }
+                    newest.created_at = newest.created_at.max(at);
+                    newest.until = until;
+                }
+                let repo = self.entries[&self.events[event_id].entry].repo.clone();
+                self.release(event_id, RefsOutcome::Written, now);
+                // Older states held back for this one are released now, not at the next
+                // pass; other writes need no new look at every event awaiting its refs.
+                if self.held_back.contains(&repo) {
+                    self.flush_refs(now);
+                }
                 self.flush_drops();
             }
             Err(e) => {
@@ -1084,6 +1199,8 @@ impl Core {
                     urls: ev.urls.iter().map(|u| u.url.clone()).collect(),
                     origin: ev.origin,
                     refs: Arc::clone(&ev.refs),
+                    replace_refs: ev.replace_refs,
+                    created_at: ev.created_at,
                     remaining: ev.expires.saturating_duration_since(now),
                     waited: now.saturating_duration_since(ev.submitted),
                 }
@@ -1095,11 +1212,43 @@ impl Core {
             .filter(|(_, until)| **until > now)
             .map(|(id, until)| (Arc::clone(id), until.saturating_duration_since(now)))
             .collect();
+        let newest_states = self
+            .newest_states
+            .iter()
+            .filter(|(_, n)| n.until > now)
+            .map(|(repo, n)| (Arc::clone(repo), n.created_at, n.until - now))
+            .collect();
         Snapshot {
             written_at_ms: wall_ms,
             events,
             expired_ids,
             naughty: self.domains.save(now, wall_ms),
+            newest_states,
+        }
+    }
+
+    /// Takes back the newest complete ref set written in each repository from the state file
+    /// read at start, `downtime` after it was written: `(repository, created_at, time it was
+    /// still remembered at the write)`. Called before [`restore`](Self::restore), so that the
+    /// restored events are held to them.
+    pub fn restore_newest_states(
+        &mut self,
+        states: Vec<(Arc<Path>, u64, Duration)>,
+        downtime: Duration,
+        now: Instant,
+    ) {
+        for (repo, created_at, left) in states {
+            if left <= downtime {
+                continue;
+            }
+            let until = now + (left - downtime);
+            let newest = self
+                .newest_states
+                .entry(repo)
+                .or_insert(NewestState { created_at, until });
+            if created_at >= newest.created_at {
+                *newest = NewestState { created_at, until };
+            }
         }
     }
 
@@ -1157,7 +1306,13 @@ impl Core {
             }
             if event.missing.is_empty() && event.refs.is_empty() {
                 // Pushed while the engine was down.
-                self.emit_released(&event.id, &event.identifier, &event.repo, waited);
+                self.emit_released(
+                    &event.id,
+                    &event.identifier,
+                    &event.repo,
+                    waited,
+                    RefsOutcome::NoRefUpdates,
+                );
                 continue;
             }
             event.submitted = submitted;
@@ -1341,7 +1496,7 @@ impl Core {
         for ev in satisfied {
             let state = &self.events[&ev];
             if state.refs.is_empty() {
-                self.release(&ev, now);
+                self.release(&ev, RefsOutcome::NoRefUpdates, now);
             } else {
                 self.awaiting_refs.insert(state.seq, ev);
             }
@@ -1349,17 +1504,24 @@ impl Core {
     }
 
     /// Sends [`Outcome::Released`] for a waiting event and removes it.
-    fn release(&mut self, event_id: &str, now: Instant) {
+    fn release(&mut self, event_id: &str, refs: RefsOutcome, now: Instant) {
         let state = &self.events[event_id];
         let e = &self.entries[&state.entry];
         let (identifier, repo) = (e.identifier.clone(), e.repo.clone());
         let waited = now.saturating_duration_since(state.submitted);
-        self.emit_released(event_id, &identifier, &repo, waited);
+        self.emit_released(event_id, &identifier, &repo, waited, refs);
         self.leave(event_id);
     }
 
     /// Counts an [`Outcome::Released`], records its wait and sends it.
-    fn emit_released(&mut self, event_id: &str, identifier: &str, repo: &Path, waited: Duration) {
+    fn emit_released(
+        &mut self,
+        event_id: &str,
+        identifier: &str,
+        repo: &Path,
+        waited: Duration,
+        refs: RefsOutcome,
+    ) {
         self.counters.released += 1;
         self.counters.release_times.observe(waited);
         self.actions.push(Action::Emit(Outcome::Released {
@@ -1367,6 +1529,7 @@ impl Core {
             identifier: identifier.to_owned(),
             repo: repo.to_path_buf(),
             waited,
+            refs,
         }));
     }
 

@@ -574,7 +574,7 @@ impl Order {
     }
 
     fn write_refs(&mut self) -> Result<(), TestCaseError> {
-        for (event_id, _, _) in std::mem::take(&mut self.h.applies) {
+        for (event_id, _, _, _) in std::mem::take(&mut self.h.applies) {
             let now = self.now();
             self.h.core.refs_applied(&event_id, Ok(()), now);
         }

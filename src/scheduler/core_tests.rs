@@ -8,8 +8,9 @@ fn oid(n: u8) -> ObjectId {
     ObjectId::from_bytes([n; 20])
 }
 
-/// An [`Action::ApplyRefs`]: event id, repository, updates.
-type Apply = (Arc<str>, Arc<Path>, Arc<[RefUpdate]>);
+/// An [`Action::ApplyRefs`]: event id, repository, updates, whether they replace the
+/// repository's branches and tags.
+type Apply = (Arc<str>, Arc<Path>, Arc<[RefUpdate]>, bool);
 
 struct Harness {
     core: Core,
@@ -75,6 +76,41 @@ impl Harness {
         self.submit_event(ev);
     }
 
+    /// A repository state of identifier `id`: a complete ref set (`main` on its first object)
+    /// created at `created_at`, all its objects missing.
+    fn submit_state(&mut self, id: &str, repo: &str, oids: &[ObjectId], created_at: Option<u64>) {
+        let refs = [RefUpdate::oid("refs/heads/main", oids[0].to_string())];
+        let mut ev = self.valid_event(
+            id,
+            "id",
+            repo,
+            oids,
+            oids,
+            &["git://a/r"],
+            &refs,
+            Origin::Sync,
+        );
+        ev.replace_refs = true;
+        ev.created_at = created_at;
+        self.submit_event(ev);
+    }
+
+    /// What each released event's outcome says of its refs, in order.
+    fn released_refs(&self) -> Vec<(&str, RefsOutcome)> {
+        self.outcomes
+            .iter()
+            .filter_map(|o| match o {
+                Outcome::Released { event_id, refs, .. } => Some((event_id.as_str(), *refs)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The events whose ref updates were asked for, in order, answered or not.
+    fn asked_refs(&self) -> Vec<&str> {
+        self.applies.iter().map(|(id, ..)| &**id).collect()
+    }
+
     /// Submits as the handle does: counts the admission, then sends the command.
     fn submit_event(&mut self, ev: ValidEvent) {
         self.admitted.fetch_add(1, Ordering::SeqCst);
@@ -108,6 +144,8 @@ impl Harness {
             missing: missing.to_vec(),
             urls: urls.iter().map(|u| crate::policy::clone_url(u)).collect(),
             refs: refs.into(),
+            replace_refs: false,
+            created_at: None,
             origin,
             submitted: self.now(),
             restored: None,
@@ -136,14 +174,15 @@ impl Harness {
                     event_id,
                     repo,
                     updates,
-                } => self.applies.push((event_id, repo, updates)),
+                    replace_refs,
+                } => self.applies.push((event_id, repo, updates, replace_refs)),
             }
         }
     }
 
     /// Answers the oldest ref update asked for.
     fn answer_refs(&mut self, result: Result<(), &str>) -> Arc<str> {
-        let (event_id, _, _) = self.applies.remove(0);
+        let (event_id, ..) = self.applies.remove(0);
         let result = result.map_err(|m| FetchError::new(FailureKind::LocalRepository, m));
         let now = self.now();
         self.core.refs_applied(&event_id, result, now);
@@ -892,6 +931,48 @@ fn main_at(n: u8) -> RefUpdate {
     RefUpdate::oid("refs/heads/main", oid(n).to_string())
 }
 
+/// A repository state's complete ref set, with a deletion: the write is asked with
+/// `replace_refs`, and a checkpoint keeps both the flag and the deletion.
+#[test]
+fn a_complete_ref_set_is_written_as_one_and_kept_by_a_checkpoint() {
+    let mut h = Harness::new();
+    let refs = [main_at(1), RefUpdate::delete("refs/tags/old")];
+    let mut ev = h.valid_event(
+        "state",
+        "id",
+        "/r",
+        &[oid(1)],
+        &[oid(1)],
+        &["git://a/r"],
+        &refs,
+        Origin::Sync,
+    );
+    ev.replace_refs = true;
+    h.submit_event(ev);
+    h.submit_refs("pr", "/r", &[oid(2)], &[main_at(2)]);
+
+    let file = h.core.snapshot(h.now(), 0).into_state_file();
+    let saved = &file.events[0];
+    assert_eq!(saved.id, "state");
+    assert!(saved.replace_refs);
+    let gone = &saved.ref_updates[1];
+    assert_eq!(
+        (gone.name.as_str(), gone.delete, &gone.oid, &gone.symbolic),
+        ("refs/tags/old", true, &None, &None)
+    );
+    assert!(!file.events[1].replace_refs);
+
+    h.advance(500 * MS);
+    h.finish(&[oid(1), oid(2)], None);
+    let asked: Vec<(&str, bool)> = h
+        .applies
+        .iter()
+        .map(|(id, _, _, replace)| (&**id, *replace))
+        .collect();
+    assert_eq!(asked, [("state", true), ("pr", false)]);
+    assert_eq!(&h.applies[0].2[..], &refs);
+}
+
 #[test]
 fn an_event_with_refs_is_released_only_after_they_are_written() {
     let mut h = Harness::new();
@@ -901,7 +982,8 @@ fn an_event_with_refs_is_released_only_after_they_are_written() {
     h.finish(&[oid(1)], None);
     assert!(h.outcomes.is_empty(), "not released before its refs");
     assert_eq!(h.applies.len(), 1);
-    let (event_id, repo, updates) = &h.applies[0];
+    let (event_id, repo, updates, replace_refs) = &h.applies[0];
+    assert!(!replace_refs);
     assert_eq!((&**event_id, &**repo), ("e", Path::new("/r")));
     assert_eq!(&updates[..], &refs);
     assert!(
@@ -1036,6 +1118,286 @@ fn a_failed_ref_update_is_retried_a_tick_later_and_wants_no_fetch() {
     assert_eq!(h.released(), ["e"]);
     assert_eq!(h.core.stats().ref_update_failures, 2);
     assert!(h.drops.is_empty(), "/r is busy with e2's fetch");
+}
+
+// The newest state wins.
+
+const WRITTEN: RefsOutcome = RefsOutcome::Written;
+
+/// The newer state's data arrives first and it is written; the older state's data arrives
+/// later: its refs are not written (they would roll `main` back), it is released saying so,
+/// and its pinned objects go.
+#[test]
+fn an_older_state_satisfied_after_a_newer_one_was_written_is_released_unwritten() {
+    let mut h = Harness::new();
+    h.submit_state("newer", "/r", &[oid(2)], Some(200));
+    h.submit_state("older", "/r", &[oid(1)], Some(100));
+    h.advance(500 * MS);
+    h.finish(&[oid(2)], Some(FailureKind::NotFound));
+    assert_eq!(h.asked_refs(), ["newer"]);
+    h.answer_refs(Ok(()));
+    assert_eq!(h.released_refs(), [("newer", WRITTEN)]);
+
+    let job = h
+        .time_to_next_job(60 * SEC)
+        .expect("the older state is fetched again");
+    assert_eq!(job, 20 * SEC, "backoff");
+    h.finish(&[oid(1)], None);
+    assert!(
+        h.applies.is_empty(),
+        "the older state's refs are not asked for"
+    );
+    assert_eq!(
+        h.released_refs(),
+        [
+            ("newer", WRITTEN),
+            ("older", RefsOutcome::skipped_older_state(200))
+        ]
+    );
+    assert!(
+        h.drops.iter().any(|(_, oids)| oids.contains(&oid(1))),
+        "its pins go: {:?}",
+        h.drops
+    );
+    let s = h.core.stats();
+    assert_eq!(
+        (
+            s.waiting_events,
+            s.awaiting_refs,
+            s.released,
+            s.ref_updates_applied
+        ),
+        (0, 0, 2, 1)
+    );
+    assert_eq!(h.admitted.load(Ordering::SeqCst), 0);
+}
+
+/// The other order: the older state's data comes first, so it is written, then the newer
+/// one is written over it.
+#[test]
+fn states_satisfied_oldest_first_are_all_written_in_that_order() {
+    let mut h = Harness::new();
+    h.submit_state("newer", "/r", &[oid(2)], Some(200));
+    h.submit_state("older", "/r", &[oid(1)], Some(100));
+    h.advance(500 * MS);
+    h.finish(&[oid(1)], Some(FailureKind::NotFound));
+    h.answer_refs(Ok(()));
+    h.time_to_next_job(60 * SEC).expect("fetched again");
+    h.finish(&[oid(2)], None);
+    h.answer_refs(Ok(()));
+    assert_eq!(h.asked_refs(), Vec::<&str>::new(), "every write answered");
+    assert_eq!(h.released_refs(), [("older", WRITTEN), ("newer", WRITTEN)]);
+}
+
+/// Both satisfied by one fetch, in either submission order: the newer state is written, the
+/// older one waits for it and is then released unwritten, without a write that the newer
+/// one would have to undo.
+#[test]
+fn states_satisfied_together_write_only_the_newest() {
+    for newer_first in [true, false] {
+        let mut h = Harness::new();
+        let submit = |h: &mut Harness, newer: bool| {
+            if newer {
+                h.submit_state("newer", "/r", &[oid(2)], Some(200));
+            } else {
+                h.submit_state("older", "/r", &[oid(1)], Some(100));
+            }
+        };
+        submit(&mut h, newer_first);
+        submit(&mut h, !newer_first);
+        h.advance(500 * MS);
+        h.finish(&[oid(1), oid(2)], None);
+        assert_eq!(h.asked_refs(), ["newer"], "newer first: {newer_first}");
+        h.answer_refs(Ok(()));
+        assert!(h.applies.is_empty(), "newer first: {newer_first}");
+        assert_eq!(
+            h.released_refs(),
+            [
+                ("newer", WRITTEN),
+                ("older", RefsOutcome::skipped_older_state(200))
+            ],
+            "newer first: {newer_first}"
+        );
+    }
+}
+
+/// An older state waits while a newer one's write fails; when the newer one expires without
+/// being written, the older one is written after all: nothing newer reached the repository.
+#[test]
+fn an_older_state_is_written_if_the_newer_one_never_could_be() {
+    let mut h = Harness::with(Config {
+        event_lifetime: 10 * SEC,
+        ..Config::default()
+    });
+    h.submit_state("newer", "/r", &[oid(2)], Some(200));
+    h.advance(SEC);
+    h.submit_state("older", "/r", &[oid(1)], Some(100));
+    h.advance(500 * MS);
+    h.finish(&[oid(1), oid(2)], None);
+    let mut asked = Vec::new();
+    while h.expired().is_empty() {
+        if !h.applies.is_empty() {
+            asked.push(h.answer_refs(Err("refs/heads/main is locked")));
+        }
+        h.advance(100 * MS);
+    }
+    assert!(
+        asked.len() > 5 && asked.iter().all(|id| &**id == "newer"),
+        "{asked:?}"
+    );
+    assert_eq!(h.expired(), ["newer"]);
+    h.advance(100 * MS);
+    assert_eq!(h.asked_refs(), ["older"]);
+    h.answer_refs(Ok(()));
+    assert_eq!(h.released_refs(), [("older", WRITTEN)]);
+}
+
+/// Without `created_at`, or without `replace_refs`, events keep the submission-order
+/// behaviour: whatever is satisfied is written, older or not.
+#[test]
+fn without_created_at_or_a_complete_set_every_state_is_written() {
+    for (newer, older) in [(None, None), (Some(200), None), (None, Some(100))] {
+        let mut h = Harness::new();
+        h.submit_state("newer", "/r", &[oid(2)], newer);
+        h.submit_state("older", "/r", &[oid(1)], older);
+        h.advance(500 * MS);
+        h.finish(&[oid(2)], Some(FailureKind::NotFound));
+        h.answer_refs(Ok(()));
+        h.time_to_next_job(60 * SEC).expect("fetched again");
+        h.finish(&[oid(1)], None);
+        assert_eq!(h.asked_refs(), ["older"], "{newer:?} {older:?}");
+        h.answer_refs(Ok(()));
+        assert_eq!(
+            h.released_refs(),
+            [("newer", WRITTEN), ("older", WRITTEN)],
+            "{newer:?} {older:?}"
+        );
+    }
+    // A pull request's ref (no complete set) is written whatever its created_at.
+    let mut h = Harness::new();
+    h.state_written("newer", "/r", oid(2), Some(200));
+    let mut pr = h.valid_event(
+        "pr",
+        "id",
+        "/r",
+        &[oid(1)],
+        &[oid(1)],
+        &["git://a/r"],
+        &[RefUpdate::oid("refs/nostr/pr", oid(1).to_string())],
+        Origin::Sync,
+    );
+    pr.created_at = Some(1);
+    h.submit_event(pr);
+    h.advance(500 * MS);
+    h.finish(&[oid(1)], None);
+    assert_eq!(h.asked_refs(), ["pr"]);
+}
+
+impl Harness {
+    /// A complete state of `repo` waiting for `o`, fetched at its first attempt: its refs are
+    /// asked for (or skipped) now.
+    fn state_satisfied(&mut self, id: &str, repo: &str, o: ObjectId, created_at: Option<u64>) {
+        self.submit_state(id, repo, &[o], created_at);
+        self.advance(500 * MS);
+        self.finish(&[o], None);
+    }
+
+    /// The same, and its refs written.
+    fn state_written(&mut self, id: &str, repo: &str, o: ObjectId, created_at: Option<u64>) {
+        self.state_satisfied(id, repo, o, created_at);
+        self.answer_refs(Ok(()));
+    }
+}
+
+/// Each repository has its own newest state.
+#[test]
+fn the_newest_state_is_per_repository() {
+    let mut h = Harness::new();
+    h.state_written("newer", "/r", oid(2), Some(200));
+    h.state_satisfied("older-elsewhere", "/s", oid(1), Some(100));
+    assert_eq!(h.asked_refs(), ["older-elsewhere"]);
+}
+
+/// The newest state is remembered for an event lifetime after it was written: an older state
+/// can only wait in purgatory that long. After that an older state is written again.
+#[test]
+fn the_newest_state_is_forgotten_an_event_lifetime_after_it_was_written() {
+    let lifetime = 30 * 60 * SEC;
+    let mut h = Harness::new();
+    h.state_written("newer", "/r", oid(2), Some(200));
+    h.advance(lifetime - SEC);
+    h.state_satisfied("older", "/r", oid(1), Some(100));
+    assert!(h.applies.is_empty());
+    assert_eq!(
+        h.released_refs()[1],
+        ("older", RefsOutcome::skipped_older_state(200))
+    );
+    assert_eq!(
+        h.core
+            .snapshot(h.now(), 0)
+            .into_state_file()
+            .newest_states
+            .len(),
+        1
+    );
+    h.advance(SEC);
+    assert!(
+        h.core
+            .snapshot(h.now(), 0)
+            .into_state_file()
+            .newest_states
+            .is_empty(),
+        "forgotten"
+    );
+    h.state_satisfied("oldest", "/r", oid(3), Some(50));
+    assert_eq!(h.asked_refs(), ["oldest"]);
+}
+
+/// A checkpoint keeps each event's `created_at` and the newest state of each repository with
+/// the time it is still remembered; restored after a downtime, the newest state still holds
+/// back an older one, and is forgotten when the downtime outlasted it.
+#[test]
+fn the_newest_states_survive_a_restart() {
+    let mut h = Harness::new();
+    h.state_written("newer", "/r", oid(2), Some(200));
+    h.submit_state("waiting", "/r", &[oid(5)], Some(300));
+    h.advance(60 * SEC);
+    let file = h.core.snapshot(h.now(), 0).into_state_file();
+    assert_eq!(file.events[0].created_at, Some(300));
+    assert!(file.events[0].replace_refs);
+    let [saved] = &file.newest_states[..] else {
+        panic!("{:?}", file.newest_states)
+    };
+    assert_eq!(
+        (saved.repo.as_path(), saved.created_at, saved.remaining_ms),
+        (Path::new("/r"), 200, (30 * 60 - 60) * 1000)
+    );
+
+    for (downtime, skipped) in [(10 * 60 * SEC, true), (29 * 60 * SEC, false)] {
+        let mut h = Harness::new();
+        let states = file
+            .newest_states
+            .iter()
+            .map(|n| {
+                let repo: Arc<Path> = Arc::from(n.repo.as_path());
+                (repo, n.created_at, Duration::from_millis(n.remaining_ms))
+            })
+            .collect();
+        let now = h.now();
+        h.core.restore_newest_states(states, downtime, now);
+        h.submit_state("older", "/r", &[oid(1)], Some(100));
+        h.advance(500 * MS);
+        h.finish(&[oid(1)], None);
+        if skipped {
+            assert!(h.applies.is_empty(), "{downtime:?}");
+            assert_eq!(
+                h.released_refs(),
+                [("older", RefsOutcome::skipped_older_state(200))]
+            );
+        } else {
+            assert_eq!(h.asked_refs(), ["older"], "{downtime:?}");
+        }
+    }
 }
 
 #[test]
@@ -1512,7 +1874,7 @@ fn timeouts_refusals_and_missing_objects_do_not_make_a_domain_naughty() {
 #[test]
 fn our_own_domain_is_never_fetched_and_matched_on_the_whole_host() {
     let mut h = Harness::with(Config {
-        our_domain: Some("relay.example.com".into()),
+        our_domain: Some(crate::policy::OwnDomain::parse("relay.example.com").unwrap()),
         sync_delay: Duration::ZERO,
         ..Config::default()
     });
@@ -1531,6 +1893,35 @@ fn our_own_domain_is_never_fetched_and_matched_on_the_whole_host() {
     assert_eq!(h.jobs[0].request.url, "https://notrelay.example.com.evil/r");
     h.fail_ident("id", FailureKind::NotFound);
     assert!(h.jobs.is_empty(), "our own URL counts as tried");
+}
+
+/// An own domain with a port is only that authority: another port of the host is a sibling
+/// service and is fetched from, and a URL naming the port, or no port for a scheme whose
+/// default it is, is not.
+#[test]
+fn our_own_domain_with_a_port_skips_only_that_port() {
+    let mut h = Harness::with(Config {
+        our_domain: Some(crate::policy::OwnDomain::parse("relay.example.com:443").unwrap()),
+        sync_delay: Duration::ZERO,
+        ..Config::default()
+    });
+    h.submit(
+        "e",
+        "id",
+        "/r",
+        &[oid(1)],
+        &[
+            "https://relay.example.com/r",
+            "https://relay.example.com:443/s",
+            "git://relay.example.com:443/t",
+            "https://relay.example.com:8443/r",
+        ],
+        Origin::Sync,
+    );
+    assert_eq!(h.jobs.len(), 1);
+    assert_eq!(h.jobs[0].request.url, "https://relay.example.com:8443/r");
+    h.fail_ident("id", FailureKind::NotFound);
+    assert!(h.jobs.is_empty(), "the URLs on port 443 count as tried");
 }
 
 #[test]

@@ -213,10 +213,16 @@ impl Domains {
         self.table.get_mut(name).expect("inserted above")
     }
 
-    /// Whether `url` may be fetched at all now: not on the relay's own domain, and neither its
-    /// host name nor its endpoint on the naughty list.
+    /// Whether `url` may be fetched at all now: not on the relay's own domain (its host, or
+    /// its host and port when the own domain names a port, as the URL policy decides at
+    /// submit), and neither its host name nor its endpoint on the naughty list.
     pub fn usable(&self, url: &CloneUrl, now: Instant) -> bool {
-        if self.cfg.our_domain.as_deref() == Some(&*url.domain) {
+        if self
+            .cfg
+            .our_domain
+            .as_ref()
+            .is_some_and(|d| d.covers(&url.domain, url.port))
+        {
             return false;
         }
         if self.naughty.is_empty() {

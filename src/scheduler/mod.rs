@@ -181,11 +181,12 @@ impl Scheduler {
                         event_id,
                         repo,
                         updates,
+                        replace_refs,
                     } => {
                         // A custom fetcher's panic must not take the scheduler down: it counts
                         // as a failed write, retried like one.
                         let result = catch_unwind(AssertUnwindSafe(|| {
-                            self.fetcher.apply_refs(&repo, &updates)
+                            self.fetcher.apply_refs(&repo, &updates, replace_refs)
                         }))
                         .unwrap_or_else(|panic| {
                             Err(FetchError::new(
@@ -222,7 +223,8 @@ impl Scheduler {
         .with_max_advertisement(self.cfg.max_advertisement_bytes)
         .with_depth(self.cfg.fetch_depth)
         .with_timeouts(self.cfg.connect_timeout, self.cfg.io_timeout)
-        .with_url_policy(crate::policy::UrlPolicy::from_config(&self.cfg));
+        .with_url_policy(crate::policy::UrlPolicy::from_config(&self.cfg))
+        .with_hide_temp_refs(self.cfg.hide_temp_refs);
         log::debug!(
             "fetch {} of {} from {}",
             job.request.wanted.len(),

@@ -209,6 +209,10 @@ fn build_scenario(root: &Path, servers: &Servers, args: &DemoArgs) -> Vec<Planne
                     RefUpdate::oid("refs/tags/v0.1", first.to_string()),
                     RefUpdate::symbolic("HEAD", "refs/heads/main"),
                 ],
+                // The relay repository also gets users' pushes, which a complete set
+                // written later would delete.
+                replace_refs: false,
+                created_at: None,
             },
             kind: Kind::State,
             refs: vec![
@@ -235,6 +239,8 @@ fn build_scenario(root: &Path, servers: &Servers, args: &DemoArgs) -> Vec<Planne
                     clone_urls: urls.clone(),
                     origin: Origin::Sync,
                     ref_updates: vec![RefUpdate::oid(&nostr_ref, tip.to_string())],
+                    replace_refs: false,
+                    created_at: None,
                 },
                 kind: Kind::PullRequest,
                 refs: vec![(nostr_ref, tip)],
@@ -259,6 +265,8 @@ fn build_scenario(root: &Path, servers: &Servers, args: &DemoArgs) -> Vec<Planne
                     clone_urls: vec![servers.full.url(&name)],
                     origin: Origin::User,
                     ref_updates: vec![],
+                    replace_refs: false,
+                    created_at: None,
                 },
                 kind: Kind::UserPush,
                 refs: vec![],
@@ -277,6 +285,8 @@ fn build_scenario(root: &Path, servers: &Servers, args: &DemoArgs) -> Vec<Planne
                     clone_urls: vec![servers.partial.url(&name), servers.full.url(&name)],
                     origin: Origin::Sync,
                     ref_updates: vec![],
+                    replace_refs: false,
+                    created_at: None,
                 },
                 kind: Kind::Unfindable,
                 refs: vec![],

@@ -113,8 +113,9 @@ pub struct EngineArgs {
     /// Limits for one domain: HOST=CONCURRENT/PER_MINUTE[/BURST] (repeatable)
     #[arg(long = "domain", value_parser = domain_override, value_name = "HOST=C/M[/B]")]
     pub domain_overrides: Vec<DomainOverride>,
-    /// This relay's own domain, never fetched from
-    #[arg(long, value_name = "HOST")]
+    /// This relay's own domain, never fetched from: HOST (every port of it), HOST:PORT or
+    /// [IPV6]:PORT (only that port)
+    #[arg(long, value_name = "HOST[:PORT]")]
     pub our_domain: Option<String>,
     /// How long a domain with DNS or TLS failures is skipped [default: 12h]
     #[arg(long, value_parser = duration, value_name = "DURATION")]
@@ -149,6 +150,10 @@ pub struct EngineArgs {
     /// Rename an unreadable state file aside and start empty (instead of failing)
     #[arg(long)]
     pub move_unreadable_state_aside: bool,
+    /// Do not add `transfer.hideRefs = refs/purgatory-sync/` to the relay repositories'
+    /// configuration: the engine's temporary refs are then advertised to their clients
+    #[arg(long)]
+    pub no_hide_temp_refs: bool,
 }
 
 impl EngineArgs {
@@ -211,6 +216,9 @@ impl EngineArgs {
         }
         if self.move_unreadable_state_aside {
             b = b.move_unreadable_state_aside(true);
+        }
+        if self.no_hide_temp_refs {
+            b = b.hide_temp_refs(false);
         }
         b
     }

@@ -5,7 +5,9 @@
 //! {"event": {"id": "…", "identifier": "hello", "repo": "relay/hello.git", "oids": ["…"],
 //!            "clone_urls": ["https://…"], "origin": "sync",
 //!            "ref_updates": [{"name": "refs/heads/main", "oid": "…"},
-//!                            {"name": "HEAD", "symbolic": "refs/heads/main"}]}}
+//!                            {"name": "refs/heads/old", "delete": true},
+//!                            {"name": "HEAD", "symbolic": "refs/heads/main"}],
+//!            "replace_refs": true, "created_at": 1700000000}}
 //! {"nostr": {"id": "…", "pubkey": "…", "kind": 30618, "tags": [[…]], …}, "origin": "sync"}
 //! ```
 //!
@@ -13,7 +15,10 @@
 //!   its `repo` itself; a Nostr event finds its repository by owner and identifier (a
 //!   maintainer's state goes to the repository of the owner whose announcement lists the
 //!   maintainer; a line without `owner` matches any owner).
-//! * `event` lines are waiting events as the library takes them.
+//! * `event` lines are waiting events as the library takes them. `"replace_refs": true` says
+//!   the ref updates are the repository's complete set of branches and tags (the others are
+//!   deleted when they are written); `created_at` (Unix seconds) orders such sets of one
+//!   repository, so that an older one released later is not written.
 //! * `nostr` lines are raw NIP-34 events: announcements (kind 30617) give clone URLs,
 //!   repository states (30618) and pull requests (1618, 1619) become waiting events.
 //!
@@ -151,6 +156,20 @@ impl<'a> Obj<'a> {
             Some(other) => Err(field_error(
                 self.at(key),
                 format!("expected true or false, found {}", json_type(other)),
+            )),
+        }
+    }
+
+    fn opt_u64(&self, key: &str) -> Result<Option<u64>, FieldError> {
+        match self.map.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Number(n)) if n.is_u64() => Ok(n.as_u64()),
+            Some(other) => Err(field_error(
+                self.at(key),
+                format!(
+                    "expected a whole number of seconds from 0, found {}",
+                    json_type(other)
+                ),
             )),
         }
     }
@@ -452,19 +471,27 @@ fn plain_event(
         "clone_urls",
         "origin",
         "ref_updates",
+        "replace_refs",
+        "created_at",
     ])?;
     let mut ref_updates = Vec::new();
     for (i, u) in e.list("ref_updates")?.iter().enumerate() {
         let u = Obj::new(u, &format!("event.ref_updates[{i}]"))?;
-        u.only(&["name", "oid", "symbolic"])?;
+        u.only(&["name", "oid", "symbolic", "delete"])?;
         let name = u.str("name")?;
-        ref_updates.push(match (u.opt_str("oid")?, u.opt_str("symbolic")?) {
-            (Some(oid), None) => RefUpdate::oid(name, oid),
-            (None, Some(target)) => RefUpdate::symbolic(name, target),
+        let target = (
+            u.opt_str("oid")?,
+            u.opt_str("symbolic")?,
+            u.opt_bool("delete")?,
+        );
+        ref_updates.push(match target {
+            (Some(oid), None, false) => RefUpdate::oid(name, oid),
+            (None, Some(target), false) => RefUpdate::symbolic(name, target),
+            (None, None, true) => RefUpdate::delete(name),
             _ => {
                 return Err(field_error(
                     u.path.clone(),
-                    "give exactly one of `oid` and `symbolic`",
+                    "give exactly one of `oid`, `symbolic` and `\"delete\": true`",
                 ))
             }
         });
@@ -477,6 +504,8 @@ fn plain_event(
         clone_urls: e.str_list("clone_urls")?,
         origin: origin(&e, "origin")?,
         ref_updates,
+        replace_refs: e.opt_bool("replace_refs")?,
+        created_at: e.opt_u64("created_at")?,
     })
 }
 
@@ -521,6 +550,60 @@ mod tests {
     }
 
     #[test]
+    fn deletions_and_complete_ref_sets_are_read() {
+        let text = format!(
+            "{{\"event\": {{\"id\": \"e1\", \"identifier\": \"hello\", \"repo\": \"r.git\", \"oids\": [\"{OID}\"], \"ref_updates\": [{{\"name\": \"refs/heads/main\", \"oid\": \"{OID}\"}}, {{\"name\": \"refs/tags/old\", \"delete\": true}}], \"replace_refs\": true, \"created_at\": 1700000000}}}}\n\
+             {{\"event\": {{\"id\": \"e2\", \"identifier\": \"hello\", \"repo\": \"r.git\", \"oids\": [\"{OID}\"]}}}}\n"
+        );
+        let m = load_text(&text, LoadOptions::default()).unwrap();
+        let e = &m.entries[0].event;
+        assert_eq!(
+            e.ref_updates,
+            [
+                RefUpdate::oid("refs/heads/main", OID),
+                RefUpdate::delete("refs/tags/old")
+            ]
+        );
+        assert!(e.replace_refs);
+        assert_eq!(e.created_at, Some(1_700_000_000));
+        assert!(!m.entries[1].event.replace_refs, "false unless given");
+        assert_eq!(m.entries[1].event.created_at, None);
+
+        let event = |extra: &str| {
+            format!("{{\"event\": {{\"id\": \"e\", \"identifier\": \"i\", \"repo\": \"r.git\", {extra}}}}}")
+        };
+        assert_eq!(
+            one_error(&event(
+                r#""ref_updates": [{"name": "refs/heads/x", "delete": false}]"#
+            )),
+            "1:event.ref_updates[0]: give exactly one of `oid`, `symbolic` and `\"delete\": true`"
+        );
+        assert_eq!(
+            one_error(&event(&format!(
+                r#""ref_updates": [{{"name": "refs/heads/x", "oid": "{OID}", "delete": true}}]"#
+            ))),
+            "1:event.ref_updates[0]: give exactly one of `oid`, `symbolic` and `\"delete\": true`"
+        );
+        assert_eq!(
+            one_error(&event(
+                r#""ref_updates": [{"name": "refs/heads/x", "delete": "yes"}]"#
+            )),
+            "1:event.ref_updates[0].delete: expected true or false, found a string"
+        );
+        assert_eq!(
+            one_error(&event(r#""replace_refs": 1"#)),
+            "1:event.replace_refs: expected true or false, found a number"
+        );
+        for bad in ["-1", "1.5", "\"1700000000\""] {
+            let e = one_error(&event(&format!(r#""created_at": {bad}"#)));
+            assert!(
+                e.starts_with("1:event.created_at: expected a whole number of seconds"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn errors_name_the_line_and_the_field() {
         assert_eq!(
             one_error("\n{\"event\": {\"id\": \"e\", \"identifier\": \"i\", \"repo\": \"r.git\", \"oids\": [\"a\", 3]}}"),
@@ -532,7 +615,7 @@ mod tests {
         );
         assert_eq!(
             one_error("{\"event\": {\"id\": \"e\", \"identifier\": \"i\", \"repo\": \"r.git\", \"oid\": []}}"),
-            "1:event.oid: unknown field (expected one of: id, identifier, repo, oids, clone_urls, origin, ref_updates)"
+            "1:event.oid: unknown field (expected one of: id, identifier, repo, oids, clone_urls, origin, ref_updates, replace_refs, created_at)"
         );
         assert_eq!(
             one_error("{\"event\": {\"id\": \"e\", \"identifier\": \"i\", \"repo\": \"r.git\", \"origin\": \"push\"}}"),

@@ -3,14 +3,16 @@
 //! Progress goes to stderr; stdout gets one JSON object per line for every event:
 //!
 //! ```text
-//! {"kind":"released","event_id":"…","identifier":"hello","repo":"/srv/hello.git","waited_ms":1234}
+//! {"kind":"released","event_id":"…","identifier":"hello","repo":"/srv/hello.git","waited_ms":1234,"refs":"written"}
+//! {"kind":"released",…,"refs":"skipped_older_state","newer_created_at":1700000100}
 //! {"kind":"expired","event_id":"…","identifier":"hello","repo":"/srv/hello.git","missing":["…"],"reason":"lifetime_ended"}
 //! {"kind":"already_satisfied","event_id":"…","identifier":"hello","repo":"/srv/hello.git"}
 //! {"kind":"refused","event_id":"…","identifier":"hello","repo":"/srv/hello.git","error":"invalid oids[0] …","line":7}
 //! ```
 //!
 //! An event that expired in an earlier run (remembered through `--state-file`) is reported as
-//! `expired` with reason `previously_expired`.
+//! `expired` with reason `previously_expired`. `refs` is `none` (no ref updates), `written`,
+//! or `skipped_older_state` for a repository state older than one written before it.
 //!
 //! Exit status: 0 when every event was released (or already satisfied), 2 when some expired
 //! and none was refused, 1 on errors (bad flags, unreadable manifest, an engine that cannot start, a
