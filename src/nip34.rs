@@ -430,7 +430,8 @@ pub fn repository_of(event: &NostrEvent) -> Result<RepoRef, Nip34Error> {
 ///   `refs/` tags in tag order (the first value of each tag: NIP-34 allows ancestry after it),
 ///   lower-cased; `ref_updates` has one oid update per `refs/` tag, then `HEAD` when a `HEAD`
 ///   tag says `ref: refs/heads/<branch>`. A peeled entry (`refs/tags/v1.0^{}`, the commit an
-///   annotated tag points at) adds its object id but no ref. A state lists *every* branch and
+///   annotated tag points at) adds its object id but no ref, and needs its ref (`refs/tags/v1.0`)
+///   in the same state: alone it is [`Nip34Error::BadTag`]. A state lists *every* branch and
 ///   tag, so [`replace_refs`](PendingEvent::replace_refs) is set: once released, the
 ///   repository serves exactly the state's branches and tags. A state without `refs/` tags
 ///   means its author stopped tracking state: [`Nip34Error::NothingToFetch`].
@@ -514,6 +515,7 @@ fn state_refs(event: &NostrEvent) -> Result<(Vec<String>, Vec<RefUpdate>), Nip34
     let mut oids = Vec::new();
     let mut updates = Vec::new();
     let mut head = None;
+    let mut peeled_entries = Vec::new();
     for (index, tag) in event.tags.iter().enumerate() {
         let Some(name) = tag.first().map(String::as_str) else {
             continue;
@@ -548,9 +550,23 @@ fn state_refs(event: &NostrEvent) -> Result<(Vec<String>, Vec<RefUpdate>), Nip34
         if distinct.insert(oid.clone()) {
             oids.push(oid.clone());
         }
-        if !peeled {
+        if peeled {
+            peeled_entries.push((index, name, base));
+        } else {
             updates.push(RefUpdate::oid(name, oid));
         }
+    }
+    // A peeled entry says what its ref's tag points at: without the ref it says nothing, and a
+    // state made of peeled entries alone would list no branch or tag at all.
+    if let Some((index, name, base)) = peeled_entries
+        .into_iter()
+        .find(|(_, _, base)| !first_seen.contains_key(base))
+    {
+        return Err(bad_tag(
+            index,
+            name,
+            format!("a peeled entry without its ref `{base}` in the state"),
+        ));
     }
     if oids.is_empty() {
         return Err(Nip34Error::NothingToFetch {

@@ -476,6 +476,33 @@ fn peeled_tag_entries_add_their_commit_but_no_ref() {
     assert_fetches(&p, &[MAIN, V1, DEV], &refs);
 }
 
+/// A peeled entry says what its tag points at; without the tag in the same state it names no
+/// ref, and a state of peeled entries alone would list no branch or tag at all (found by the
+/// nip34 fuzz target: submit refused what nip34 produced). The tag may come after it.
+#[test]
+fn a_peeled_entry_needs_its_ref_in_the_state() {
+    let err = alice_state(&[
+        &["d", "hello"],
+        &["refs/heads/main^{}", MAIN],
+        &["HEAD", "ref: refs/heads/main"],
+    ])
+    .unwrap_err();
+    match err {
+        Nip34Error::BadTag { index, tag, reason } => {
+            assert_eq!((index, tag.as_str()), (1, "refs/heads/main^{}"));
+            assert!(reason.contains("refs/heads/main"), "{reason}");
+        }
+        other => panic!("expected BadTag, got {other:?}"),
+    }
+    let p = alice_state(&[
+        &["d", "hello"],
+        &["refs/tags/v1.0^{}", DEV],
+        &["refs/tags/v1.0", V1],
+    ])
+    .unwrap();
+    assert_fetches(&p, &[DEV, V1], &[RefUpdate::oid("refs/tags/v1.0", V1)]);
+}
+
 /// A maintainer's state gets the URLs of the owner's announcement that names them, after the
 /// maintainer's own announcement, without duplicates.
 #[test]
