@@ -114,8 +114,8 @@ extern "C" {
 // `backoff_cap_ms`, `event_lifetime_ms`, `expired_memory_ms`, `fetch_deadline_ms`,
 // `connect_timeout_ms`, `io_timeout_ms`, `shutdown_timeout_ms`, `checkpoint_interval_ms`,
 // `max_events`, `max_oids_per_event`, `max_urls_per_event`, `max_urls_per_identifier`,
-// `max_ref_updates_per_event`, `max_fetch_bytes`, `max_fetch_memory`, `max_object_size`,
-// `max_advertisement_bytes`, `fetch_depth` (null or n), `thread_name`,
+// `max_ref_updates_per_event`, `max_fetch_bytes`, `max_fetch_memory`,
+// `max_total_fetch_memory`, `max_object_size`, `max_advertisement_bytes`, `fetch_depth` (null or n), `thread_name`,
 // `domain_limits` `{"max_concurrent", "per_minute", "burst"?}`,
 // `domain_overrides` `{"host": {"max_concurrent", "per_minute", "burst"?}}`, `our_domain`
 // (`"host"`, or `"host:port"` / `"[v6]:port"` for that port only),
@@ -137,7 +137,8 @@ extern "C" {
 //
 // # Safety
 // `config_json` is NULL or a NUL-terminated string; `out_engine` is NULL or valid for a write.
-enum psync_status psync_engine_new(const char *config_json, struct psync_engine **out_engine);
+enum psync_status psync_engine_new(const char *config_json,
+                                   struct psync_engine **out_engine);
 
 // Submits an event that waits in purgatory.
 //

@@ -9,6 +9,10 @@ use crate::fetch::{Fetcher, GitFetcher};
 
 /// Default of [`EngineBuilder::max_fetch_memory`].
 pub(crate) const DEFAULT_MAX_FETCH_MEMORY: u64 = 512 << 20;
+/// Default of [`EngineBuilder::max_total_fetch_memory`].
+pub(crate) const DEFAULT_MAX_TOTAL_FETCH_MEMORY: u64 = 4 << 30;
+/// Default of [`EngineBuilder::workers`].
+pub(crate) const DEFAULT_WORKERS: usize = 32;
 /// Default of [`EngineBuilder::max_object_size`].
 pub(crate) const DEFAULT_MAX_OBJECT_SIZE: u64 = 100 << 20;
 /// Default of [`EngineBuilder::max_advertisement_bytes`].
@@ -30,6 +34,7 @@ pub(crate) struct Config {
     pub io_timeout: Duration,
     pub max_fetch_bytes: u64,
     pub max_fetch_memory: u64,
+    pub max_total_fetch_memory: u64,
     pub max_object_size: u64,
     pub max_advertisement_bytes: u64,
     pub fetch_depth: Option<u32>,
@@ -125,12 +130,13 @@ impl Default for Config {
             backoff_cap: Duration::from_secs(120),
             event_lifetime: Duration::from_secs(30 * 60),
             expired_memory: Duration::from_secs(7 * 24 * 60 * 60),
-            workers: 8,
+            workers: DEFAULT_WORKERS,
             fetch_deadline: Duration::from_secs(120),
             connect_timeout: Duration::from_secs(10),
             io_timeout: Duration::from_secs(30),
             max_fetch_bytes: 1 << 30,
             max_fetch_memory: DEFAULT_MAX_FETCH_MEMORY,
+            max_total_fetch_memory: DEFAULT_MAX_TOTAL_FETCH_MEMORY,
             max_object_size: DEFAULT_MAX_OBJECT_SIZE,
             max_advertisement_bytes: DEFAULT_MAX_ADVERTISEMENT_BYTES,
             fetch_depth: None,
@@ -311,8 +317,8 @@ impl EngineBuilder {
     /// Most memory libgit2 may hold for one fetch at once (default 512 MiB; 16 MiB to 1 TiB):
     /// the advertisement, the objects it holds while it resolves deltas, the index of the pack.
     /// A fetch that needs more fails with [`FailureKind::MemoryCap`](crate::FailureKind::MemoryCap)
-    /// and costs nothing else. With `workers` fetches at once, the engine's fetches never hold
-    /// more than `workers × max_fetch_memory` (4 GiB with the defaults) whatever the servers
+    /// and costs nothing else. The fetches together hold at most
+    /// [`max_total_fetch_memory`](Self::max_total_fetch_memory) (4 GiB) whatever the servers
     /// send; see the README's "Limits".
     ///
     /// libgit2's allocations are counted through an allocator the engine installs for the
@@ -321,6 +327,18 @@ impl EngineBuilder {
     /// budget is not enforced.
     pub fn max_fetch_memory(mut self, bytes: u64) -> Self {
         self.cfg.max_fetch_memory = bytes;
+        self
+    }
+
+    /// Most memory libgit2 may hold for all fetches together (default 4 GiB; 16 MiB to 16 TiB,
+    /// and at least [`max_fetch_memory`](Self::max_fetch_memory)): the engine's worst case for
+    /// fetches, however many [`workers`](Self::workers) run. A fetch that would take the total
+    /// over it fails with [`FailureKind::MemoryCap`](crate::FailureKind::MemoryCap), like one
+    /// over its own budget. What libgit2 never gives back (it leaks on some hostile packs,
+    /// [`Stats::memory_leaked`](crate::Stats::memory_leaked)) stays counted, so the bound holds
+    /// for the life of the process.
+    pub fn max_total_fetch_memory(mut self, bytes: u64) -> Self {
+        self.cfg.max_total_fetch_memory = bytes;
         self
     }
 
@@ -359,7 +377,11 @@ impl EngineBuilder {
         self
     }
 
-    /// Number of worker threads, and so the most fetches in flight (default 8; 1 to 1024).
+    /// Number of worker threads, and so the most fetches in flight (default 32; 1 to 1024).
+    /// Fetches wait on the network, not on the CPU: what bounds them is politeness (the
+    /// per-domain caps of [`domain_limits`](Self::domain_limits)) and memory
+    /// ([`max_total_fetch_memory`](Self::max_total_fetch_memory)), not the number of cores.
+    /// Each worker is a thread with a 2 MiB stack (reserved, touched only as used).
     pub fn workers(mut self, n: usize) -> Self {
         self.cfg.workers = n;
         self
@@ -374,7 +396,9 @@ impl EngineBuilder {
     }
 
     /// Default per-domain limits: at most `max_concurrent` fetches in flight (default 5) and
-    /// `per_minute` fetch starts a minute (default 30, a GCRA quota). Keeps the burst.
+    /// `per_minute` requests a minute (default 30, a GCRA quota). A request is what the remote
+    /// host sees: each connection, and over smart HTTP each GET and POST; a fetch takes a
+    /// cell for each of its requests, waiting for it if it must. Keeps the burst.
     pub fn domain_limits(mut self, max_concurrent: usize, per_minute: u32) -> Self {
         let burst = self.cfg.domain_limits.burst;
         self.cfg.domain_limits = DomainLimits::new(max_concurrent, per_minute).burst(burst);
@@ -640,6 +664,21 @@ impl EngineBuilder {
             }
         };
         bytes_range("max_fetch_memory", c.max_fetch_memory, 16 * mib, 1 << 40)?;
+        bytes_range(
+            "max_total_fetch_memory",
+            c.max_total_fetch_memory,
+            16 * mib,
+            1 << 44,
+        )?;
+        if c.max_total_fetch_memory < c.max_fetch_memory {
+            return bad(
+                "max_total_fetch_memory",
+                format!(
+                    "{} is below max_fetch_memory ({})",
+                    c.max_total_fetch_memory, c.max_fetch_memory
+                ),
+            );
+        }
         bytes_range("max_object_size", c.max_object_size, mib, 4 << 30)?;
         bytes_range(
             "max_advertisement_bytes",

@@ -158,6 +158,9 @@ impl Engine {
             final_write: final_write.clone(),
             state_lock,
             stuck: stuck.clone(),
+            memory: Arc::new(crate::fetch::net::MemoryPool::new(
+                cfg.max_total_fetch_memory,
+            )),
         };
         let spawned = std::thread::Builder::new()
             .name(format!("{}-sched", cfg.thread_name))

@@ -155,8 +155,8 @@ pub use event::{
     RefusedUrl, UrlRefusal,
 };
 pub use fetch::{
-    FailureKind, FetchControl, FetchError, FetchReport, FetchRequest, Fetcher, GitFetcher,
-    StopReason, TEMP_REF_PREFIX,
+    FailureKind, FetchControl, FetchError, FetchMode, FetchReport, FetchRequest, Fetcher,
+    GitFetcher, StopReason, TEMP_REF_PREFIX,
 };
 pub use oid::{ObjectId, ParseObjectIdError};
 pub use policy::{domain_of, UrlPolicy};

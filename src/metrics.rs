@@ -23,14 +23,17 @@
 //! | `purgatory_sync_ref_updates_applied_total` | counter | |
 //! | `purgatory_sync_ref_update_failures_total` | counter | |
 //! | `purgatory_sync_fetches_started_total` | counter | |
+//! | `purgatory_sync_requests_total` | counter | |
 //! | `purgatory_sync_fetches_succeeded_total` | counter | |
 //! | `purgatory_sync_fetches_partial_total` | counter | |
 //! | `purgatory_sync_fetches_failed_total` | counter | |
 //! | `purgatory_sync_memory_leaked_bytes` | gauge | |
 //! | `purgatory_sync_naughty_domains` | gauge | |
 //! | `purgatory_sync_expired_ids_remembered` | gauge | |
+//! | `purgatory_sync_requests_per_release` | gauge (no sample before the first release) | |
 //! | `purgatory_sync_fetch_failures_total` | counter | `reason` |
 //! | `purgatory_sync_domain_fetches_started_total` | counter | `domain` |
+//! | `purgatory_sync_domain_requests_total` | counter | `domain` |
 //! | `purgatory_sync_domain_fetches_succeeded_total` | counter | `domain` |
 //! | `purgatory_sync_domain_fetches_partial_total` | counter | `domain` |
 //! | `purgatory_sync_domain_in_flight` | gauge | `domain` |
@@ -86,7 +89,7 @@ pub fn render(stats: &Stats) -> String {
     let s = stats;
     let mut w = Writer::default();
 
-    let scalars: [(&str, Type, &str, Num); 22] = [
+    let scalars: [(&str, Type, &str, Num); 23] = [
         (
             "queued_identifiers",
             Gauge,
@@ -184,6 +187,12 @@ pub fn render(stats: &Stats) -> String {
             s.fetches_started.into(),
         ),
         (
+            "requests_total",
+            Counter,
+            "Requests made to remote hosts: each connection, over HTTP each GET and POST.",
+            s.requests.into(),
+        ),
+        (
             "fetches_succeeded_total",
             Counter,
             "Fetches that ended without an error.",
@@ -225,6 +234,16 @@ pub fn render(stats: &Stats) -> String {
         w.sample(name, &[], value);
     }
 
+    let name = "requests_per_release";
+    w.family(
+        name,
+        Gauge,
+        "Requests made for each event released since the engine started.",
+    );
+    if let Some(r) = s.requests_per_release() {
+        w.sample(name, &[], Num::Ratio(r));
+    }
+
     let name = "fetch_failures_total";
     w.family(
         name,
@@ -235,12 +254,18 @@ pub fn render(stats: &Stats) -> String {
         w.sample(name, &[("reason", kind.as_str())], *n);
     }
 
-    let per_domain: [DomainFamily; 6] = [
+    let per_domain: [DomainFamily; 7] = [
         (
             "domain_fetches_started_total",
             Counter,
             "Fetches started, by remote domain.",
             |d| d.requests_started.into(),
+        ),
+        (
+            "domain_requests_total",
+            Counter,
+            "Requests made, by remote domain: each connection, over HTTP each GET and POST.",
+            |d| d.requests.into(),
         ),
         (
             "domain_fetches_succeeded_total",
@@ -352,12 +377,14 @@ impl Type {
     }
 }
 
-/// A sample's value: a count, or a duration written in seconds (the Prometheus base unit) as
-/// the shortest decimal that reads back as the same `f64` (`0.1`, `2.5`, `1800`).
+/// A sample's value: a count, a duration written in seconds (the Prometheus base unit) or a
+/// finite ratio, each as the shortest decimal that reads back as the same `f64` (`0.1`, `2.5`,
+/// `1800`).
 #[derive(Clone, Copy)]
 enum Num {
     Count(u64),
     Seconds(Duration),
+    Ratio(f64),
 }
 
 impl From<u64> for Num {
@@ -383,6 +410,7 @@ impl std::fmt::Display for Num {
         match self {
             Num::Count(n) => write!(f, "{n}"),
             Num::Seconds(d) => write!(f, "{}", d.as_secs_f64()),
+            Num::Ratio(r) => write!(f, "{r}"),
         }
     }
 }
@@ -460,6 +488,36 @@ mod tests {
     #[test]
     fn help_text_escapes_backslash_and_newline_but_not_quotes() {
         assert_eq!(escape_help("a \"b\" \\ c\nd"), "a \"b\" \\\\ c\\nd");
+    }
+
+    #[test]
+    fn requests_are_counted_per_domain_and_per_release() {
+        let mut stats = Stats {
+            requests: 7,
+            ..Stats::default()
+        };
+        stats.domains.insert(
+            "m.example".into(),
+            DomainStats {
+                requests: 7,
+                ..DomainStats::default()
+            },
+        );
+        let text = render(&stats);
+        assert!(text.contains("purgatory_sync_requests_total 7\n"), "{text}");
+        assert!(text.contains("purgatory_sync_domain_requests_total{domain=\"m.example\"} 7\n"));
+        // No release yet: the family is there, without a sample.
+        assert!(text.contains("# TYPE purgatory_sync_requests_per_release gauge\n"));
+        assert!(
+            !text.contains("\npurgatory_sync_requests_per_release "),
+            "{text}"
+        );
+        stats.released = 2;
+        let text = render(&stats);
+        assert!(
+            text.contains("purgatory_sync_requests_per_release 3.5\n"),
+            "{text}"
+        );
     }
 
     #[test]

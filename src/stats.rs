@@ -51,6 +51,9 @@ pub struct Stats {
     pub ref_update_failures: u64,
     /// Fetches started.
     pub fetches_started: u64,
+    /// Requests made to remote hosts, as they count them (see [`DomainStats::requests`]),
+    /// summed over every domain.
+    pub requests: u64,
     /// Fetches that ended without an error.
     pub fetches_succeeded: u64,
     /// Fetches that ended with an error after which some of the wanted objects were in the
@@ -79,6 +82,14 @@ pub struct Stats {
     /// How long each released event waited in purgatory, from its submission to its
     /// [`Outcome::Released`](crate::Outcome::Released) (the `waited` it reports).
     pub release_times: ReleaseHistogram,
+}
+
+impl Stats {
+    /// Requests made for each event released: what a release costs the remote hosts. `None`
+    /// before the first release.
+    pub fn requests_per_release(&self) -> Option<f64> {
+        (self.released > 0).then(|| self.requests as f64 / self.released as f64)
+    }
 }
 
 /// A histogram of durations with fixed buckets ([`ReleaseHistogram::BOUNDS`]): how many
@@ -185,6 +196,10 @@ pub struct DomainStats {
     pub queued_identifiers: usize,
     /// Fetches started.
     pub requests_started: u64,
+    /// Requests made, as the remote host counts them: each fetch's first one, and every
+    /// further connection (`git://`) or GET and POST (HTTP) it made. The domain's rate quota
+    /// counts these.
+    pub requests: u64,
     /// Fetches that ended without an error.
     pub succeeded: u64,
     /// Fetches that ended with an error after which some of the wanted objects were in the

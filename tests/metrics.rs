@@ -27,7 +27,7 @@ const NOBODY: &str = "127.0.0.61";
 const UNRESOLVABLE: &str = "unresolvable.example";
 
 /// The families, in the order `render` writes them, with their types.
-const FAMILIES: [(&str, &str); 32] = [
+const FAMILIES: [(&str, &str); 35] = [
     ("purgatory_sync_queued_identifiers", "gauge"),
     ("purgatory_sync_waiting_events", "gauge"),
     ("purgatory_sync_awaiting_refs", "gauge"),
@@ -44,14 +44,17 @@ const FAMILIES: [(&str, &str); 32] = [
     ("purgatory_sync_ref_updates_applied_total", "counter"),
     ("purgatory_sync_ref_update_failures_total", "counter"),
     ("purgatory_sync_fetches_started_total", "counter"),
+    ("purgatory_sync_requests_total", "counter"),
     ("purgatory_sync_fetches_succeeded_total", "counter"),
     ("purgatory_sync_fetches_partial_total", "counter"),
     ("purgatory_sync_fetches_failed_total", "counter"),
     ("purgatory_sync_memory_leaked_bytes", "gauge"),
     ("purgatory_sync_naughty_domains", "gauge"),
     ("purgatory_sync_expired_ids_remembered", "gauge"),
+    ("purgatory_sync_requests_per_release", "gauge"),
     ("purgatory_sync_fetch_failures_total", "counter"),
     ("purgatory_sync_domain_fetches_started_total", "counter"),
+    ("purgatory_sync_domain_requests_total", "counter"),
     ("purgatory_sync_domain_fetches_succeeded_total", "counter"),
     ("purgatory_sync_domain_fetches_partial_total", "counter"),
     ("purgatory_sync_domain_in_flight", "gauge"),

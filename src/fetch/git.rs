@@ -18,7 +18,8 @@ use super::framing::Protocol;
 use super::net::{self, Guard, NetContext};
 use super::quarantine::{self, Quarantine};
 use super::{
-    FailureKind, FetchControl, FetchError, FetchReport, FetchRequest, Fetcher, StopReason,
+    FailureKind, FetchControl, FetchError, FetchMode, FetchReport, FetchRequest, Fetcher,
+    StopReason,
 };
 use crate::ObjectId;
 
@@ -430,6 +431,7 @@ impl GitFetcher {
                 control.io_timeout(),
             )
             .with_memory_limit(control.max_memory())
+            .with_memory_pool(control.memory_pool())
             .with_framing(protocol, control.max_advertisement())
             .with_guard(guard),
         );
@@ -493,6 +495,9 @@ fn fetch_into(
         ctx: ctx.clone(),
         fetches: 0,
         error: None,
+        advertised: Vec::new(),
+        advertisement_read: false,
+        ids_allowed: None,
     };
     let missing_before = job.missing(&request.wanted);
     if !missing_before.is_empty() && job.error.is_none() {
@@ -500,7 +505,7 @@ fn fetch_into(
             Ok(q) => q,
             Err(m) => return failed(FetchError::new(FailureKind::LocalRepository, m)),
         };
-        job.run(&request.url, &missing_before);
+        job.run(&request.url, &missing_before, request.mode);
         let left = job.missing(&missing_before);
         if left.len() < missing_before.len() {
             // A wanted object arrived: what came with it stays.
@@ -514,6 +519,11 @@ fn fetch_into(
         // Otherwise the quarantine, and whatever the server sent, goes with it.
     }
     let mut error = job.error.take();
+    let (advertised, advertisement_read, ids_allowed) = (
+        std::mem::take(&mut job.advertised),
+        job.advertisement_read,
+        job.ids_allowed,
+    );
     drop(job);
     drop(repo);
     // A new handle: the packs moved in are seen where they are now, not through the
@@ -552,10 +562,14 @@ fn fetch_into(
         None
     } else {
         Some(error.unwrap_or_else(|| {
+            let how = match request.mode {
+                FetchMode::OneVisit => "does not advertise",
+                _ => "does not have",
+            };
             FetchError::new(
                 FailureKind::NotFound,
                 format!(
-                    "the server does not have {} of the {} wanted objects",
+                    "the server {how} {} of the {} wanted objects",
                     missing.len(),
                     request.wanted.len()
                 ),
@@ -566,6 +580,9 @@ fn fetch_into(
         present,
         missing,
         error,
+        advertised,
+        advertisement_read,
+        ids_allowed,
         ..FetchReport::default()
     }
 }
@@ -584,6 +601,10 @@ struct Job<'a> {
     ctx: Arc<NetContext>,
     fetches: u32,
     error: Option<FetchError>,
+    /// The wanted ids the server advertised, sorted.
+    advertised: Vec<ObjectId>,
+    advertisement_read: bool,
+    ids_allowed: Option<bool>,
 }
 
 impl Job<'_> {
@@ -638,8 +659,12 @@ impl Job<'_> {
         }
     }
 
-    /// Asks `url` for `missing` (ids the repository lacks).
-    fn run(&mut self, url: &str, missing: &[ObjectId]) {
+    /// Visits `url` for `missing` (ids the repository lacks): one connection reads the
+    /// advertisement, and the wanted ids the server advertises are downloaded on it. In
+    /// [`FetchMode::Everything`] the ids it does not advertise are then asked for by id where
+    /// the server allows it (splitting the set when it refuses it as a whole), or else its
+    /// branches, tags and `refs/nostr/*` are fetched.
+    fn run(&mut self, url: &str, missing: &[ObjectId], mode: FetchMode) {
         let mut remote = match self.repo.remote_anonymous(url) {
             // git config `insteadOf` rewrites can turn a checked URL into another one.
             Ok(r) if r.url().ok() != Some(url) => {
@@ -658,50 +683,147 @@ impl Job<'_> {
                 return;
             }
         };
-        let asked = &missing[..missing.len().min(MAX_WANTS_PER_REQUEST)];
-        if !self.fetch_by_id(&mut remote, asked.to_vec()) {
+        let http = url.starts_with("http");
+        if self.visit(&mut remote, missing, http, mode) {
             return;
         }
-        // The server does not allow wants by id: use its advertisement.
-        let left: HashSet<ObjectId> = self.missing(missing).into_iter().collect();
-        let mut tips: Vec<String> = Vec::new();
-        let mut seen = HashSet::new();
-        if let Ok(heads) = remote.list() {
-            for (i, h) in heads.iter().enumerate() {
-                if i % CHECK_EVERY == CHECK_EVERY - 1 && self.stop_now() {
-                    return;
-                }
-                let oid = ObjectId::from_git(h.oid());
-                if left.contains(&oid) && h.name().starts_with("refs/") && seen.insert(oid) {
-                    tips.push(h.name().to_owned());
-                }
-            }
+        if mode == FetchMode::OneVisit || !self.advertisement_read || self.stopped() {
+            return;
         }
-        if !tips.is_empty() && !self.stopped() {
-            if let Call::Failed(e) = self.call(&mut remote, &tips) {
+        // What the server advertised was asked for already, and is not asked for again if it
+        // did not come (the server failed at it).
+        let unadvertised: Vec<ObjectId> = missing
+            .iter()
+            .copied()
+            .filter(|o| self.advertised.binary_search(o).is_err())
+            .collect();
+        let left = self.missing(&unadvertised);
+        if left.is_empty() || self.stopped() {
+            return;
+        }
+        if self.ids_allowed == Some(false) {
+            // Its tips were asked for already: what is left may be reachable from its refs.
+            // Patterns need a destination in libgit2; a download never writes it.
+            let broad = [
+                format!("+refs/heads/*:{TEMP_REF_PREFIX}fallback/heads/*"),
+                format!("+refs/tags/*:{TEMP_REF_PREFIX}fallback/tags/*"),
+                format!("+refs/nostr/*:{TEMP_REF_PREFIX}fallback/nostr/*"),
+            ];
+            if let Call::Failed(e) = self.call(&mut remote, &broad, http) {
                 self.note(e);
             }
-        }
-        let left: Vec<ObjectId> = left.into_iter().collect();
-        if self.stopped() || self.missing(&left).is_empty() {
-            return;
-        }
-        // Patterns need a destination in libgit2; the download never writes it.
-        let broad = [
-            format!("+refs/heads/*:{TEMP_REF_PREFIX}fallback/heads/*"),
-            format!("+refs/tags/*:{TEMP_REF_PREFIX}fallback/tags/*"),
-            format!("+refs/nostr/*:{TEMP_REF_PREFIX}fallback/nostr/*"),
-        ];
-        if let Call::Failed(e) = self.call(&mut remote, &broad) {
-            self.note(e);
+        } else {
+            let asked = &left[..left.len().min(MAX_WANTS_PER_REQUEST)];
+            self.fetch_by_id(&mut remote, vec![asked.to_vec()], http);
         }
     }
 
-    /// Fetches `wanted` by id, splitting the set when the server refuses it as a whole.
-    /// Returns `true` when the server does not allow wants by id at all.
-    fn fetch_by_id(&mut self, remote: &mut git2::Remote<'_>, wanted: Vec<ObjectId>) -> bool {
-        let mut work = vec![wanted];
-        let mut first = true;
+    /// One connection: the advertisement, then the download of the wanted ids it lists, on
+    /// the same connection (`git://`; smart HTTP: its GET and one POST). When it lists none
+    /// of them and the server allows wants by id, the connection asks for them by id instead
+    /// (in [`FetchMode::Everything`] splitting the set on new connections if the server
+    /// refuses it): returns `true` then, the probe is done.
+    fn visit(
+        &mut self,
+        remote: &mut git2::Remote<'_>,
+        missing: &[ObjectId],
+        http: bool,
+        mode: FetchMode,
+    ) -> bool {
+        // The first request's cell came with the fetch's slot.
+        if !self.control.take_request() {
+            self.note(throttled(self.control));
+            return false;
+        }
+        let control = self.control;
+        let _ = self.ctx.take_failure();
+        match crate::ffi::connect_for_fetch(remote) {
+            Ok(()) => {}
+            Err(e) => {
+                let stream_failure = self.ctx.take_failure();
+                self.note(classify(
+                    &e,
+                    stream_failure,
+                    control.should_stop(),
+                    false,
+                    false,
+                ));
+                return false;
+            }
+        };
+        self.advertisement_read = true;
+        self.ids_allowed = Some(crate::ffi::ids_allowed(remote));
+        let wanted: HashSet<ObjectId> = missing.iter().copied().collect();
+        // The first ref naming each wanted id, in the order advertised.
+        let mut tips: Vec<(ObjectId, String)> = Vec::new();
+        if let Ok(heads) = remote.list() {
+            let mut seen = HashSet::new();
+            for (i, h) in heads.iter().enumerate() {
+                if i % CHECK_EVERY == CHECK_EVERY - 1 && self.stop_now() {
+                    return false;
+                }
+                let oid = ObjectId::from_git(h.oid());
+                if wanted.contains(&oid) && h.name().starts_with("refs/") && seen.insert(oid) {
+                    tips.push((oid, h.name().to_owned()));
+                }
+            }
+        }
+        self.advertised = tips.iter().map(|(o, _)| *o).collect();
+        self.advertised.sort_unstable();
+        if self.stopped() {
+            return false;
+        }
+        if tips.is_empty() {
+            if self.ids_allowed != Some(true) {
+                return false;
+            }
+            // Nothing wanted is advertised: the connection, open and unused, carries a probe
+            // by id. It cannot cost what another server advertises (there is nothing to lose),
+            // and a server that lacks the ids still costs one connection over `git://` (over
+            // HTTP the POST, as a plain fetch would). In the first round the set is asked for
+            // whole; in the second it is split on refusal.
+            let asked = missing[..missing.len().min(MAX_WANTS_PER_REQUEST)].to_vec();
+            let specs: Vec<String> = asked.iter().map(ObjectId::to_string).collect();
+            if http && !self.control.take_request() {
+                self.note(throttled(self.control));
+                return true;
+            }
+            if let Call::Failed(e) = self.download(remote, &specs) {
+                let end = ends_attempt(e.kind);
+                self.note(e);
+                if mode == FetchMode::Everything && !end && asked.len() > 1 {
+                    let (a, b) = asked.split_at(asked.len() / 2);
+                    self.fetch_by_id(remote, vec![b.to_vec(), a.to_vec()], http);
+                }
+            }
+            return true;
+        }
+        // An advertised id may be wanted as such only where the server allows ids; its ref
+        // name works everywhere.
+        let specs: Vec<String> = if self.ids_allowed == Some(true) {
+            tips.iter().map(|(o, _)| o.to_string()).collect()
+        } else {
+            tips.into_iter().map(|(_, name)| name).collect()
+        };
+        if http && !self.control.take_request() {
+            // The POST is a request of its own.
+            self.note(throttled(self.control));
+            return false;
+        }
+        if let Call::Failed(e) = self.download(remote, &specs) {
+            self.note(e);
+        }
+        false
+    }
+
+    /// Fetches each set of `work` (the last first) by id, splitting a set when the server
+    /// refuses it as a whole; each request is a new connection.
+    fn fetch_by_id(
+        &mut self,
+        remote: &mut git2::Remote<'_>,
+        mut work: Vec<Vec<ObjectId>>,
+        http: bool,
+    ) {
         while let Some(set) = work.pop() {
             if self.fetches >= MAX_SPLIT_FETCHES || self.stop_now() {
                 break;
@@ -711,9 +833,8 @@ impl Job<'_> {
                 continue;
             }
             let specs: Vec<String> = set.iter().map(ObjectId::to_string).collect();
-            match self.call(remote, &specs) {
+            match self.call(remote, &specs, http) {
                 Call::Done => {}
-                Call::IdsNotAllowed if first => return true,
                 Call::IdsNotAllowed => break,
                 Call::Failed(e) => {
                     let end = ends_attempt(e.kind);
@@ -728,13 +849,27 @@ impl Job<'_> {
                     }
                 }
             }
-            first = false;
         }
-        false
     }
 
-    /// One libgit2 fetch of `refspecs`.
-    fn call(&mut self, remote: &mut git2::Remote<'_>, refspecs: &[String]) -> Call {
+    /// One libgit2 fetch of `refspecs` on a new connection: its cells of the quota first (the
+    /// connection, and over HTTP the POST).
+    fn call(&mut self, remote: &mut git2::Remote<'_>, refspecs: &[String], http: bool) -> Call {
+        if let Err(e) = remote.disconnect() {
+            log::debug!("disconnecting: {e}");
+        }
+        let cells = if http { 2 } else { 1 };
+        for _ in 0..cells {
+            if !self.control.take_request() {
+                return Call::Failed(throttled(self.control));
+            }
+        }
+        self.download(remote, refspecs)
+    }
+
+    /// libgit2's download of `refspecs`: on the remote's connection if it has one, else on a
+    /// new one. Objects only: the download writes no ref.
+    fn download(&mut self, remote: &mut git2::Remote<'_>, refspecs: &[String]) -> Call {
         let control = self.control;
         let pack_started = Cell::new(false);
         let mut callbacks = RemoteCallbacks::new();
@@ -756,15 +891,10 @@ impl Job<'_> {
         }
         self.fetches += 1;
         let _ = self.ctx.take_failure();
-        // Download only: the objects land in the quarantine and no ref is written (a fetch
-        // would also update the refspecs' destinations, one loose ref per advertised branch).
         let result = remote.download(refspecs, Some(&mut options));
         drop(options);
-        if let Err(e) = remote.disconnect() {
-            log::debug!("disconnecting: {e}");
-        }
         let stream_failure = self.ctx.take_failure();
-        match result {
+        let call = match result {
             Ok(()) => Call::Done,
             Err(e)
                 if e.class() == ErrorClass::Invalid && e.message().contains("specific object") =>
@@ -781,8 +911,20 @@ impl Job<'_> {
                     advertised,
                 ))
             }
+        };
+        if let Err(e) = remote.disconnect() {
+            log::debug!("disconnecting: {e}");
         }
+        call
     }
+}
+
+/// The failure of a fetch that had to stop while it waited for its domain's quota.
+fn throttled(control: &FetchControl) -> FetchError {
+    control.should_stop().map_or_else(
+        || FetchError::new(FailureKind::Cancelled, "stopped waiting for the quota"),
+        stopped,
+    )
 }
 
 /// The failure of a fetch stopped by the engine.

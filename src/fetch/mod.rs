@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use git::GitFetcher;
+
 pub use git::TEMP_REF_PREFIX;
 pub(crate) use git::{init, open_bare};
 
@@ -35,6 +36,31 @@ pub struct FetchRequest {
     pub url: String,
     /// The object ids still missing, sorted, without duplicates.
     pub wanted: Vec<ObjectId>,
+    /// What to ask the server for (default [`FetchMode::Everything`]).
+    pub mode: FetchMode,
+}
+
+/// What one fetch asks a server for.
+///
+/// Requests are the scarce resource: the engine first visits every URL of an attempt once
+/// ([`OneVisit`](FetchMode::OneVisit): one connection, which over smart HTTP is a GET and a
+/// POST), and only then, if objects are still missing, probes the servers that advertised
+/// some of them for the others ([`Everything`](FetchMode::Everything)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum FetchMode {
+    /// What one connection can ask without risk: the wanted ids the server advertises (any
+    /// ref, `refs/nostr/*` included); or, when it advertises none of them and allows wants by
+    /// id, all of them by id on the same connection, not split if refused. A server lacking
+    /// everything costs one connection (over HTTP its GET, and a POST if it allows ids), as a
+    /// plain fetch would; a probe there cannot lose what it advertises, since it advertises
+    /// none of it.
+    OneVisit,
+    /// Every wanted id: the advertised ones, then the others by id where the server allows
+    /// it (splitting the set when the server refuses it as a whole), or else its branches,
+    /// tags and `refs/nostr/*`.
+    #[default]
+    Everything,
 }
 
 impl FetchRequest {
@@ -50,7 +76,14 @@ impl FetchRequest {
             repo: repo.into(),
             url: url.into(),
             wanted,
+            mode: FetchMode::Everything,
         }
+    }
+
+    /// The same request in another mode.
+    pub fn with_mode(mut self, mode: FetchMode) -> Self {
+        self.mode = mode;
+        self
     }
 }
 
@@ -63,7 +96,15 @@ pub struct FetchControl {
     cancel: Arc<AtomicBool>,
     max_bytes: u64,
     max_memory: u64,
+    /// The memory of all the engine's fetches together; none outside the engine.
+    memory_pool: Option<Arc<net::MemoryPool>>,
     max_advertisement: u64,
+    /// Lets each request after the first through with a cell of the domain's quota; none
+    /// outside the engine (a control made by a caller lets every request through).
+    gate: Option<(
+        Arc<crate::scheduler::domains::RequestGate>,
+        Arc<dyn crate::clock::Clock>,
+    )>,
     depth: Option<u32>,
     connect_timeout: Duration,
     io_timeout: Duration,
@@ -92,7 +133,9 @@ impl FetchControl {
             cancel,
             max_bytes: 1 << 30,
             max_memory: crate::config::DEFAULT_MAX_FETCH_MEMORY,
+            memory_pool: None,
             max_advertisement: crate::config::DEFAULT_MAX_ADVERTISEMENT_BYTES,
+            gate: None,
             depth: None,
             connect_timeout: Duration::from_secs(10),
             io_timeout: Duration::from_secs(30),
@@ -176,6 +219,52 @@ impl FetchControl {
     /// The largest ref advertisement a server may send.
     pub fn max_advertisement(&self) -> u64 {
         self.max_advertisement
+    }
+
+    /// Counts the fetch's memory in the engine's `pool` of all fetches, and holds it to the
+    /// pool's limit.
+    pub(crate) fn with_memory_pool(mut self, pool: Arc<net::MemoryPool>) -> Self {
+        self.memory_pool = Some(pool);
+        self
+    }
+
+    pub(crate) fn memory_pool(&self) -> Option<Arc<net::MemoryPool>> {
+        self.memory_pool.clone()
+    }
+
+    pub(crate) fn with_gate(
+        mut self,
+        gate: Arc<crate::scheduler::domains::RequestGate>,
+        clock: Arc<dyn crate::clock::Clock>,
+    ) -> Self {
+        self.gate = Some((gate, clock));
+        self
+    }
+
+    /// Takes a cell of the domain's quota for one more request, waiting for it while the
+    /// fetch may go on; `false` when the fetch must stop first. Always `true` outside the
+    /// engine.
+    pub(crate) fn take_request(&self) -> bool {
+        let Some((gate, clock)) = &self.gate else {
+            return true;
+        };
+        loop {
+            match gate.try_take(clock.now()) {
+                Ok(()) => return true,
+                Err(wait) => {
+                    if self.should_stop().is_some() {
+                        return false;
+                    }
+                    let left = self.deadline.saturating_duration_since(Instant::now());
+                    // Look again when the cell is due (a fake clock may move sooner), and
+                    // notice a shutdown.
+                    std::thread::sleep(
+                        wait.min(left)
+                            .clamp(Duration::from_millis(1), Duration::from_millis(100)),
+                    );
+                }
+            }
+        }
     }
 
     /// The shallow-fetch depth, if any.
@@ -318,6 +407,14 @@ pub struct FetchReport {
     pub bytes_received: u64,
     /// The most memory libgit2 held for the fetch at once (0 where it is not counted).
     pub memory_peak: u64,
+    /// The wanted ids the server advertised as ref tips (empty when its advertisement was not
+    /// read). The engine tries a URL that advertised missing ids first at the next attempt.
+    pub advertised: Vec<ObjectId>,
+    /// Whether the server's advertisement was read (the visit got that far).
+    pub advertisement_read: bool,
+    /// Whether the server allows wants of ids it does not advertise
+    /// (`allow-tip-sha1-in-want` / `allow-reachable-sha1-in-want`), once known.
+    pub ids_allowed: Option<bool>,
     /// Memory libgit2 still held for the fetch after every handle of it was freed: lost for
     /// good. libgit2 1.9 leaks the object of a delta that duplicates another object of the
     /// pack, which no real server sends; the engine counts such memory against its budget and
@@ -335,6 +432,9 @@ impl FetchReport {
             bytes_received: 0,
             memory_peak: 0,
             memory_leaked: 0,
+            advertised: Vec::new(),
+            advertisement_read: false,
+            ids_allowed: None,
         }
     }
 

@@ -71,9 +71,46 @@ pub(crate) struct NetContext {
     /// little low, never high).
     memory_live: AtomicUsize,
     memory_peak: AtomicUsize,
+    /// The memory all fetches hold together, shared by the engine's fetches.
+    pool: Option<Arc<MemoryPool>>,
+    /// Bytes taken from the pool for the allocation under way (`may_allocate`), settled by
+    /// `allocated`.
+    reserved: AtomicUsize,
     /// What the connections speak, for the limits on parts of the answer (`framing`).
     protocol: Protocol,
     max_advertisement: u64,
+}
+
+/// The memory libgit2 holds for all of an engine's fetches together, and its limit. What a
+/// fetch still holds when it ends (libgit2 leaked it) stays counted.
+#[derive(Debug)]
+pub(crate) struct MemoryPool {
+    limit: usize,
+    live: AtomicUsize,
+}
+
+impl MemoryPool {
+    pub fn new(limit: u64) -> Self {
+        MemoryPool {
+            limit: usize::try_from(limit).unwrap_or(usize::MAX),
+            live: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl Drop for NetContext {
+    fn drop(&mut self) {
+        if let Some(pool) = &self.pool {
+            self.settle(pool);
+        }
+    }
+}
+
+/// Adds `up` to `n` and takes `down` away, never below zero.
+fn adjust(n: &AtomicUsize, up: usize, down: usize) {
+    let _ = n.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+        Some(v.saturating_add(up).saturating_sub(down))
+    });
 }
 
 /// Where the connections of one fetch may go.
@@ -125,6 +162,8 @@ impl NetContext {
             memory_limit: usize::MAX,
             memory_live: AtomicUsize::new(0),
             memory_peak: AtomicUsize::new(0),
+            pool: None,
+            reserved: AtomicUsize::new(0),
             protocol: Protocol::Opaque,
             max_advertisement: u64::MAX,
         }
@@ -140,6 +179,12 @@ impl NetContext {
     /// Limits the memory libgit2 may hold for the fetch at once to `bytes`.
     pub fn with_memory_limit(mut self, bytes: u64) -> Self {
         self.memory_limit = usize::try_from(bytes).unwrap_or(usize::MAX);
+        self
+    }
+
+    /// Counts the fetch's memory in `pool` too, and holds it to the pool's limit.
+    pub fn with_memory_pool(mut self, pool: Option<Arc<MemoryPool>>) -> Self {
+        self.pool = pool;
         self
     }
 
@@ -168,6 +213,28 @@ impl NetContext {
             );
             return false;
         }
+        if let Some(pool) = &self.pool {
+            // Taken now, so that fetches allocating at once cannot pass the limit together.
+            let taken = pool
+                .live
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    let after = n.saturating_add(grow);
+                    (after <= pool.limit).then_some(after)
+                });
+            self.settle(pool);
+            if let Err(total) = taken {
+                self.fail_first(
+                    FailureKind::MemoryCap,
+                    format!(
+                        "the fetches together needed more than their memory budget of {} \
+                         bytes (they held {total} and this one asked for {len} more)",
+                        pool.limit
+                    ),
+                );
+                return false;
+            }
+            self.reserved.store(grow, Ordering::Relaxed);
+        }
         if len >= STOP_CHECKED_BLOCK {
             if self.cancel.load(Ordering::Relaxed) {
                 self.fail_first(FailureKind::Cancelled, "the engine is shutting down".into());
@@ -182,10 +249,29 @@ impl NetContext {
     }
 
     fn allocated(&self, added: usize, removed: usize) {
-        let live = self.memory_live.load(Ordering::Relaxed);
-        let live = live.saturating_add(added).saturating_sub(removed);
+        let before = self.memory_live.load(Ordering::Relaxed);
+        let live = before.saturating_add(added).saturating_sub(removed);
         self.memory_live.store(live, Ordering::Relaxed);
         self.memory_peak.fetch_max(live, Ordering::Relaxed);
+        if let Some(pool) = &self.pool {
+            // The pool moves as the fetch's own count does (blocks from before the fetch,
+            // freed during it, move neither), less what `may_allocate` took already.
+            let reserved = self.reserved.swap(0, Ordering::Relaxed);
+            let (up, down) = if live >= before {
+                (live - before, 0)
+            } else {
+                (0, before - live)
+            };
+            adjust(&pool.live, up, down.saturating_add(reserved));
+        }
+    }
+
+    /// Gives back to `pool` what an allocation that never happened took.
+    fn settle(&self, pool: &MemoryPool) {
+        let reserved = self.reserved.swap(0, Ordering::Relaxed);
+        if reserved > 0 {
+            adjust(&pool.live, 0, reserved);
+        }
     }
 
     /// Restricts the fetch's connections to `guard`'s host and addresses.

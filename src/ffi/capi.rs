@@ -268,6 +268,7 @@ struct ConfigJson {
     max_ref_updates_per_event: Option<usize>,
     max_fetch_bytes: Option<u64>,
     max_fetch_memory: Option<u64>,
+    max_total_fetch_memory: Option<u64>,
     max_object_size: Option<u64>,
     max_advertisement_bytes: Option<u64>,
     fetch_depth: Option<u32>,
@@ -320,6 +321,7 @@ impl ConfigJson {
         set!(max_ref_updates_per_event => max_ref_updates_per_event);
         set!(max_fetch_bytes => max_fetch_bytes);
         set!(max_fetch_memory => max_fetch_memory);
+        set!(max_total_fetch_memory => max_total_fetch_memory);
         set!(max_object_size => max_object_size);
         set!(max_advertisement_bytes => max_advertisement_bytes);
         set!(naughty_duration_ms ms => naughty_duration);
@@ -497,6 +499,7 @@ fn stats_json(s: &Stats) -> Value {
         ref_updates_applied,
         ref_update_failures,
         fetches_started,
+        requests,
         fetches_succeeded,
         fetches_partial,
         fetches_failed,
@@ -523,6 +526,7 @@ fn stats_json(s: &Stats) -> Value {
                     "in_flight": st.in_flight,
                     "queued_identifiers": st.queued_identifiers,
                     "requests_started": st.requests_started,
+                    "requests": st.requests,
                     "succeeded": st.succeeded,
                     "partial": st.partial,
                     "failed": by_kind(&st.failed),
@@ -575,6 +579,8 @@ fn stats_json(s: &Stats) -> Value {
         "ref_updates_applied": ref_updates_applied,
         "ref_update_failures": ref_update_failures,
         "fetches_started": fetches_started,
+        "requests": requests,
+        "requests_per_release": s.requests_per_release(),
         "fetches_succeeded": fetches_succeeded,
         "fetches_partial": fetches_partial,
         "fetches_failed": fetches_failed,
@@ -606,8 +612,8 @@ fn stats_json(s: &Stats) -> Value {
 /// `backoff_cap_ms`, `event_lifetime_ms`, `expired_memory_ms`, `fetch_deadline_ms`,
 /// `connect_timeout_ms`, `io_timeout_ms`, `shutdown_timeout_ms`, `checkpoint_interval_ms`,
 /// `max_events`, `max_oids_per_event`, `max_urls_per_event`, `max_urls_per_identifier`,
-/// `max_ref_updates_per_event`, `max_fetch_bytes`, `max_fetch_memory`, `max_object_size`,
-/// `max_advertisement_bytes`, `fetch_depth` (null or n), `thread_name`,
+/// `max_ref_updates_per_event`, `max_fetch_bytes`, `max_fetch_memory`,
+/// `max_total_fetch_memory`, `max_object_size`, `max_advertisement_bytes`, `fetch_depth` (null or n), `thread_name`,
 /// `domain_limits` `{"max_concurrent", "per_minute", "burst"?}`,
 /// `domain_overrides` `{"host": {"max_concurrent", "per_minute", "burst"?}}`, `our_domain`
 /// (`"host"`, or `"host:port"` / `"[v6]:port"` for that port only),

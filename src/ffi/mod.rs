@@ -104,3 +104,63 @@ pub(crate) fn add_pack_backend(
     }
     Ok(())
 }
+
+extern "C" {
+    /// `include/git2/sys/remote.h` of libgit2 1.9; libgit2-sys does not declare it.
+    fn git_remote_capabilities(
+        out: *mut std::ffi::c_uint,
+        remote: *mut libgit2_sys::git_remote,
+    ) -> std::ffi::c_int;
+}
+
+/// `GIT_REMOTE_CAPABILITY_TIP_OID | GIT_REMOTE_CAPABILITY_REACHABLE_OID`.
+const WANTS_BY_ID: std::ffi::c_uint = (1 << 0) | (1 << 1);
+
+/// Whether the connected `remote`'s server allows wants of ids it does not advertise
+/// (`allow-tip-sha1-in-want` or `allow-reachable-sha1-in-want`). `false` when unknown.
+pub(crate) fn ids_allowed(remote: &git2::Remote<'_>) -> bool {
+    use git2::Binding;
+    let mut caps: std::ffi::c_uint = 0;
+    // SAFETY: `remote.raw()` is a live remote the caller holds (connected: its capabilities
+    // come from the advertisement); `caps` is valid for a write.
+    let rc = unsafe { git_remote_capabilities(&mut caps, remote.raw()) };
+    rc == 0 && caps & WANTS_BY_ID != 0
+}
+
+extern "C" {
+    /// `include/git2/remote.h` of libgit2 1.9; libgit2-sys declares the struct, not these.
+    fn git_remote_connect_options_init(
+        opts: *mut libgit2_sys::git_remote_connect_options,
+        version: std::ffi::c_uint,
+    ) -> std::ffi::c_int;
+    fn git_remote_connect_ext(
+        remote: *mut libgit2_sys::git_remote,
+        direction: libgit2_sys::git_direction,
+        opts: *const libgit2_sys::git_remote_connect_options,
+    ) -> std::ffi::c_int;
+}
+
+/// Connects `remote` for fetching, following no redirect (`git2`'s `connect_auth` follows the
+/// first request's). The connection's limits are the engine's socket stream's.
+pub(crate) fn connect_for_fetch(remote: &mut git2::Remote<'_>) -> Result<(), git2::Error> {
+    use git2::Binding;
+    let mut opts = std::mem::MaybeUninit::<libgit2_sys::git_remote_connect_options>::zeroed();
+    // SAFETY: `opts` is writable memory of the struct's size; libgit2 initialises every field
+    // (version 1 is libgit2 1.9's `GIT_REMOTE_CONNECT_OPTIONS_VERSION`).
+    let rc = unsafe { git_remote_connect_options_init(opts.as_mut_ptr(), 1) };
+    if rc < 0 {
+        return Err(git2::Error::last_error(rc));
+    }
+    // SAFETY: initialised by the call above.
+    let mut opts = unsafe { opts.assume_init() };
+    opts.follow_redirects = libgit2_sys::GIT_REMOTE_REDIRECT_NONE;
+    // SAFETY: `remote.raw()` is a live remote the caller holds mutably; `opts` lives for the
+    // call, holds no pointer of ours (no callbacks, no headers), and libgit2 copies what it
+    // keeps.
+    let rc =
+        unsafe { git_remote_connect_ext(remote.raw(), libgit2_sys::GIT_DIRECTION_FETCH, &opts) };
+    if rc < 0 {
+        return Err(git2::Error::last_error(rc));
+    }
+    Ok(())
+}

@@ -26,7 +26,7 @@ use super::domains::Domains;
 use super::ids::{EventIds, IdentifierUrls};
 use crate::config::Config;
 use crate::event::{ExpiryReason, Origin, Outcome, RefUpdate, RefsOutcome};
-use crate::fetch::{FailureKind, FetchError, FetchReport, FetchRequest};
+use crate::fetch::{FailureKind, FetchError, FetchMode, FetchReport, FetchRequest};
 use crate::policy::CloneUrl;
 use crate::state::{
     SavedEvent, SavedExpiredId, SavedNaughty, SavedNewestState, SavedRef, StateFile,
@@ -92,6 +92,8 @@ pub(crate) struct Job {
     pub request: FetchRequest,
     /// The most memory libgit2 may hold for it ([`Core::fetch_memory_budget`]).
     pub max_memory: u64,
+    /// Lets its requests after the first through with cells of its domain's quota.
+    pub gate: Arc<super::domains::RequestGate>,
 }
 
 /// Something the scheduler loop must do for the core, in order.
@@ -134,6 +136,18 @@ struct Entry {
     tried: Vec<bool>,
     /// Parallel to `urls`: how many waiting events list it. A URL no event lists any more goes.
     url_events: Vec<u32>,
+    /// Parallel to `urls`: whether the attempt's second round probes it for the ids its visit
+    /// left missing.
+    probe: Vec<Probe>,
+    /// In this attempt some wanted object arrived or was advertised: the event's data is out
+    /// there, so ids no server advertises are worth a split probe.
+    evidence: bool,
+    /// The attempt is in its second round: probing servers for ids they do not advertise,
+    /// after every URL was asked for what it advertises.
+    probing: bool,
+    /// Which missing ids each URL advertised at its last visit (by fetch URL): the next
+    /// attempt visits URLs that had some first. Bounded by the entry's URLs and missing ids.
+    had: HashMap<Arc<str>, Vec<ObjectId>>,
     /// `urls` by fetch URL: adding a URL costs the same however many the entry has.
     url_index: HashMap<Arc<str>, usize>,
     /// The objects some waiting event misses, with how many events miss each.
@@ -180,7 +194,34 @@ struct EventState {
     ref_error: Option<String>,
 }
 
+/// Whether an attempt's second round probes a URL for the ids its visit left missing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    No,
+    /// It advertised some of what is missing (the rest may be below its tips), or it allows
+    /// no wants by id (its branches and tags may hold it).
+    Yes,
+    /// It advertised none and was asked for the whole set by id on its visit's connection,
+    /// which it refused: a split probe, if the attempt found the data is out there.
+    IfEvidence,
+}
+
+impl Probe {
+    fn wanted(self, evidence: bool) -> bool {
+        match self {
+            Probe::No => false,
+            Probe::Yes => true,
+            Probe::IfEvidence => evidence,
+        }
+    }
+}
+
 impl Entry {
+    /// Whether the attempt, in its first round, has URLs to probe in a second.
+    fn wants_second_round(&self) -> bool {
+        !self.probing && self.probe.iter().any(|p| p.wanted(self.evidence))
+    }
+
     fn new(identifier: Arc<str>, repo: Arc<Path>, next_attempt: Instant) -> Self {
         Entry {
             identifier,
@@ -189,6 +230,10 @@ impl Entry {
             urls: Vec::new(),
             tried: Vec::new(),
             url_events: Vec::new(),
+            probe: Vec::new(),
+            evidence: false,
+            probing: false,
+            had: HashMap::new(),
             url_index: HashMap::new(),
             missing: HashMap::new(),
             in_attempt: false,
@@ -215,6 +260,7 @@ impl Entry {
                 self.urls.push(url.clone());
                 self.tried.push(false);
                 self.url_events.push(1);
+                self.probe.push(Probe::No);
             }
         }
     }
@@ -229,9 +275,11 @@ impl Entry {
             return;
         }
         self.url_index.remove(&url.fetch_url);
+        self.had.remove(&url.fetch_url);
         self.urls.swap_remove(i);
         self.tried.swap_remove(i);
         self.url_events.swap_remove(i);
+        self.probe.swap_remove(i);
         if let Some(moved) = self.urls.get(i) {
             self.url_index.insert(moved.fetch_url.clone(), i);
         }
@@ -995,7 +1043,10 @@ impl Core {
         if !e.in_attempt {
             e.in_attempt = true;
             e.requested = None;
+            e.probing = false;
             e.tried.iter_mut().for_each(|t| *t = false);
+            e.probe.iter_mut().for_each(|p| *p = Probe::No);
+            e.evidence = false;
         }
         // URLs of our own domain or on the naughty list count as tried: they are not fetched.
         for (i, url) in e.urls.iter().enumerate() {
@@ -1003,7 +1054,25 @@ impl Core {
                 e.tried[i] = true;
             }
         }
-        let untried: Vec<usize> = (0..e.urls.len()).filter(|i| !e.tried[*i]).collect();
+        if e.tried.iter().all(|t| *t) && e.wants_second_round() {
+            // Every URL was asked for what it advertises and objects are still missing: the
+            // second round probes the servers that may have them unadvertised.
+            e.probing = true;
+            let evidence = e.evidence;
+            for (t, p) in e.tried.iter_mut().zip(&e.probe) {
+                *t = !p.wanted(evidence);
+            }
+            e.probe.iter_mut().for_each(|p| *p = Probe::No);
+        }
+        let mut untried: Vec<usize> = (0..e.urls.len()).filter(|i| !e.tried[*i]).collect();
+        // URLs that advertised missing ids last time first, then those not visited yet, then
+        // those that had none of them.
+        let rank = |i: &usize| match e.had.get(&e.urls[*i].fetch_url) {
+            Some(ids) if ids.iter().any(|o| e.missing.contains_key(o)) => 0,
+            None => 1,
+            Some(_) => 2,
+        };
+        untried.sort_by_key(|i| (rank(i), *i));
         let mut busy: Vec<Arc<str>> = Vec::new();
         for &i in &untried {
             let e = &self.entries[&id];
@@ -1142,12 +1211,19 @@ impl Core {
         self.next_job += 1;
         e.running = Some(job_id);
         let e = &self.entries[&id];
+        let mode = if e.probing {
+            FetchMode::Everything
+        } else {
+            FetchMode::OneVisit
+        };
         let request = FetchRequest::new(
             e.identifier.to_string(),
             e.repo.to_path_buf(),
             e.urls[i].fetch_url.to_string(),
             e.wanted(),
-        );
+        )
+        .with_mode(mode);
+        let gate = self.domains.gate(&e.urls[i].domain);
         self.busy_repos.insert(e.repo.clone());
         self.busy_identifiers.insert(e.identifier.clone());
         self.running.insert(
@@ -1165,18 +1241,16 @@ impl Core {
             id: job_id,
             request,
             max_memory,
+            gate,
         }));
     }
 
-    /// The memory budget of the next fetch: `max_fetch_memory`, less a share of what libgit2
-    /// has lost for good on earlier fetches. Fetches never hold more than `workers ×
-    /// max_fetch_memory` at once, and what libgit2 lost comes out of that total, so the
-    /// engine's whole use stays within it however often hostile servers make libgit2 leak.
+    /// The memory budget of the next fetch: `max_fetch_memory`. The fetches together are
+    /// held to `max_total_fetch_memory` by the pool they share (`fetch::net::MemoryPool`),
+    /// where what libgit2 lost for good on earlier fetches stays counted, so the engine's
+    /// whole use stays within it however often hostile servers make libgit2 leak.
     pub fn fetch_memory_budget(&self) -> u64 {
-        let workers = self.cfg.workers as u64;
-        let total = self.cfg.max_fetch_memory.saturating_mul(workers);
-        let left = total.saturating_sub(self.counters.memory_leaked);
-        self.cfg.max_fetch_memory.min(left / workers.max(1))
+        self.cfg.max_fetch_memory
     }
 
     /// The durable state: waiting events with their remaining lifetimes, the expired-id
@@ -1419,6 +1493,43 @@ impl Core {
             return;
         };
         e.running = None;
+        if let Some(&i) = e.url_index.get(&run.url.fetch_url) {
+            if report.advertisement_read {
+                e.had
+                    .insert(run.url.fetch_url.clone(), report.advertised.clone());
+                if !report.advertised.is_empty() || !report.present.is_empty() {
+                    e.evidence = true;
+                }
+                let lacking = report
+                    .error
+                    .as_ref()
+                    .is_some_and(|e| e.kind == FailureKind::NotFound);
+                // What it advertised was asked for: a probe would only ask again.
+                let advertised: HashSet<&ObjectId> = report.advertised.iter().collect();
+                let unadvertised = report
+                    .missing
+                    .iter()
+                    .filter(|o| !advertised.contains(o))
+                    .count();
+                e.probe[i] =
+                    if e.probing || !lacking || unadvertised == 0 || report.ids_allowed.is_none() {
+                        Probe::No
+                    } else if report.ids_allowed == Some(true) && report.advertised.is_empty() {
+                        // Probed by id on its visit's connection, the set whole: split only if
+                        // the data is known to be out there and there is a set to split.
+                        if unadvertised > 1 {
+                            Probe::IfEvidence
+                        } else {
+                            Probe::No
+                        }
+                    } else {
+                        // It advertised some of what is missing and may have the rest
+                        // unadvertised, or it allows no wants by id and may have it below its
+                        // tips.
+                        Probe::Yes
+                    };
+            }
+        }
         let mut present = report.present;
         present.sort_unstable();
         self.apply_present(id, &present, now);
@@ -1459,8 +1570,9 @@ impl Core {
             for domain in owed {
                 self.take_turn(id, domain);
             }
-        } else if e.tried.iter().any(|t| !t) {
-            // More URLs to try in this attempt: queue behind entries already ready.
+        } else if e.tried.iter().any(|t| !t) || e.wants_second_round() {
+            // More URLs to try in this attempt, or a second round to probe: queue behind
+            // entries already ready.
             e.next_attempt = now;
             self.schedule.insert((now, id));
         } else {
@@ -1733,6 +1845,7 @@ impl Core {
             );
         }
         let (domains, naughty) = self.domains.stats(now, wall);
+        let requests = domains.values().map(|d| d.requests).sum();
         Stats {
             domains,
             naughty,
@@ -1749,6 +1862,7 @@ impl Core {
             ref_updates_applied: c.refs_applied,
             ref_update_failures: c.ref_failures,
             fetches_started: c.fetches_started,
+            requests,
             fetches_succeeded: c.fetches_succeeded,
             fetches_partial: c.fetches_partial,
             fetches_failed: c.fetches_failed,

@@ -208,6 +208,30 @@ impl Harness {
         job
     }
 
+    /// Completes the oldest running job as a visit that read the advertisement: `advertised`
+    /// of the wanted ids were listed, `present` arrived, `missing` did not; `ids` says whether
+    /// the server allows wants by id.
+    fn visit(
+        &mut self,
+        advertised: &[ObjectId],
+        present: &[ObjectId],
+        missing: &[ObjectId],
+        ids: bool,
+    ) -> Job {
+        let job = self.jobs.remove(0);
+        let error =
+            (!missing.is_empty()).then(|| FetchError::new(FailureKind::NotFound, "lacking"));
+        let mut report = FetchReport::new(present.to_vec(), error);
+        report.missing = missing.to_vec();
+        report.advertised = advertised.to_vec();
+        report.advertisement_read = true;
+        report.ids_allowed = Some(ids);
+        let now = self.now();
+        self.core.job_done(job.id, report, now);
+        self.pass();
+        job
+    }
+
     fn fail(&mut self) -> Job {
         self.finish(&[], Some(FailureKind::Protocol))
     }
@@ -2362,4 +2386,115 @@ impl Harness {
             .job_done(job.id, FetchReport::new(present.to_vec(), None), now);
         self.pass();
     }
+}
+
+/// The first round visits every URL once (what one connection can ask); the second probes
+/// only the servers that may hold the rest unadvertised: one that advertised some of the
+/// missing ids, one that allows no wants by id. One that allows ids and advertised none was
+/// asked for the set on its visit already.
+#[test]
+fn an_attempt_visits_every_url_then_probes_only_where_the_rest_may_be() {
+    let mut h = Harness::new();
+    let urls = ["git://a/r", "git://b/r", "git://c/r", "git://d/r"];
+    h.submit("e", "id", "/r", &[oid(1), oid(2)], &urls, Origin::Sync);
+    h.advance(500 * MS);
+    let mut first = Vec::new();
+    let j = h.visit(&[oid(1)], &[oid(1)], &[oid(2)], true); // had 1, maybe 2 below it
+    first.push((j.request.url, j.request.mode));
+    let j = h.visit(&[], &[], &[oid(2)], true); // probed on its visit
+    first.push((j.request.url, j.request.mode));
+    let j = h.visit(&[], &[], &[oid(2)], false); // its branches may hold it
+    first.push((j.request.url, j.request.mode));
+    let j = h.finish(&[], Some(FailureKind::Protocol)); // never read an advertisement
+    first.push((j.request.url, j.request.mode));
+    let one = FetchMode::OneVisit;
+    assert_eq!(
+        first,
+        urls.map(|u| (u.to_owned(), one)),
+        "every URL once, in order"
+    );
+    let second: Vec<(String, FetchMode)> = (0..2)
+        .map(|_| {
+            let j = h.visit(&[], &[], &[oid(2)], true);
+            (j.request.url, j.request.mode)
+        })
+        .collect();
+    let all = FetchMode::Everything;
+    assert_eq!(
+        second,
+        [("git://a/r".to_owned(), all), ("git://c/r".to_owned(), all)]
+    );
+    assert!(h.jobs.is_empty(), "two rounds, then the backoff");
+    assert_eq!(h.time_to_next_job(Duration::from_secs(30)), Some(20 * SEC));
+    assert_eq!(h.jobs[0].request.mode, one, "the next attempt starts over");
+}
+
+/// A server that advertised none of several ids and refused them asked for together is probed
+/// again with the set split, but only when the attempt found the data is out there (some of it
+/// arrived or was advertised): while nothing is pushed yet, a split would cost a request per
+/// id every attempt.
+#[test]
+fn a_refused_set_is_split_only_when_the_data_is_known_to_be_out_there() {
+    let ids = [oid(1), oid(2), oid(3)];
+    // Nothing anywhere: no second round.
+    let mut h = Harness::new();
+    h.submit("e", "id", "/r", &ids, &["git://a/r"], Origin::Sync);
+    h.advance(500 * MS);
+    h.visit(&[], &[], &ids, true);
+    assert!(h.jobs.is_empty(), "no probe without evidence");
+    assert_eq!(h.time_to_next_job(Duration::from_secs(30)), Some(20 * SEC));
+
+    // Another server had one of them: the first is probed again, split.
+    let mut h = Harness::new();
+    h.submit(
+        "e",
+        "id",
+        "/r",
+        &ids,
+        &["git://a/r", "git://b/r"],
+        Origin::Sync,
+    );
+    h.advance(500 * MS);
+    h.visit(&[], &[], &ids, true);
+    h.visit(&[oid(1)], &[oid(1)], &[oid(2), oid(3)], true);
+    let j = h.jobs.first().expect("a second round");
+    assert_eq!(
+        (j.request.url.as_str(), j.request.mode),
+        ("git://a/r", FetchMode::Everything)
+    );
+    assert_eq!(j.request.wanted, [oid(2), oid(3)]);
+    // And b, which advertised one and may hold the others below it.
+    h.visit(&[], &[], &[oid(2), oid(3)], true);
+    assert_eq!(h.jobs[0].request.url, "git://b/r");
+    h.visit(&[], &[], &[oid(2), oid(3)], true);
+    assert!(h.jobs.is_empty());
+}
+
+/// The next attempt visits first the URLs whose server advertised an id still missing at the
+/// last visit (its download failed), then the ones never visited, then those that had none.
+#[test]
+fn the_next_attempt_visits_first_the_urls_that_had_what_is_missing() {
+    let mut h = Harness::new();
+    let urls = ["git://a/r", "git://b/r", "git://c/r"];
+    h.submit("e", "id", "/r", &[oid(1)], &urls, Origin::Sync);
+    h.advance(500 * MS);
+    h.visit(&[], &[], &[oid(1)], true);
+    // b advertised it, but the download broke off.
+    let j = h.jobs.remove(0);
+    let mut report = FetchReport::new(
+        Vec::new(),
+        Some(FetchError::new(FailureKind::Protocol, "reset")),
+    );
+    report.advertised = vec![oid(1)];
+    report.advertisement_read = true;
+    report.ids_allowed = Some(true);
+    let now = h.now();
+    h.core.job_done(j.id, report, now);
+    h.pass();
+    // c is not reached this attempt: make it fail before reading anything.
+    h.fail();
+    assert!(h.jobs.is_empty());
+    assert!(h.time_to_next_job(Duration::from_secs(30)).is_some());
+    let order: Vec<String> = (0..3).map(|_| h.fail().request.url).collect();
+    assert_eq!(order, ["git://b/r", "git://c/r", "git://a/r"]);
 }

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -87,7 +87,12 @@ type Limiter = RateLimiter<
 
 struct Domain {
     limits: DomainLimits,
-    limiter: Limiter,
+    /// Shared with the gates of the domain's running fetches, which take a cell for each
+    /// further request they make.
+    limiter: Arc<Limiter>,
+    /// Requests made to the domain: one per fetch started, and each further one its gate let
+    /// through. Shared with the gates.
+    requests: Arc<AtomicU64>,
     in_flight: usize,
     /// Entries waiting for capacity, oldest first, with the park generation that queued them
     /// (a stale generation means the entry moved on).
@@ -145,6 +150,44 @@ struct Naughty {
     until: Instant,
 }
 
+/// Lets a running fetch's requests through, each with a cell of its domain's quota: the quota
+/// counts requests as the remote host sees them (each connection over `git://`, each GET and
+/// POST over HTTP), not fetches. The first request's cell is taken with the fetch's slot
+/// ([`Domains::try_acquire`]); each further one (HTTP's POST, a probe of ids the server does
+/// not advertise) waits for its cell, or the fetch stops at its deadline. The fetch holds one of the domain's concurrency slots and
+/// its requests are sequential, so the cap needs nothing more.
+///
+/// The limiter's clock is the core's: a gate moves it forward to the engine clock's `now` it is
+/// given (never back), so a request waits for its cell, not for the scheduler's next tick.
+#[derive(Debug)]
+pub(crate) struct RequestGate {
+    limiter: Arc<Limiter>,
+    clock: CoreClock,
+    requests: Arc<AtomicU64>,
+    /// Whether the cell taken with the slot (and counted with it) is still unused.
+    first: AtomicBool,
+}
+
+impl RequestGate {
+    /// Takes a cell for one request at `now` (the engine's clock): `Ok` when the request may
+    /// go, or how long to wait for the next cell.
+    pub fn try_take(&self, now: Instant) -> Result<(), Duration> {
+        if self.first.swap(false, Ordering::Relaxed) {
+            return Ok(());
+        }
+        self.clock.set(now);
+        match self.limiter.check() {
+            Ok(()) => {
+                self.requests.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(not_until) => {
+                Err(not_until.wait_time_from(governor::clock::Clock::now(&self.clock)))
+            }
+        }
+    }
+}
+
 /// Why a permit could not be taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Blocked {
@@ -192,12 +235,13 @@ impl Domains {
             let quota = Quota::with_period(period)
                 .expect("per_minute is validated to be positive")
                 .allow_burst(NonZeroU32::new(limits.burst).expect("burst is validated"));
-            let limiter = RateLimiter::direct_with_clock(quota, self.clock().clone());
+            let limiter = Arc::new(RateLimiter::direct_with_clock(quota, self.clock().clone()));
             self.table.insert(
                 name.clone(),
                 Domain {
                     limits,
                     limiter,
+                    requests: Arc::new(AtomicU64::new(0)),
                     in_flight: 0,
                     queue: VecDeque::new(),
                     waiting: 0,
@@ -232,7 +276,8 @@ impl Domains {
         !skipped(&NaughtyKey::name(url)) && !skipped(&NaughtyKey::endpoint(url))
     }
 
-    /// Takes a concurrency slot and a rate cell of `domain`, both or neither.
+    /// Takes a concurrency slot and a rate cell of `domain`, both or neither: the cell of the
+    /// fetch's first request. Its further requests take theirs through its [`RequestGate`].
     pub fn try_acquire(&mut self, domain: &Arc<str>, now: Instant) -> Result<(), Blocked> {
         let clock = self.clock().clone();
         let d = self.domain(domain);
@@ -243,6 +288,7 @@ impl Domains {
             Ok(()) => {
                 d.in_flight += 1;
                 d.started += 1;
+                d.requests.fetch_add(1, Ordering::Relaxed);
                 d.blocked_until = None;
                 Ok(())
             }
@@ -252,6 +298,20 @@ impl Domains {
                 Err(Blocked::Rate(at))
             }
         }
+    }
+
+    /// The gate of a fetch on `domain` that has just taken its slot and its first request's
+    /// cell (`try_acquire`): it lets that request through, then each further one with a cell
+    /// of the domain's quota.
+    pub fn gate(&mut self, domain: &Arc<str>) -> Arc<RequestGate> {
+        let clock = self.clock().clone();
+        let d = self.domain(domain);
+        Arc::new(RequestGate {
+            limiter: d.limiter.clone(),
+            clock,
+            requests: d.requests.clone(),
+            first: AtomicBool::new(true),
+        })
     }
 
     /// Gives back the slot of a fetch of `url` that ended, counts it, and after a DNS failure
@@ -520,6 +580,7 @@ impl Domains {
                     in_flight: d.in_flight,
                     queued_identifiers: d.waiting,
                     requests_started: d.started,
+                    requests: d.requests.load(Ordering::Relaxed),
                     succeeded: d.succeeded,
                     partial: d.partial,
                     failed: d.failed.clone(),

@@ -88,6 +88,8 @@ pub(crate) struct Scheduler {
     /// Rayon keeps its idle threads until every spawned job has ended, so the threads still
     /// running are not the count of stuck fetches: this is.
     pub stuck: Arc<AtomicUsize>,
+    /// The memory libgit2 holds for all fetches together (`max_total_fetch_memory`).
+    pub memory: Arc<crate::fetch::net::MemoryPool>,
 }
 
 impl Scheduler {
@@ -220,6 +222,8 @@ impl Scheduler {
         )
         .with_max_bytes(self.cfg.max_fetch_bytes)
         .with_max_memory(job.max_memory)
+        .with_memory_pool(self.memory.clone())
+        .with_gate(job.gate.clone(), self.clock.clone())
         .with_max_advertisement(self.cfg.max_advertisement_bytes)
         .with_depth(self.cfg.fetch_depth)
         .with_timeouts(self.cfg.connect_timeout, self.cfg.io_timeout)

@@ -46,7 +46,7 @@ fn domain_override(s: &str) -> Result<DomainOverride, String> {
 #[derive(Debug, Clone, Default, Args)]
 #[command(next_help_heading = "Engine settings")]
 pub struct EngineArgs {
-    /// Fetch worker threads, the most fetches at once [default: 8]
+    /// Fetch worker threads, the most fetches at once [default: 32]
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
     /// How often the scheduler wakes without a command [default: 1s]
@@ -89,6 +89,9 @@ pub struct EngineArgs {
     /// Most memory libgit2 may hold for one fetch [default: 512 MiB]
     #[arg(long, value_name = "BYTES")]
     pub max_fetch_memory: Option<u64>,
+    /// Most memory libgit2 may hold for all fetches together [default: 4 GiB]
+    #[arg(long, value_name = "BYTES")]
+    pub max_total_fetch_memory: Option<u64>,
     /// Largest object a delta may build, process-wide [default: 100 MiB]
     #[arg(long, value_name = "BYTES")]
     pub max_object_size: Option<u64>,
@@ -181,6 +184,7 @@ impl EngineArgs {
             shutdown_timeout,
             max_fetch_bytes,
             max_fetch_memory,
+            max_total_fetch_memory,
             max_object_size,
             max_advertisement_bytes,
             thread_name,
