@@ -1,5 +1,6 @@
 //! The test kit's servers work: `git http-backend` behind `HttpGitServer`, its faults, the
-//! `git://` `FaultyTcpServer`, the request log, and the fixtures they serve.
+//! `git://` `FaultyTcpServer`, the `DelayProxy` in front of both, the request log, and the
+//! fixtures they serve.
 //!
 //! Clients are the `git` command-line tool (protocol v2 by default, v0 with
 //! `-c protocol.version=0`) and libgit2 through `git2` (protocol v0 only), with no engine in
@@ -13,8 +14,8 @@ use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use purgatory_sync::testkit::{
-    self, Fault, FaultTarget, FaultyTcpServer, GitDaemon, HttpGitServer, RequestRecord, TcpFault,
-    WantPolicy,
+    self, DelayProxy, Fault, FaultTarget, FaultyTcpServer, GitDaemon, HttpGitServer, RequestRecord,
+    TcpFault, WantPolicy,
 };
 use purgatory_sync::ObjectId;
 
@@ -798,6 +799,80 @@ fn faulty_tcp_server_relays_and_misbehaves() {
         e.code(),
         e.message()
     );
+}
+
+#[test]
+fn fetches_through_a_delay_proxy_work_over_git_and_http_and_pay_the_round_trips() {
+    let fx = fixture(WantPolicy::Reachable);
+    let big = testkit::commit_large(&fx.served, "main", 300_000, 3);
+    let daemon = GitDaemon::start(HOST_A, &fx.base).expect("git daemon");
+    let http = fx.http(HOST_B);
+    let one_way = Duration::from_millis(50);
+    let rtt = 2 * one_way;
+    let git_proxy = DelayProxy::start(HOST_C, daemon.addr(), one_way).expect("proxy");
+    let http_proxy = DelayProxy::start(HOST_C, http.addr(), one_way).expect("proxy");
+    let git_url = git_proxy.url(REPO);
+    let http_url = http_proxy.http_url(REPO);
+    assert!(git_url.starts_with("git://127.0.0.4:"), "{git_url}");
+    assert!(http_url.starts_with("http://127.0.0.4:"), "{http_url}");
+
+    // libgit2 over git://: the request and its advertisement, then the wants and the pack;
+    // over HTTP: GET info/refs, then POST git-upload-pack.
+    for (proxy, url) in [(&git_proxy, &git_url), (&http_proxy, &http_url)] {
+        for handshake in [false, true] {
+            proxy.set_handshake(handshake);
+            proxy.clear_requests();
+            let target = fx.target(&format!("libgit2-{}-{handshake}.git", proxy.addr().port()));
+            let began = Instant::now();
+            git2_fetch(&target, url, &[fx.first.to_string(), big.to_string()])
+                .unwrap_or_else(|e| panic!("{url}: {e}"));
+            let took = began.elapsed();
+            assert!(testkit::has_object(&target, fx.first) && testkit::has_object(&target, big));
+            // A handshake costs a round trip per connection: one over git://, two over HTTP.
+            let connections = if proxy.upstream() == daemon.addr() {
+                1
+            } else {
+                2
+            };
+            let least = if handshake {
+                (2 + connections) * rtt
+            } else {
+                2 * rtt
+            };
+            eprintln!("libgit2 through {url}, handshake {handshake}: {took:?}");
+            assert!(took >= least, "{url}: {took:?}");
+            assert!(proxy.wait_idle(SETTLE));
+            let records = proxy.requests();
+            assert!(records.iter().all(|r| r.finished && r.status == 0));
+            if proxy.upstream() == daemon.addr() {
+                assert_eq!(records.len(), 1, "{records:#?}");
+                assert_eq!(records[0].method, "git-upload-pack");
+                assert_eq!(records[0].path, format!("/{REPO}"));
+                assert!(records[0].bytes_sent > 300_000, "{records:#?}");
+            } else {
+                let methods: Vec<&str> = records.iter().map(|r| r.method.as_str()).collect();
+                assert_eq!(methods, ["GET", "POST"], "{records:#?}");
+                assert_eq!(records[0].path, info_refs(REPO));
+                assert_eq!(records[1].path, format!("/{REPO}/git-upload-pack"));
+                assert_eq!(records[0].host, http_proxy.addr().to_string());
+            }
+        }
+        proxy.set_handshake(false);
+    }
+    // The HTTP server behind the proxy logged the same requests.
+    assert!(http.wait_idle(SETTLE));
+    assert_eq!(http.requests().len(), 4);
+
+    // The git command-line tool, protocol v2, both ways.
+    for url in [&git_url, &http_url] {
+        let dest = format!("cli-{}.git", url.split(':').next().unwrap_or_default());
+        let began = Instant::now();
+        git_ok(fx.dir.path(), &["clone", "--bare", url, &dest]);
+        eprintln!("git clone through {url}: {:?}", began.elapsed());
+        assert!(began.elapsed() >= 2 * rtt);
+        assert!(testkit::has_object(&fx.dir.path().join(&dest), big));
+    }
+    drop((git_proxy, http_proxy));
 }
 
 #[test]

@@ -15,11 +15,16 @@
 //!   an empty repository, an `ERR` line with terminal escapes), any capabilities, and an
 //!   [`Answer`] to the client's wants (a [`Pack`] of bytes or streamed chunks, an `ERR` line);
 //!   it keeps what each client asked for ([`Negotiation`]);
+//! - [`DelayProxy`]: a wide-area stand-in, a TCP proxy in front of a [`GitDaemon`] or an
+//!   [`HttpGitServer`] that delays every byte by a fixed time in each direction (50 ms each
+//!   way for a 100 ms round trip) without limiting throughput, and can charge each new
+//!   connection a round trip for its TCP handshake;
 //! - [`PackBuilder`]: raw git packs written entry by entry, well-formed or crafted (delta
 //!   bombs from [`delta_bomb`] and hand-written [`delta`]s, zlib bombs, lying object counts),
 //!   with the object ids of what they hold ([`hash_object`], [`ObjectKind`]);
-//! - a request log on the HTTP, faulty and scripted servers ([`RequestRecord`],
-//!   [`max_concurrent`]) to check per-host concurrency and rate limits afterwards;
+//! - a request log on the HTTP, faulty and scripted servers and the delay proxy
+//!   ([`RequestRecord`], [`max_concurrent`]) to check per-host concurrency and rate limits
+//!   afterwards;
 //! - repositories built with libgit2 ([`init_bare`], [`served_repo`], [`served_repo_with`],
 //!   [`commit`], [`commit_large`], [`push_all`], [`has_object`], [`refs_with_prefix`]);
 //! - an engine builder for those servers ([`loopback_engine`]) and a bounded wait for the
@@ -60,6 +65,7 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
 mod daemon;
+mod delay;
 mod http;
 mod net;
 mod pack;
@@ -69,6 +75,7 @@ mod scripted;
 mod tcp;
 
 pub use daemon::GitDaemon;
+pub use delay::DelayProxy;
 pub use http::{Fault, FaultTarget, HttpGitServer};
 pub use pack::{bombs, delta, delta_bomb, hash_object, ObjectKind, PackBuilder, RESOLVE_LIMIT};
 pub use record::{max_concurrent, RequestRecord};

@@ -4,7 +4,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 /// One request served by an [`HttpGitServer`](super::HttpGitServer), or one connection
-/// relayed by a [`FaultyTcpServer`](super::FaultyTcpServer).
+/// relayed by a [`FaultyTcpServer`](super::FaultyTcpServer) or a
+/// [`DelayProxy`](super::DelayProxy).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestRecord {
     /// The `Host` header (`127.0.0.2:40123`), or for `git://` the `host=` parameter of the
@@ -17,9 +18,11 @@ pub struct RequestRecord {
     /// or for `git://` the repository path (`/alice/hello.git`).
     pub path: String,
     /// The HTTP status sent; `0` when no status line was sent (a [`Hang`](super::Fault::Hang),
-    /// a broken request) and for every `git://` connection.
+    /// a broken request), for every `git://` connection and for every connection through a
+    /// [`DelayProxy`](super::DelayProxy).
     pub status: u16,
-    /// When the request line (for `git://`: the first pkt-line) had arrived.
+    /// When the request line (for `git://`: the first pkt-line) had arrived; for a
+    /// [`DelayProxy`](super::DelayProxy), when the connection was accepted.
     pub started: Instant,
     /// When the last byte was written and the connection closed for writing; for a request
     /// still in progress, the moment the snapshot was taken.
