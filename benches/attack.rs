@@ -1,12 +1,13 @@
-//! The engine's memory under attack, with the default settings: 8 workers, 512 MiB a fetch,
-//! objects built from deltas up to 100 MiB.
+//! The engine's memory under attack, with the default settings: 32 workers, 512 MiB a fetch,
+//! 4 GiB for all fetches together, objects built from deltas up to 100 MiB.
 //!
 //! Eight scripted `git://` servers on eight loopback addresses (eight domains) each send a pack
 //! crafted to expand when libgit2 resolves its deltas, and eight identifiers each wait for an
-//! object on one of them, so all eight workers fetch a bomb at once. For each kind of pack a
+//! object on one of them, so eight workers fetch a bomb at once. For each kind of pack a
 //! new engine is built; the figure is the process's peak resident memory above what it held
 //! before the submits (`VmHWM`, reset through `/proc/self/clear_refs`), beside the documented
-//! bound of the fetches' memory, `workers × max_fetch_memory` = 4 GiB.
+//! bound of the fetches' memory, `max_total_fetch_memory` = 4 GiB (eight budgets of 512 MiB
+//! add up to it; `tests/memory.rs` runs twelve at once, whose budgets do not).
 //!
 //! - `1 GiB delta`: a 64 KiB blob and one delta repeating it 1 GiB long (80 KB on the wire);
 //! - `2 x 1 GiB chain`: a second delta repeating that result 1 GiB long again (131 KB);

@@ -21,7 +21,7 @@
 //!
 //! Methods, each from fresh, empty local bare repositories (created before the clock starts):
 //!
-//! - `engine`: an `Engine` with the default settings (8 workers, 1 s tick, 500 ms sync
+//! - `engine`: an `Engine` with the default settings (32 workers, 1 s tick, 500 ms sync
 //!   delay, `Origin::Sync`) but per-domain limits that do not bind
 //!   (`testkit::loopback_engine`); submit every event, wait until every one is released.
 //! - `floor-libgit2`: libgit2 in this process, knowing where each commit is: one

@@ -58,7 +58,7 @@ pub(crate) struct Config {
 }
 
 /// How politely the engine treats one domain: at most `max_concurrent` fetches in flight,
-/// and a GCRA quota of `per_minute` fetch starts a minute with bursts of up to `burst`.
+/// and a GCRA quota of `per_minute` requests a minute (each connection; over HTTP each GET and POST) with bursts of up to `burst`.
 ///
 /// ```
 /// use purgatory_sync::DomainLimits;
@@ -71,9 +71,9 @@ pub(crate) struct Config {
 pub struct DomainLimits {
     /// Most fetches in flight at once (default 5).
     pub max_concurrent: usize,
-    /// Fetch starts a minute, on average (default 30).
+    /// Requests a minute, on average (default 30).
     pub per_minute: u32,
-    /// Most fetch starts at once after a quiet spell (default 5).
+    /// Most requests at once after a quiet spell (default 5).
     pub burst: u32,
 }
 

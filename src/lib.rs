@@ -71,10 +71,11 @@
 //! | backoff after an incomplete attempt | 20 s, 40 s, 80 s, then 120 s | [`EngineBuilder::backoff_base`], [`EngineBuilder::backoff_cap`] |
 //! | event lifetime in purgatory | 30 min | [`EngineBuilder::event_lifetime`] |
 //! | expired event id remembered: a synced re-submission whose data is still missing is refused | 7 days | [`EngineBuilder::expired_memory`] |
-//! | worker threads (fetches in flight) | 8 | [`EngineBuilder::workers`] |
+//! | worker threads (fetches in flight) | 32 | [`EngineBuilder::workers`] |
 //! | hard limit on one fetch | 120 s | [`EngineBuilder::fetch_deadline`] |
 //! | most bytes one fetch may receive | 1 GiB | [`EngineBuilder::max_fetch_bytes`] |
 //! | most memory libgit2 may hold for one fetch | 512 MiB | [`EngineBuilder::max_fetch_memory`] |
+//! | most memory libgit2 may hold for all fetches together | 4 GiB | [`EngineBuilder::max_total_fetch_memory`] |
 //! | largest object a delta may build (process-wide) | 100 MiB | [`EngineBuilder::max_object_size`] |
 //! | largest ref advertisement | 32 MiB | [`EngineBuilder::max_advertisement_bytes`] |
 //! | most distinct clone URLs of one identifier's waiting events | 256 | [`EngineBuilder::max_urls_per_identifier`] |
@@ -108,8 +109,8 @@
 //! deadline, the byte cap, the idle timeout and shutdown are checked on every read and write,
 //! and every failure is classified ([`FailureKind`]). It also installs an allocator for
 //! libgit2 that holds each fetch to its memory budget and stops delta resolution, which reads
-//! no socket, at the deadline; the engine's fetches together never hold more than `workers ×
-//! max_fetch_memory` (4 GiB with the defaults). A fetch's packs are quarantined and kept only
+//! no socket, at the deadline; the engine's fetches together never hold more than
+//! `max_total_fetch_memory` (4 GiB). A fetch's packs are quarantined and kept only
 //! when they brought a wanted object. See [`GitFetcher`] for how the objects to
 //! ask for are chosen when a server does not allow fetching by id.
 //!

@@ -66,7 +66,7 @@ pub struct Stats {
     pub failures: BTreeMap<FailureKind, u64>,
     /// Memory libgit2 lost for good on what servers sent (it leaks the object of a delta that
     /// duplicates another, which only a hostile server sends), summed over every fetch.
-    /// It comes out of the fetches' total budget (`workers × max_fetch_memory`), and each such
+    /// It stays counted in the fetches' total budget (`max_total_fetch_memory`), and each such
     /// server's endpoint is skipped for the naughty duration. Only a restart gives it back.
     pub memory_leaked: u64,
     /// Per-domain counters and state, by domain.

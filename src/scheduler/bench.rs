@@ -42,7 +42,8 @@ impl QueueBench {
     }
 
     /// `queued` identifiers, all ready, on `domains` domains with the default per-domain
-    /// limits (5 in flight, 30 a minute, burst 5) and 8 workers. With fewer than 2 domains the
+    /// limits (5 in flight, 30 a minute, burst 5) and 8 workers (fewer than the default 32, so
+    /// that the figures compare with earlier runs). With fewer than 2 domains the
     /// workers outnumber the domains' slots, so the first pass dispatches 5 fetches per domain
     /// and parks every other entry in its domain's queue, where later passes find it.
     pub fn parked(queued: usize, domains: usize) -> Self {
