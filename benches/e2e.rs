@@ -61,7 +61,7 @@
 //! `E2E_IDENTIFIERS`, `E2E_RUNS`, `E2E_METHODS` (comma-separated, from
 //! `engine,floor-libgit2,floor-cli,cli-par,cli`; `floor` is `floor-cli`), `E2E_TRANSPORTS`
 //! (from `git,http`), `E2E_RTT_MS` (comma-separated milliseconds), `E2E_HANDSHAKE` (`1` or
-//! `0`), `E2E_PARALLEL`, `E2E_RUN_TIMEOUT_SECS` (bound on one run, default 3600),
+//! `0`), `E2E_PARALLEL`, `E2E_ENGINE_WORKERS` (the engine's `workers`, default its own), `E2E_RUN_TIMEOUT_SECS` (bound on one run, default 3600),
 //! `RUST_LOG` (the engine's, the servers' and the proxies' logs on stderr). The report
 //! (Markdown) goes to stdout, progress to stderr.
 
@@ -967,9 +967,14 @@ impl Run<'_> {
     /// The engine: submit every event, wait until every one is released. Returns the fetch
     /// jobs started and failed.
     fn engine(&self, targets: &[PathBuf]) -> (u64, u64) {
-        let engine = testkit::loopback_engine()
-            .build()
-            .expect("the engine builds");
+        let mut builder = testkit::loopback_engine();
+        if let Some(n) = std::env::var("E2E_ENGINE_WORKERS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            builder = builder.workers(n);
+        }
+        let engine = builder.build().expect("the engine builds");
         let outcomes = engine.outcomes();
         let deadline = Instant::now() + self.params.run_timeout;
         let identifiers = &self.workload.identifiers;
