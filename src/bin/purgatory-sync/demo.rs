@@ -554,10 +554,10 @@ fn check(
     if let Some(small) = stats.domains.get(&SMALL.to_string()) {
         let period = 60.0 / f64::from(SMALL_PER_MINUTE);
         let allowed = 1 + (elapsed.as_secs_f64() / period).floor() as u64;
-        if small.requests_started > allowed {
+        if small.requests > allowed {
             problems.push(format!(
-                "the small host got {} fetches in {}; its quota allows {allowed}",
-                small.requests_started,
+                "the small host got {} requests in {}; its quota allows {allowed}",
+                small.requests,
                 progress::seconds(elapsed)
             ));
         }

@@ -189,13 +189,17 @@ pub fn domain_table(stats: &Stats, label: &dyn Fn(&str) -> String) -> String {
             vec![
                 label(domain),
                 d.requests_started.to_string(),
+                d.requests.to_string(),
                 d.succeeded.to_string(),
                 d.partial.to_string(),
                 failures,
             ]
         })
         .collect();
-    table(&["domain", "requests", "ok", "partial", "failures"], &rows)
+    table(
+        &["domain", "fetches", "requests", "ok", "partial", "failures"],
+        &rows,
+    )
 }
 
 #[cfg(test)]
