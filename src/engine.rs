@@ -141,6 +141,7 @@ impl Engine {
         let unapplied = Arc::new(AtomicUsize::new(0));
         let (out_tx, out_rx) = crossbeam_channel::unbounded();
         let (results_tx, results_rx) = crossbeam_channel::unbounded();
+        let (drops_tx, drops_rx) = crossbeam_channel::unbounded();
         let workers = start_workers(&cfg.thread_name, cfg.workers).map_err(BuildError::Spawn)?;
         let scheduler = Scheduler {
             cfg: cfg.clone(),
@@ -155,6 +156,8 @@ impl Engine {
             wake: clock.subscribe().unwrap_or_else(crossbeam_channel::never),
             results_tx,
             results_rx,
+            drops_tx,
+            drops_rx,
             final_write: final_write.clone(),
             state_lock,
             stuck: stuck.clone(),

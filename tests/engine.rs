@@ -1565,3 +1565,96 @@ fn a_waiting_event_submitted_again_with_its_data_present_is_released_at_once() {
     assert!(outcomes.try_recv().is_err(), "one outcome");
     engine.shutdown().unwrap();
 }
+
+/// Removing a released event's temporary refs runs on a worker, not on the scheduler thread:
+/// while it is blocked, another repository's event is fetched and released, and no fetch
+/// starts in the repository whose refs are being removed until the removal reports.
+#[test]
+fn temporary_refs_are_removed_by_a_worker_while_their_repository_waits() {
+    struct SlowDrop {
+        inner: FakeServers,
+        held: PathBuf,
+        /// The removal in `held` blocks while this is set.
+        block: Arc<std::sync::atomic::AtomicBool>,
+        dropping: Arc<std::sync::atomic::AtomicBool>,
+        fetches_in_held_while_dropping: Arc<AtomicUsize>,
+    }
+    impl Fetcher for SlowDrop {
+        fn fetch(&self, req: &FetchRequest, c: &FetchControl) -> FetchReport {
+            if req.repo == self.held && self.dropping.load(Ordering::SeqCst) {
+                self.fetches_in_held_while_dropping
+                    .fetch_add(1, Ordering::SeqCst);
+            }
+            self.inner.fetch(req, c)
+        }
+        fn drop_temp_refs(
+            &self,
+            repo: &Path,
+            oids: &[purgatory_sync::ObjectId],
+        ) -> Result<(), FetchError> {
+            if repo == self.held {
+                self.dropping.store(true, Ordering::SeqCst);
+                let start = Instant::now();
+                // Bounded: the test lets it go long before.
+                while self.block.load(Ordering::SeqCst) && start.elapsed() < WAIT {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                self.dropping.store(false, Ordering::SeqCst);
+            }
+            self.inner.drop_temp_refs(repo, oids)
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let held = bare(dir.path(), "held.git");
+    let other = bare(dir.path(), "other.git");
+    let (x, x_text) = blob("x");
+    let (y, y_text) = blob("y");
+    let (z, z_text) = blob("z");
+    let block = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let dropping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let violations = Arc::new(AtomicUsize::new(0));
+    let clock = FakeClock::new();
+    let engine = builder("drops", &clock)
+        .sync_delay(Duration::ZERO)
+        .workers(3)
+        .fetcher(SlowDrop {
+            inner: FakeServers::new(&[("git://m/r", &[&x_text, &y_text, &z_text])]),
+            held: held.clone(),
+            block: block.clone(),
+            dropping: dropping.clone(),
+            fetches_in_held_while_dropping: violations.clone(),
+        })
+        .build()
+        .unwrap();
+    let outcomes = engine.outcomes();
+    engine
+        .submit(event("e1", "id1", &held, &[&x], &["git://m/r"]))
+        .unwrap();
+    assert_eq!(outcomes.recv_timeout(WAIT).unwrap().event_id(), "e1");
+    let start = Instant::now();
+    while !dropping.load(Ordering::SeqCst) && start.elapsed() < WAIT {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(
+        dropping.load(Ordering::SeqCst),
+        "the refs of e1 are being removed"
+    );
+    // Another repository is served meanwhile; the held one waits.
+    engine
+        .submit(event("e3", "id3", &held, &[&z], &["git://m/r"]))
+        .unwrap();
+    engine
+        .submit(event("e2", "id2", &other, &[&y], &["git://m/r"]))
+        .unwrap();
+    assert_eq!(
+        outcomes.recv_timeout(WAIT).unwrap().event_id(),
+        "e2",
+        "released while the removal in another repository blocks"
+    );
+    assert!(dropping.load(Ordering::SeqCst), "still blocked");
+    assert!(outcomes.try_recv().is_err(), "e3 waits for its repository");
+    block.store(false, Ordering::SeqCst);
+    assert_eq!(outcomes.recv_timeout(WAIT).unwrap().event_id(), "e3");
+    assert_eq!(violations.load(Ordering::SeqCst), 0);
+    engine.shutdown().unwrap();
+}

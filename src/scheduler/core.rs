@@ -109,7 +109,8 @@ pub(crate) enum Action {
         repo: Arc<Path>,
         oids: Vec<ObjectId>,
     },
-    /// Remove the temporary refs of `oids`; the repository has no fetch running.
+    /// Remove the temporary refs of `oids`; the repository has no fetch running, and stays
+    /// busy (no fetch, no ref write) until [`Core::refs_dropped`].
     DropRefs {
         repo: Arc<Path>,
         oids: Vec<ObjectId>,
@@ -990,9 +991,18 @@ impl Core {
             oids.sort_unstable();
             oids.dedup();
             if !oids.is_empty() {
+                // Busy until the refs are gone (`refs_dropped`): no fetch or ref write starts
+                // in the repository meanwhile.
+                self.busy_repos.insert(repo.clone());
                 self.actions.push(Action::DropRefs { repo, oids });
             }
         }
+    }
+
+    /// The temporary refs of an [`Action::DropRefs`] are gone (or could not be removed):
+    /// the repository is free again.
+    pub fn refs_dropped(&mut self, repo: &Arc<Path>) {
+        self.busy_repos.remove(repo);
     }
 
     fn dispatch(&mut self, now: Instant) {

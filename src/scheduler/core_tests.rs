@@ -155,7 +155,11 @@ impl Harness {
     fn pass(&mut self) {
         let now = self.now();
         self.core.pass(now);
-        self.collect();
+        // A repository freed by a drop of temporary refs is served at once, as the
+        // scheduler's next pass would.
+        while self.collect() {
+            self.core.pass(now);
+        }
         // At every pass of the small scenarios; a scan per pass would make the large ones
         // quadratic.
         if self.core.waiting_events() <= 1000 {
@@ -163,13 +167,20 @@ impl Harness {
         }
     }
 
-    fn collect(&mut self) {
+    /// Takes the core's actions; whether a drop of temporary refs freed a repository.
+    fn collect(&mut self) -> bool {
+        let mut dropped = false;
         for a in self.core.take_actions() {
             match a {
                 Action::Dispatch(j) => self.jobs.push(j),
                 Action::Emit(o) => self.outcomes.push(o),
                 Action::Check { entry, repo, oids } => self.checks.push((entry, repo, oids)),
-                Action::DropRefs { repo, oids } => self.drops.push((repo, oids)),
+                Action::DropRefs { repo, oids } => {
+                    // Done at once, as a worker would report it.
+                    self.core.refs_dropped(&repo);
+                    self.drops.push((repo, oids));
+                    dropped = true;
+                }
                 Action::ApplyRefs {
                     event_id,
                     repo,
@@ -178,6 +189,7 @@ impl Harness {
                 } => self.applies.push((event_id, repo, updates, replace_refs)),
             }
         }
+        dropped
     }
 
     /// Answers the oldest ref update asked for.
@@ -186,7 +198,9 @@ impl Harness {
         let result = result.map_err(|m| FetchError::new(FailureKind::LocalRepository, m));
         let now = self.now();
         self.core.refs_applied(&event_id, result, now);
-        self.collect();
+        if self.collect() {
+            self.pass();
+        }
         event_id
     }
 

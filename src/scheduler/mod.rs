@@ -11,6 +11,7 @@ pub(crate) mod domains;
 pub(crate) mod ids;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -24,6 +25,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::event::Outcome;
 use crate::fetch::{FailureKind, FetchControl, FetchError, FetchReport, Fetcher};
+use crate::ObjectId;
 
 /// Most commands taken in one go before the core runs a pass, so that a burst of submits costs
 /// one pass, not one each, while results still get their turn.
@@ -77,6 +79,9 @@ pub(crate) struct Scheduler {
     pub wake: Receiver<()>,
     pub results_tx: Sender<(JobId, FetchReport)>,
     pub results_rx: Receiver<(JobId, FetchReport)>,
+    /// Repositories whose temporary refs a worker has dropped (`Action::DropRefs`).
+    pub drops_tx: Sender<Arc<Path>>,
+    pub drops_rx: Receiver<Arc<Path>>,
     /// Where the final state-file write reports a failure to the handle.
     pub final_write: Arc<Mutex<Option<std::io::Error>>>,
     /// The state file's lock, held by the thread that writes the file: it is dropped after the
@@ -100,7 +105,7 @@ impl Scheduler {
         // Outcomes decided by a restore (expired or satisfied while the engine was down) go out
         // at once.
         self.core.lock().pass(self.clock.now());
-        self.carry_out();
+        self.carry_out(false);
         let mut next_checkpoint = self.clock.now() + self.cfg.checkpoint_interval;
         loop {
             // Sleep until the tick, or earlier when a delay, backoff, expiry or rate-quota
@@ -122,6 +127,10 @@ impl Scheduler {
                     let (job, report) = r.expect("the scheduler holds a results sender");
                     self.core.lock().job_done(job, report, self.clock.now());
                 },
+                recv(self.drops_rx) -> r => {
+                    let repo = r.expect("the scheduler holds a drops sender");
+                    self.core.lock().refs_dropped(&repo);
+                },
                 recv(wake) -> _ => {},
                 default(wait) => {},
             }
@@ -129,7 +138,7 @@ impl Scheduler {
             // result per turn would leave workers idle behind a stream of host commands.
             self.take_results();
             self.core.lock().pass(self.clock.now());
-            self.carry_out();
+            self.carry_out(false);
             if self.cfg.state_file.is_some() && self.clock.now() >= next_checkpoint {
                 if let Err(e) = self.checkpoint() {
                     log::warn!("state file checkpoint failed: {e}");
@@ -146,6 +155,9 @@ impl Scheduler {
         for (job, report) in self.results_rx.try_iter() {
             core.job_done(job, report, self.clock.now());
         }
+        for repo in self.drops_rx.try_iter() {
+            core.refs_dropped(&repo);
+        }
     }
 
     fn take_commands(&self, first: Command) {
@@ -160,8 +172,10 @@ impl Scheduler {
     }
 
     /// Carries out the core's actions until it has none left (a check can release events,
-    /// which can free a repository for ref clean-up).
-    fn carry_out(&self) {
+    /// which can free a repository for ref clean-up). Temporary refs are dropped by a worker,
+    /// off this thread (the core keeps their repository busy until it reports), unless
+    /// `inline_drops` (at shutdown, when nothing may be left running).
+    fn carry_out(&self, inline_drops: bool) {
         loop {
             let actions = self.core.lock().take_actions();
             if actions.is_empty() {
@@ -200,13 +214,18 @@ impl Scheduler {
                             .lock()
                             .refs_applied(&event_id, result, self.clock.now());
                     }
+                    Action::DropRefs { repo, oids } if inline_drops => {
+                        drop_refs(self.fetcher.as_ref(), &repo, &oids);
+                        self.core.lock().refs_dropped(&repo);
+                    }
                     Action::DropRefs { repo, oids } => {
-                        if let Err(e) = self.fetcher.drop_temp_refs(&repo, &oids) {
-                            log::warn!(
-                                "could not remove temporary refs in {}: {e}",
-                                repo.display()
-                            );
-                        }
+                        let fetcher = self.fetcher.clone();
+                        let done = self.drops_tx.clone();
+                        self.pool.spawn(move || {
+                            drop_refs(fetcher.as_ref(), &repo, &oids);
+                            // The scheduler may be gone at shutdown: nothing waits then.
+                            let _ = done.send(repo);
+                        });
                     }
                 }
             }
@@ -271,11 +290,11 @@ impl Scheduler {
                     break;
                 }
             }
-            self.carry_out();
+            self.carry_out(true);
         }
         // A last pass: expiries due now, and ref clean-ups of repositories just freed.
         self.core.lock().pass(self.clock.now());
-        self.carry_out();
+        self.carry_out(true);
         if self.cfg.state_file.is_some() {
             if let Err(e) = self.checkpoint() {
                 log::warn!("final state file write failed: {e}");
@@ -385,4 +404,14 @@ pub(crate) fn join_all(
         }
     }
     still_running
+}
+
+/// Removes the temporary refs `oids` of `repo`; a failure is logged, a custom fetcher's panic
+/// too (the refs stay, which costs nothing but their names).
+fn drop_refs(fetcher: &dyn Fetcher, repo: &Path, oids: &[ObjectId]) {
+    match catch_unwind(AssertUnwindSafe(|| fetcher.drop_temp_refs(repo, oids))) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => log::warn!("could not remove temporary refs in {}: {e}", repo.display()),
+        Err(_) => log::warn!("removing temporary refs in {} panicked", repo.display()),
+    }
 }
