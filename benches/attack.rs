@@ -25,8 +25,8 @@ mod common;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use purgatory_sync::testkit::{self, bombs, ObjectKind, Script, ScriptedGitServer};
 use purgatory_sync::{Engine, PendingEvent, Stats};
+use purgatory_sync_testkit::{self as testkit, bombs, ObjectKind, Script, ScriptedGitServer};
 
 const MIB: u64 = 1 << 20;
 const WORKERS: u64 = 8;

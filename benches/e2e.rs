@@ -77,8 +77,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use purgatory_sync::testkit::{self, DelayProxy, GitDaemon, HttpGitServer};
 use purgatory_sync::{ObjectId, Origin, Outcome, PendingEvent};
+use purgatory_sync_testkit::{self as testkit, DelayProxy, GitDaemon, HttpGitServer};
 
 /// The mirrors' loopback addresses: three domains, away from the tests' 127.0.0.2-60.
 const MIRROR_HOSTS: [u8; 3] = [71, 72, 73];
@@ -92,7 +92,7 @@ const MIRRORS_FLAG: &str = "--e2e-mirrors";
 /// How long the bench waits for the mirrors' process to start or to answer.
 const MIRRORS_TIMEOUT: Duration = Duration::from_secs(60);
 /// The test kit's `log` target, which carries the daemons' `--verbose` logs.
-const TESTKIT_TARGET: &str = "purgatory_sync::testkit";
+const TESTKIT_TARGET: &str = "purgatory_sync_testkit";
 /// The goals of issue 16: engine requests ÷ floor's, at most; engine wall less the sync delay
 /// ÷ floor's wall, at most; `cli-par` wall ÷ engine wall, at least (at a 100 ms round trip).
 const GOAL_REQUESTS: f64 = 1.35;

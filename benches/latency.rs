@@ -26,8 +26,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use purgatory_sync::testkit::{self, commit, init_bare, loopback_engine, push_all, GitDaemon};
 use purgatory_sync::{Admission, Engine, ObjectId, Origin, Outcome, PendingEvent};
+use purgatory_sync_testkit::{
+    self as testkit, commit, init_bare, loopback_engine, push_all, GitDaemon,
+};
 
 /// Longest any single wait in this bench may take before it fails.
 const BOUND: Duration = Duration::from_secs(120);

@@ -28,8 +28,8 @@ use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use purgatory_sync::testkit::{git_command, init_bare, loopback_engine};
 use purgatory_sync::{Admission, Origin, PendingEvent};
+use purgatory_sync_testkit::{git_command, init_bare, loopback_engine};
 
 /// Counts the bytes live on the Rust heap, and their peak since the last [`reset_peak`].
 struct Counting;
@@ -343,7 +343,7 @@ fn repository_steps(label: &str, repo: &Path, n: usize) {
 
 fn main() {
     // `repo_with_history` runs `git fast-import`.
-    purgatory_sync::testkit::require_git();
+    purgatory_sync_testkit::require_git();
     let full = std::env::args().any(|a| a == "--bench");
     let dir = tempfile::tempdir().expect("temp dir");
     let empty: Vec<PathBuf> = (0..4)

@@ -14,10 +14,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use purgatory_sync::__bench::StateBench;
-use purgatory_sync::testkit::init_bare;
 use purgatory_sync::{
     Engine, FailureKind, FetchControl, FetchError, FetchReport, FetchRequest, Fetcher, ObjectId,
 };
+use purgatory_sync_testkit::init_bare;
 
 const EVENTS: usize = 100_000;
 const REPOS: usize = 4;

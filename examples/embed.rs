@@ -24,8 +24,8 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use purgatory_sync::testkit::{self, GitDaemon};
 use purgatory_sync::{Admission, Engine, Origin, Outcome, PendingEvent};
+use purgatory_sync_testkit::{self as testkit, GitDaemon};
 
 /// Upper bound on the whole run: the expected outcomes take well under a few seconds.
 const WAIT: Duration = Duration::from_secs(30);

@@ -143,8 +143,6 @@ mod policy;
 mod scheduler;
 mod state;
 mod stats;
-#[cfg(feature = "testkit")]
-pub mod testkit;
 mod validate;
 
 pub use clock::{Clock, FakeClock, SystemClock};

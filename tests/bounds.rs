@@ -13,12 +13,12 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use purgatory_sync::testkit::{
-    self, Advertisement, Fault, FaultTarget, GitDaemon, HttpGitServer, ObjectKind, PackBuilder,
-    Script, ScriptedGitServer,
-};
 use purgatory_sync::{
     FailureKind, FetchControl, FetchReport, FetchRequest, Fetcher, GitFetcher, ObjectId, UrlPolicy,
+};
+use purgatory_sync_testkit::{
+    self as testkit, Advertisement, Fault, FaultTarget, GitDaemon, HttpGitServer, ObjectKind,
+    PackBuilder, Script, ScriptedGitServer,
 };
 
 const MIB: u64 = 1 << 20;

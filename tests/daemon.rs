@@ -12,11 +12,11 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use purgatory_sync::testkit::{self, GitDaemon};
 use purgatory_sync::{
     Admission, Engine, EngineBuilder, ObjectId, Origin, Outcome, PendingEvent, Stats, SubmitError,
     TEMP_REF_PREFIX,
 };
+use purgatory_sync_testkit::{self as testkit, GitDaemon};
 
 /// Far longer than any outcome here should take, even on a loaded 2-core machine.
 const GENEROUS: Duration = Duration::from_secs(30);
@@ -29,7 +29,7 @@ const HOST_C: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 4);
 fn fast(thread_name: &str) -> EngineBuilder {
     let _ = env_logger::builder().is_test(true).try_init();
     testkit::require_git();
-    purgatory_sync::testkit::loopback_engine()
+    purgatory_sync_testkit::loopback_engine()
         .thread_name(thread_name)
         .tick(Duration::from_millis(50))
         .sync_delay(Duration::from_millis(0))

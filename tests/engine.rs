@@ -75,7 +75,7 @@ impl Fetcher for FakeServers {
 }
 
 fn builder(name: &str, clock: &FakeClock) -> EngineBuilder {
-    purgatory_sync::testkit::loopback_engine()
+    purgatory_sync_testkit::loopback_engine()
         .thread_name(name)
         .clock(clock.clone())
         .tick(NEVER_TICK)
@@ -505,7 +505,7 @@ fn a_repository_that_is_missing_not_a_repository_or_not_bare_is_refused_with_any
             .unwrap();
         assert!(admission.is_pending(), "{name}: {admission:?}");
         // `submitted` counts when the scheduler takes the command.
-        let s = purgatory_sync::testkit::wait_for_stats(&engine, WAIT, |s| s.submitted > 0);
+        let s = purgatory_sync_testkit::wait_for_stats(&engine, WAIT, |s| s.submitted > 0);
         assert_eq!((s.refused, s.submitted), (cases.len() as u64, 1), "{name}");
         engine.shutdown().unwrap();
     }
@@ -1249,12 +1249,12 @@ fn the_distinct_clone_urls_of_an_identifier_are_capped() {
     }
     // Another identifier has its own allowance.
     submit("other", "quiet", &urls(10, 4)).unwrap();
-    let s = purgatory_sync::testkit::wait_for_stats(&engine, WAIT, |s| s.submitted == 3);
+    let s = purgatory_sync_testkit::wait_for_stats(&engine, WAIT, |s| s.submitted == 3);
     assert_eq!((s.waiting_events, s.refused), (3, 1));
     // When e1 and e2 leave, their URLs no longer count.
     engine.cancel("e1");
     engine.cancel("e2");
-    purgatory_sync::testkit::wait_for_stats(&engine, WAIT, |s| s.cancelled == 2);
+    purgatory_sync_testkit::wait_for_stats(&engine, WAIT, |s| s.cancelled == 2);
     submit("e3", "popular", &urls(4, 4)).unwrap();
     let message = submit("e4", "popular", &urls(8, 1))
         .unwrap_err()
@@ -1363,7 +1363,7 @@ fn calls_from_one_thread_take_effect_in_the_order_they_were_made() {
         "too few events left waiting to tell anything: {}",
         waiting.len()
     );
-    let s = purgatory_sync::testkit::wait_for_stats(&engine, WAIT, |s| s.commands_pending == 0);
+    let s = purgatory_sync_testkit::wait_for_stats(&engine, WAIT, |s| s.commands_pending == 0);
     assert_eq!(
         s.waiting_events,
         waiting.len(),
@@ -1387,7 +1387,7 @@ fn calls_from_one_thread_take_effect_in_the_order_they_were_made() {
         );
     }
     assert_eq!(released, waiting, "released against pending");
-    let s = purgatory_sync::testkit::wait_for_stats(&engine, WAIT, |s| {
+    let s = purgatory_sync_testkit::wait_for_stats(&engine, WAIT, |s| {
         s.commands_pending == 0 && s.waiting_events == 0
     });
     assert_eq!(s.released, waiting.len() as u64);
@@ -1460,7 +1460,7 @@ fn an_expired_id_is_refused_only_as_a_synced_event_still_missing_data() {
         .submit(ev("user", &c, Origin::User))
         .unwrap()
         .is_pending());
-    let s = purgatory_sync::testkit::wait_for_stats(&engine, WAIT, |s| s.commands_pending == 0);
+    let s = purgatory_sync_testkit::wait_for_stats(&engine, WAIT, |s| s.commands_pending == 0);
     assert_eq!(
         (s.submitted, s.waiting_events, s.expired_ids_remembered),
         (4, 1, 2),
@@ -1477,7 +1477,7 @@ fn an_expired_id_is_refused_only_as_a_synced_event_still_missing_data() {
         Err(SubmitError::PreviouslyExpired { refused_for, .. }) if refused_for == Duration::from_secs(1)
     ));
     clock.advance(Duration::from_secs(1));
-    purgatory_sync::testkit::wait_for_stats(&engine, WAIT, |s| s.expired_ids_remembered == 0);
+    purgatory_sync_testkit::wait_for_stats(&engine, WAIT, |s| s.expired_ids_remembered == 0);
     assert!(engine
         .submit(ev("missing", &a, Origin::Sync))
         .unwrap()
@@ -1506,7 +1506,7 @@ fn a_user_republishing_a_waiting_synced_event_restarts_its_lifetime() {
     for id in ["upgraded", "rebroadcast"] {
         assert!(engine.submit(ev(id, Origin::Sync)).unwrap().is_pending());
     }
-    purgatory_sync::testkit::wait_for_stats(&engine, WAIT, |s| s.submitted == 2);
+    purgatory_sync_testkit::wait_for_stats(&engine, WAIT, |s| s.submitted == 2);
     clock.advance(Duration::from_secs(40));
     assert!(engine
         .submit(ev("upgraded", Origin::User))
@@ -1516,7 +1516,7 @@ fn a_user_republishing_a_waiting_synced_event_restarts_its_lifetime() {
         .submit(ev("rebroadcast", Origin::Sync))
         .unwrap()
         .is_pending());
-    let s = purgatory_sync::testkit::wait_for_stats(&engine, WAIT, |s| s.commands_pending == 0);
+    let s = purgatory_sync_testkit::wait_for_stats(&engine, WAIT, |s| s.commands_pending == 0);
     assert_eq!((s.submitted, s.waiting_events), (2, 2), "re-submissions");
     // Both would expire in the same pass at 60 s: the first outcome there must be the only one.
     clock.advance(Duration::from_secs(20));
@@ -1555,7 +1555,7 @@ fn a_waiting_event_submitted_again_with_its_data_present_is_released_at_once() {
     let mut ev = event("e", "id", &repo, &[&a], &["git://m/r"]);
     ev.origin = Origin::User;
     assert_eq!(engine.submit(ev.clone()).unwrap(), Admission::pending());
-    purgatory_sync::testkit::wait_for_stats(&engine, WAIT, |s| s.waiting_events == 1);
+    purgatory_sync_testkit::wait_for_stats(&engine, WAIT, |s| s.waiting_events == 1);
     write_blob(&repo, &a_text);
     assert_eq!(engine.submit(ev).unwrap(), Admission::AlreadySatisfied);
     match outcomes.recv_timeout(WAIT) {

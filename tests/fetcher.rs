@@ -6,10 +6,10 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use purgatory_sync::testkit::{self, GitDaemon, HttpGitServer};
 use purgatory_sync::{
     FailureKind, FetchControl, FetchReport, FetchRequest, Fetcher, GitFetcher, ObjectId,
 };
+use purgatory_sync_testkit::{self as testkit, GitDaemon, HttpGitServer};
 
 const HOST: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 2);
 

@@ -8,7 +8,7 @@ use std::ptr::{null, null_mut};
 use std::time::{Duration, Instant};
 
 use purgatory_sync::capi::*;
-use purgatory_sync::testkit::init_bare;
+use purgatory_sync_testkit::init_bare;
 use serde_json::{json, Value};
 
 use PsyncStatus::*;
@@ -544,8 +544,8 @@ fn poll_times_out_and_release_goes_end_to_end() {
 fn a_complete_ref_set_with_a_deletion_is_written_on_release() {
     let dir = tempfile::tempdir().unwrap();
     let repo = init_bare(&dir.path().join("r.git"));
-    let old = purgatory_sync::testkit::commit(&repo, "old", &[("f", b"0")], "zero");
-    let tip = purgatory_sync::testkit::commit(&repo, "topic", &[("f", b"1")], "one");
+    let old = purgatory_sync_testkit::commit(&repo, "old", &[("f", b"0")], "zero");
+    let tip = purgatory_sync_testkit::commit(&repo, "topic", &[("f", b"1")], "one");
     let r = git2::Repository::open_bare(&repo).unwrap();
     let old_oid = git2::Oid::from_str(&old.to_string()).unwrap();
     r.reference("refs/tags/v0", old_oid, false, "test").unwrap();
@@ -569,7 +569,7 @@ fn a_complete_ref_set_with_a_deletion_is_written_on_release() {
     assert_eq!(t.kind, PsyncOutcomeKind::PSYNC_OUTCOME_RELEASED);
     assert_eq!(t.json["refs"], "written");
     assert_eq!(
-        purgatory_sync::testkit::refs_with_prefix(&repo, "refs/"),
+        purgatory_sync_testkit::refs_with_prefix(&repo, "refs/"),
         ["refs/heads/main", "refs/nostr/pr"]
     );
 

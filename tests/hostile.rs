@@ -9,10 +9,10 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use purgatory_sync::testkit::{
-    self, Fault, FaultTarget, FaultyTcpServer, GitDaemon, HttpGitServer, TcpFault,
-};
 use purgatory_sync::{FailureKind, ObjectId, Outcome, PendingEvent};
+use purgatory_sync_testkit::{
+    self as testkit, Fault, FaultTarget, FaultyTcpServer, GitDaemon, HttpGitServer, TcpFault,
+};
 
 const GOOD_HOST: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 const BAD_HOST: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 4);
@@ -93,7 +93,7 @@ fn one_bad_attempt(
 ) {
     let dir = tempfile::tempdir().unwrap();
     let good = good(dir.path());
-    let engine = purgatory_sync::testkit::loopback_engine()
+    let engine = purgatory_sync_testkit::loopback_engine()
         .thread_name(name)
         .workers(2)
         .tick(Duration::from_millis(50))

@@ -15,7 +15,7 @@ use std::process::{Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use purgatory_sync::testkit::{self, GitDaemon};
+use purgatory_sync_testkit::{self as testkit, GitDaemon};
 use serde_json::json;
 
 const HOST: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);

@@ -15,11 +15,11 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use purgatory_sync::testkit::{self, bombs, ObjectKind, Script, ScriptedGitServer};
 use purgatory_sync::{
     FailureKind, FetchControl, FetchReport, FetchRequest, Fetcher, GitFetcher, NaughtyCategory,
     ObjectId, PendingEvent, UrlPolicy,
 };
+use purgatory_sync_testkit::{self as testkit, bombs, ObjectKind, Script, ScriptedGitServer};
 
 const MIB: u64 = 1 << 20;
 /// The engine's defaults, which these cases hold the engine to.

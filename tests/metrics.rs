@@ -13,11 +13,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use prometheus_parse::{Sample, Scrape, Value};
-use purgatory_sync::testkit::{self, GitDaemon};
 use purgatory_sync::{
     metrics, Admission, FailureKind, FetchControl, FetchError, FetchReport, FetchRequest, Fetcher,
     GitFetcher, ObjectId, Origin, Outcome, PendingEvent, ReleaseHistogram,
 };
+use purgatory_sync_testkit::{self as testkit, GitDaemon};
 
 /// Far longer than any outcome here should take, even on a loaded 2-core machine.
 const GENEROUS: Duration = Duration::from_secs(30);

@@ -14,8 +14,8 @@ use purgatory_sync::nip34::{
     self, clone_urls_for, pending_event, repository_of, Announcement, Nip34Error, NostrEvent,
     RepoRef,
 };
-use purgatory_sync::testkit::{self, GitDaemon};
 use purgatory_sync::{Admission, FakeClock, Origin, Outcome, PendingEvent, RefUpdate};
+use purgatory_sync_testkit::{self as testkit, GitDaemon};
 
 /// Secret key 1: nak's default key.
 const ALICE: &str = "79be667ef9dcbbac55a06295ce870b07029bfcdb2dce28d959f2815b16f81798";

@@ -4,12 +4,12 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use purgatory_sync::testkit;
 use purgatory_sync::{
     check_state_file, Clock, Engine, EngineBuilder, ExpiryReason, FailureKind, FakeClock,
     FetchControl, FetchError, FetchReport, FetchRequest, Fetcher, Origin, Outcome, PendingEvent,
     RefUpdate, RefsOutcome, SubmitError,
 };
+use purgatory_sync_testkit as testkit;
 
 const WAIT: Duration = Duration::from_secs(10);
 const MIN: Duration = Duration::from_secs(60);

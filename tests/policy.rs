@@ -12,11 +12,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use purgatory_sync::testkit::{self, FaultyTcpServer, GitDaemon, HttpGitServer, TcpFault};
 use purgatory_sync::{
     Admission, Engine, EngineBuilder, FailureKind, FakeClock, FetchControl, FetchError,
     FetchReport, FetchRequest, Fetcher, GitFetcher, ObjectId, Origin, Outcome, PendingEvent,
     RefusedUrl, UrlPolicy, UrlRefusal,
+};
+use purgatory_sync_testkit::{
+    self as testkit, FaultyTcpServer, GitDaemon, HttpGitServer, TcpFault,
 };
 
 /// Far longer than anything here should take, even on a loaded 2-core machine.
@@ -102,7 +104,7 @@ fn strict_engine(name: &str, clock: &FakeClock, fetcher: Recorder) -> Engine {
 fn fast(name: &str) -> EngineBuilder {
     let _ = env_logger::builder().is_test(true).try_init();
     testkit::require_git();
-    purgatory_sync::testkit::loopback_engine()
+    purgatory_sync_testkit::loopback_engine()
         .thread_name(name)
         .tick(Duration::from_millis(50))
         .sync_delay(Duration::ZERO)

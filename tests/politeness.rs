@@ -11,8 +11,10 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use purgatory_sync::testkit::{self, FaultyTcpServer, HttpGitServer, RequestRecord, TcpFault};
 use purgatory_sync::{Engine, EngineBuilder, ObjectId, Outcome, PendingEvent};
+use purgatory_sync_testkit::{
+    self as testkit, FaultyTcpServer, HttpGitServer, RequestRecord, TcpFault,
+};
 
 const HOST: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
 const OTHER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);

@@ -9,11 +9,11 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::Duration;
 
-use purgatory_sync::testkit::{self, GitDaemon};
 use purgatory_sync::{
     Admission, Engine, EngineBuilder, ObjectId, Origin, Outcome, PendingEvent, RefUpdate,
     TEMP_REF_PREFIX,
 };
+use purgatory_sync_testkit::{self as testkit, GitDaemon};
 
 /// Far longer than any outcome here should take, even on a loaded 2-core machine.
 const GENEROUS: Duration = Duration::from_secs(30);
@@ -22,7 +22,7 @@ const HOST: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 
 fn fast(thread_name: &str) -> EngineBuilder {
     let _ = env_logger::builder().is_test(true).try_init();
-    purgatory_sync::testkit::loopback_engine()
+    purgatory_sync_testkit::loopback_engine()
         .thread_name(thread_name)
         .tick(Duration::from_millis(50))
         .sync_delay(Duration::from_millis(0))

@@ -13,11 +13,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use purgatory_sync::testkit::{
-    self, DelayProxy, Fault, FaultTarget, FaultyTcpServer, GitDaemon, HttpGitServer, RequestRecord,
-    TcpFault, WantPolicy,
-};
 use purgatory_sync::ObjectId;
+use purgatory_sync_testkit::{
+    self as testkit, DelayProxy, Fault, FaultTarget, FaultyTcpServer, GitDaemon, HttpGitServer,
+    RequestRecord, TcpFault, WantPolicy,
+};
 
 const HOST_A: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 const HOST_B: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);

@@ -11,12 +11,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use purgatory_sync::testkit::init_bare;
 use purgatory_sync::{
     check_state_file, BuildError, Engine, EngineBuilder, FailureKind, FakeClock, FetchControl,
     FetchError, FetchReport, FetchRequest, Fetcher, ObjectId, Origin, PendingEvent, RefUpdate,
     StateFileError,
 };
+use purgatory_sync_testkit::init_bare;
 
 /// Tells [`crash_child`] where the state file is; without it the child does nothing.
 const CHILD_STATE_ENV: &str = "PSYNC_CRASH_CHILD_STATE";

@@ -49,12 +49,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use purgatory_sync::testkit::{
-    self, Fault, FaultTarget, FaultyTcpServer, GitDaemon, HttpGitServer, RequestRecord, TcpFault,
-};
 use purgatory_sync::{
     domain_of, Admission, DomainLimits, Engine, FetchControl, FetchError, FetchReport,
     FetchRequest, Fetcher, GitFetcher, ObjectId, Origin, Outcome, PendingEvent, RefUpdate,
+};
+use purgatory_sync_testkit::{
+    self as testkit, Fault, FaultTarget, FaultyTcpServer, GitDaemon, HttpGitServer, RequestRecord,
+    TcpFault,
 };
 
 const EVENTS: usize = 10_000;

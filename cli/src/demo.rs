@@ -24,10 +24,12 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use purgatory_sync::testkit::{self, FaultyTcpServer, GitDaemon, HttpGitServer, TcpFault};
 use purgatory_sync::{
     Admission, DomainLimits, Engine, ExpiryReason, FailureKind, ObjectId, Origin, Outcome,
     PendingEvent, RefUpdate, Stats,
+};
+use purgatory_sync_testkit::{
+    self as testkit, FaultyTcpServer, GitDaemon, HttpGitServer, TcpFault,
 };
 use sha2::{Digest, Sha256};
 

@@ -12,8 +12,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use purgatory_sync::nip34::NostrEvent;
-use purgatory_sync::testkit::{self, GitDaemon, HttpGitServer};
 use purgatory_sync::ObjectId;
+use purgatory_sync_testkit::{self as testkit, GitDaemon, HttpGitServer};
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_purgatory-sync");

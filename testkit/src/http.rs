@@ -160,7 +160,7 @@ impl Shared {
 ///
 /// Dropping the server closes every connection, kills the `git http-backend` processes still
 /// running, and joins every thread. `git http-backend`'s error output goes to the [`log`]
-/// crate at debug level, target `purgatory_sync::testkit`.
+/// crate at debug level, target `purgatory_sync_testkit`.
 #[derive(Debug)]
 pub struct HttpGitServer {
     listener: Listener,
@@ -928,14 +928,14 @@ mod tests {
 
     #[test]
     fn huge_header_lines_reach_plain_clients() {
-        crate::testkit::require_git();
+        crate::require_git();
         let dir = std::env::temp_dir().join(format!(
             "purgatory-testkit-{}-huge-header",
             std::process::id()
         ));
         let _ = std::fs::remove_dir_all(&dir);
         let repo = served_repo(&dir, "r.git");
-        crate::testkit::commit(&repo, "main", &[("f", b"1")], "first");
+        crate::commit(&repo, "main", &[("f", b"1")], "first");
         let server = HttpGitServer::start(Ipv4Addr::new(127, 0, 0, 2), &dir).unwrap();
         let huge = 1 << 20;
         server.set_fault_on(FaultTarget::InfoRefs, Fault::HugeHeader { bytes: huge });

@@ -27,7 +27,7 @@ use flate2::write::ZlibEncoder;
 use flate2::Compression;
 use sha1::{Digest, Sha1};
 
-use crate::ObjectId;
+use purgatory_sync::ObjectId;
 
 /// The pack version [`PackBuilder`] writes; git reads 2 and 3 and writes 2.
 const PACK_VERSION: u32 = 2;
@@ -131,7 +131,7 @@ enum Repr {
 /// for, which is the point.
 ///
 /// ```
-/// use purgatory_sync::testkit::{delta, ObjectKind, PackBuilder};
+/// use purgatory_sync_testkit::{delta, ObjectKind, PackBuilder};
 ///
 /// let mut pack = PackBuilder::new();
 /// let base = pack.blob(b"hello, world\n");
@@ -322,7 +322,7 @@ impl PackBuilder {
             .odb()
             .unwrap_or_else(|e| fail("open the object database", e));
         let mut walk = r.revwalk().unwrap_or_else(|e| fail("walk history", e));
-        walk.push(tip.to_git())
+        walk.push(git2::Oid::from_bytes(tip.as_bytes()).expect("20 bytes"))
             .unwrap_or_else(|e| fail("start the walk", e));
         let mut order = Vec::new();
         let mut trees = Vec::new();
@@ -654,7 +654,7 @@ pub mod delta {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testkit::{git_command, require_git};
+    use crate::{git_command, require_git};
     use std::path::PathBuf;
     use std::process::Stdio;
 
@@ -822,7 +822,9 @@ mod tests {
         writer.write_all(&bytes).unwrap();
         writer.commit().unwrap();
         for (id, kind, content) in &expected {
-            let object = odb.read(id.to_git()).unwrap();
+            let object = odb
+                .read(git2::Oid::from_bytes(id.as_bytes()).unwrap())
+                .unwrap();
             assert_eq!(ObjectKind::from_git(object.kind()), Some(*kind), "{id}");
             assert_eq!(object.data(), &content[..], "{id}");
         }
@@ -898,9 +900,9 @@ mod tests {
     #[test]
     fn reachable_objects_and_crafted_entries() {
         let dir = scratch("pack-reachable");
-        let repo = crate::testkit::init_bare(&dir.join("src.git"));
-        crate::testkit::commit(&repo, "main", &[("a/b.txt", b"b\n")], "one");
-        let tip = crate::testkit::commit(&repo, "main", &[("c.txt", b"c\n")], "two");
+        let repo = crate::init_bare(&dir.join("src.git"));
+        crate::commit(&repo, "main", &[("a/b.txt", b"b\n")], "one");
+        let tip = crate::commit(&repo, "main", &[("c.txt", b"c\n")], "two");
         let mut pack = PackBuilder::new();
         let ids = pack.add_reachable(&repo, tip);
         // Two commits, three trees (two roots and `a`; `a` is shared), two blobs.
@@ -911,7 +913,9 @@ mod tests {
         let mut writer = odb.packwriter().unwrap();
         writer.write_all(&pack.build()).unwrap();
         writer.commit().unwrap();
-        assert!(ids.iter().all(|id| odb.exists(id.to_git())));
+        assert!(ids
+            .iter()
+            .all(|id| odb.exists(git2::Oid::from_bytes(id.as_bytes()).unwrap())));
 
         // Raw entries and a lying count are written as asked; they have no ids.
         let mut crafted = PackBuilder::new();
@@ -942,7 +946,7 @@ pub mod bombs {
     const BASE: u64 = 64 * 1024;
 
     fn base(pack: &mut PackBuilder, seed: u64) -> usize {
-        pack.blob(&crate::testkit::pseudo_random_bytes(BASE as usize, seed))
+        pack.blob(&crate::pseudo_random_bytes(BASE as usize, seed))
     }
 
     /// One delta repeating the blob `result` bytes long (16 KiB of delta per GiB; the pack is

@@ -42,7 +42,7 @@
 //! fixtures, and a failed fixture should stop the test.
 //!
 //! ```no_run
-//! use purgatory_sync::testkit::{self, Fault, FaultTarget, GitDaemon, HttpGitServer};
+//! use purgatory_sync_testkit::{self as testkit, Fault, FaultTarget, GitDaemon, HttpGitServer};
 //! use std::net::Ipv4Addr;
 //!
 //! let dir = std::env::temp_dir().join("testkit-doc");
@@ -90,7 +90,7 @@ pub use scripted::{
 pub use tcp::{FaultyTcpServer, TcpFault};
 
 /// The `log` target of the test kit's debug messages.
-const LOG_TARGET: &str = "purgatory_sync::testkit";
+const LOG_TARGET: &str = "purgatory_sync_testkit";
 
 /// Environment variables that would send the `git` command-line tool (through curl) to a
 /// proxy instead of the loopback server under test.
@@ -208,23 +208,23 @@ pub fn git_command() -> Command {
 /// An engine builder for tests against the test kit's loopback servers: private addresses
 /// allowed (the servers listen on 127.0.0.x) and per-domain limits that never bind (politeness
 /// has tests of its own). Set the rest as each test needs.
-pub fn loopback_engine() -> crate::EngineBuilder {
-    crate::Engine::builder()
+pub fn loopback_engine() -> purgatory_sync::EngineBuilder {
+    purgatory_sync::Engine::builder()
         .allow_private_addresses(true)
         .domain_limits(1024, 600_000)
         .domain_burst(100_000)
 }
 
-/// Polls `engine`'s [`Stats`](crate::Stats) every 2 ms until `done` holds and returns them;
+/// Polls `engine`'s [`Stats`](purgatory_sync::Stats) every 2 ms until `done` holds and returns them;
 /// panics with the last stats when `within` passes first.
 ///
 /// For integration tests that need the scheduler to have applied a command (say
 /// `submitted == 1`) before they go on; tests of timing use a fake clock instead.
 pub fn wait_for_stats(
-    engine: &crate::Engine,
+    engine: &purgatory_sync::Engine,
     within: std::time::Duration,
-    done: impl Fn(&crate::Stats) -> bool,
-) -> crate::Stats {
+    done: impl Fn(&purgatory_sync::Stats) -> bool,
+) -> purgatory_sync::Stats {
     let start = std::time::Instant::now();
     loop {
         let stats = engine.stats();

@@ -14,7 +14,7 @@ use super::net::{self, Listener, Stopper, HANG_LIMIT};
 use super::record::{Entry, RequestLog, RequestRecord};
 use super::tcp::{parse_request, read_pkt_line};
 use super::{max_concurrent, LOG_TARGET};
-use crate::ObjectId;
+use purgatory_sync::ObjectId;
 
 /// How long the server waits for a client's request line.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -306,7 +306,7 @@ impl Shared {
 /// 30 s for each write. Dropping the server closes every connection and joins every thread.
 ///
 /// ```no_run
-/// use purgatory_sync::testkit::{self, PackBuilder, Script, ScriptedGitServer};
+/// use purgatory_sync_testkit::{self as testkit, PackBuilder, Script, ScriptedGitServer};
 /// use std::net::Ipv4Addr;
 ///
 /// let repo = testkit::init_bare(&std::env::temp_dir().join("scripted-doc.git"));
@@ -739,7 +739,7 @@ fn read_pkt(reader: &mut impl Read) -> io::Result<Pkt> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testkit::{
+    use crate::{
         commit, commit_large, git_command, init_bare, missing_objects, require_git, PackBuilder,
     };
     use std::path::{Path, PathBuf};

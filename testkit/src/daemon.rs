@@ -25,7 +25,7 @@ const READY_LINE: &str = "Ready to rumble";
 /// process closes: when the handle is dropped, and also when the test process dies without
 /// running destructors (killed, aborted), so no daemon outlives its test run. Dropping the
 /// handle stops the daemon and waits for it. Its log (`--verbose`) goes to the [`log`] crate at
-/// debug level, target `purgatory_sync::testkit`.
+/// debug level, target `purgatory_sync_testkit`.
 #[derive(Debug)]
 pub struct GitDaemon {
     /// The watchdog shell; the daemon is its child.
@@ -240,7 +240,7 @@ enum Start {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testkit::{commit, has_object, init_bare, require_git};
+    use crate::{commit, has_object, init_bare, require_git};
 
     fn open(path: &Path) -> git2::Repository {
         git2::Repository::open_bare(path).unwrap()

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use git2::{FileMode, Repository, Signature, Time};
 
-use crate::ObjectId;
+use purgatory_sync::ObjectId;
 
 /// Author and committer name of every [`commit`].
 pub const AUTHOR_NAME: &str = "Purgatory Test";
@@ -307,7 +307,7 @@ pub fn missing_objects(repo: &Path, oids: &[ObjectId]) -> Vec<ObjectId> {
 }
 
 /// The names of the refs of the repository at `repo` that start with `prefix` (such as
-/// [`TEMP_REF_PREFIX`](crate::TEMP_REF_PREFIX)), sorted.
+/// [`TEMP_REF_PREFIX`](purgatory_sync::TEMP_REF_PREFIX)), sorted.
 ///
 /// # Panics
 /// When the repository cannot be opened or its refs read.

@@ -555,7 +555,7 @@ mod tests {
         let mut writer = stream.try_clone().unwrap();
         let began = Instant::now();
         let sending = std::thread::spawn(move || {
-            let data = crate::testkit::pseudo_random_bytes(LEN, 16);
+            let data = crate::pseudo_random_bytes(LEN, 16);
             writer.write_all(&data).unwrap();
             writer.shutdown(Shutdown::Write).unwrap();
         });
