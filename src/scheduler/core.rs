@@ -90,8 +90,6 @@ pub(crate) enum Command {
 pub(crate) struct Job {
     pub id: JobId,
     pub request: FetchRequest,
-    /// The most memory libgit2 may hold for it ([`Core::fetch_memory_budget`]).
-    pub max_memory: u64,
     /// Lets its requests after the first through with cells of its domain's quota.
     pub gate: Arc<super::domains::RequestGate>,
 }
@@ -1082,7 +1080,7 @@ impl Core {
             None => 1,
             Some(_) => 2,
         };
-        untried.sort_by_key(|i| (rank(i), *i));
+        untried.sort_by_cached_key(|i| (rank(i), *i));
         let mut busy: Vec<Arc<str>> = Vec::new();
         for &i in &untried {
             let e = &self.entries[&id];
@@ -1246,21 +1244,11 @@ impl Core {
             },
         );
         self.counters.fetches_started += 1;
-        let max_memory = self.fetch_memory_budget();
         self.actions.push(Action::Dispatch(Job {
             id: job_id,
             request,
-            max_memory,
             gate,
         }));
-    }
-
-    /// The memory budget of the next fetch: `max_fetch_memory`. The fetches together are
-    /// held to `max_total_fetch_memory` by the pool they share (`fetch::net::MemoryPool`),
-    /// where what libgit2 lost for good on earlier fetches stays counted, so the engine's
-    /// whole use stays within it however often hostile servers make libgit2 leak.
-    pub fn fetch_memory_budget(&self) -> u64 {
-        self.cfg.max_fetch_memory
     }
 
     /// The durable state: waiting events with their remaining lifetimes, the expired-id

@@ -240,7 +240,9 @@ impl Scheduler {
             self.cancel.clone(),
         )
         .with_max_bytes(self.cfg.max_fetch_bytes)
-        .with_max_memory(job.max_memory)
+        // Each fetch within `max_fetch_memory`; all of them within the pool
+        // (`max_total_fetch_memory`), where what libgit2 lost stays counted.
+        .with_max_memory(self.cfg.max_fetch_memory)
         .with_memory_pool(self.memory.clone())
         .with_gate(job.gate.clone(), self.clock.clone())
         .with_max_advertisement(self.cfg.max_advertisement_bytes)
