@@ -30,7 +30,7 @@
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
-use purgatory_sync::__bench::{CommandBench, QueueBench};
+use purgatory_sync::internals::bench::{CommandBench, QueueBench};
 
 const SIZES: [usize; 4] = [1_000, 10_000, 100_000, 1_000_000];
 

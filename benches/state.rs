@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use purgatory_sync::__bench::StateBench;
+use purgatory_sync::internals::bench::StateBench;
 use purgatory_sync::{
     Engine, FailureKind, FetchControl, FetchError, FetchReport, FetchRequest, Fetcher, ObjectId,
 };

@@ -1,2 +1,2 @@
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| purgatory_sync::__fuzz::nip34(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| purgatory_sync::internals::fuzz::nip34(data));

@@ -1,2 +1,2 @@
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| purgatory_sync::__fuzz::submit_validation(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| purgatory_sync_capi::fuzz::submit_validation(data));

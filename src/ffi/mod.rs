@@ -1,6 +1,5 @@
 //! Every `unsafe` line of the crate lives under this module.
 //!
-//! - [`capi`]: the C ABI (`include/purgatory_sync.h`), re-exported as `purgatory_sync::capi`.
 //! - [`stream`]: the socket stream the engine registers with libgit2, so that every fetch's
 //!   connections obey the engine's limits (see `crate::fetch::net`).
 //! - [`alloc`]: libgit2's allocator, replaced so that each fetch's memory is counted and
@@ -12,7 +11,6 @@
 #![allow(unsafe_code)]
 
 pub(crate) mod alloc;
-pub(crate) mod capi;
 pub(crate) mod stream;
 
 use std::time::Duration;

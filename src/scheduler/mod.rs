@@ -5,7 +5,6 @@
 //! outcomes to the host, repository checks, ref updates and ref clean-ups run here (they are
 //! local and quick). Workers only fetch and report.
 
-pub(crate) mod bench;
 pub(crate) mod core;
 pub(crate) mod domains;
 pub(crate) mod ids;

@@ -66,6 +66,7 @@ use std::sync::OnceLock;
 
 mod daemon;
 mod delay;
+pub mod fuzz;
 mod http;
 mod net;
 mod pack;

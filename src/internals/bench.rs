@@ -1,14 +1,17 @@
-//! A window onto the scheduler core for the criterion benches; not part of the stable API.
+//! Windows onto the scheduler core and the state file for the criterion benches; not part of
+//! the API.
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::core::{Action, Command, Core, JobId, ValidEvent};
 use crate::config::{Config, DomainLimits};
 use crate::fetch::{FailureKind, FetchError, FetchReport};
+use crate::scheduler::core::{Action, Command, Core, JobId, ValidEvent};
 use crate::{ObjectId, Origin};
+
+pub use crate::state::StateBench;
 
 /// How long entries that are not ready wait for their first attempt: long enough for
 /// [`QueueBench::reset`] (one second each) to be called 86 million times before they fall due;
@@ -19,7 +22,7 @@ const NOT_READY_FOR: Duration = Duration::from_secs(1000 * 24 * 60 * 60);
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// A checkpoint's snapshot, taken by [`QueueBench::snapshot`].
-pub struct CheckpointSnapshot(#[allow(dead_code)] super::core::Snapshot);
+pub struct CheckpointSnapshot(#[allow(dead_code)] crate::scheduler::core::Snapshot);
 
 /// A scheduler core filled with queued identifiers, some of them ready.
 pub struct QueueBench {
@@ -262,8 +265,13 @@ impl CommandBench {
         let first = self.rx.try_recv().expect("a command is queued");
         let clock = crate::clock::SystemClock;
         let start = Instant::now();
-        let applied =
-            super::apply_commands(&mut self.core, first, &self.rx, &clock, &self.unapplied);
+        let applied = crate::scheduler::apply_commands(
+            &mut self.core,
+            first,
+            &self.rx,
+            &clock,
+            &self.unapplied,
+        );
         let took = start.elapsed();
         // Empty the channel outside the measurement.
         for cmd in self.rx.try_iter() {

@@ -2,19 +2,17 @@
 //! which replays the committed corpus on every `cargo test`. Not part of the API: may change
 //! at any time.
 //!
-//! Each function takes arbitrary bytes, runs one parser or checker of untrusted input the way
-//! the engine runs it, and asserts more than "no panic": the invariants are listed on each
+//! Each function takes arbitrary bytes (`submit_validation`: an event the C ABI's parser made
+//! of them), runs one parser or checker of untrusted input the way the engine runs it, and asserts more than "no panic": the invariants are listed on each
 //! function. None touches a repository, the network or a thread.
 
 use std::net::IpAddr;
 
 use serde_json::Value;
 
-use crate::capi::PsyncStatus;
 use crate::config::Config;
 use crate::error::SubmitError;
 use crate::event::{RefTarget, UrlRefusal};
-use crate::ffi::capi;
 use crate::nip34::{self, Announcement, Nip34Error, NostrEvent, RepoRef};
 use crate::policy::{self, OwnDomain, UrlPolicy};
 use crate::state::{self, StateFileError, STATE_VERSION};
@@ -36,29 +34,19 @@ fn scheme_of(url: &str) -> String {
     url[..end].to_ascii_lowercase()
 }
 
-/// Submit validation without a repository: the bytes are an event in the C ABI's event JSON
-/// (`psync_engine_submit`'s parser), checked by the validation `Engine::submit` runs before it
-/// opens the repository, with the default settings and with small limits.
+/// Submit validation without a repository: `event` (parsed from the fuzzer's bytes by the C
+/// ABI's event JSON parser, `purgatory_sync_capi::fuzz::submit_validation`) checked by the
+/// validation `Engine::submit` runs before it opens the repository, with the default settings
+/// and with small limits.
 ///
-/// Invariants: a JSON error is `PSYNC_INVALID_JSON` with a message; on `Ok` the object ids are
-/// 40 lower-case hex digits, sorted, distinct, between 1 and the limit, and exactly the
-/// event's ids; accepted and refused URLs are the event's own, accepted ones with an allowed
-/// scheme and a non-empty domain; the ref updates are the event's, oid targets among the
-/// checked ids, deletions never of `HEAD`, and a complete ref set (`replace_refs`) is not
-/// empty; an error displays a non-empty message and its index points at the value it names.
-pub fn submit_validation(data: &[u8]) {
-    let Ok(text) = std::str::from_utf8(data) else {
-        return;
-    };
-    let event = match capi::event_from_json(text) {
-        Ok(event) => event,
-        Err((status, message)) => {
-            assert_eq!(status, PsyncStatus::PSYNC_INVALID_JSON, "{message}");
-            assert!(!message.is_empty());
-            return;
-        }
-    };
-    check_submit(&event, &Config::default());
+/// Invariants: on `Ok` the object ids are 40 lower-case hex digits, sorted, distinct, between 1
+/// and the limit, and exactly the event's ids; accepted and refused URLs are the event's own,
+/// accepted ones with an allowed scheme and a non-empty domain; the ref updates are the
+/// event's, oid targets among the checked ids, deletions never of `HEAD`, and a complete ref
+/// set (`replace_refs`) is not empty; an error displays a non-empty message and its index
+/// points at the value it names.
+pub fn submit_validation(event: &PendingEvent) {
+    check_submit(event, &Config::default());
     let small = Config {
         max_oids_per_event: 2,
         max_urls_per_event: 2,
@@ -68,7 +56,7 @@ pub fn submit_validation(data: &[u8]) {
         our_domain: Some(OwnDomain::parse("relay.example.com").expect("a host")),
         ..Config::default()
     };
-    check_submit(&event, &small);
+    check_submit(event, &small);
 }
 
 /// Runs `validate::event` and checks its result against `ev`; returns the error, if any.
@@ -420,27 +408,6 @@ pub fn state_file(data: &[u8]) {
                 StateFileError::UnknownVersion(v) => assert_ne!(v, STATE_VERSION),
                 other => panic!("parsing bytes reads no file: {other:?}"),
             }
-        }
-    }
-}
-
-/// The C ABI's configuration JSON turned into an [`EngineBuilder`](crate::EngineBuilder) the
-/// way `psync_engine_new` does it, without building (no thread starts).
-///
-/// Invariants: the result is a builder, or `PSYNC_INVALID_JSON` with a message that starts
-/// with `config_json: `.
-pub fn capi_config(data: &[u8]) {
-    let Ok(text) = std::str::from_utf8(data) else {
-        return;
-    };
-    match capi::builder_from_json(Some(text)) {
-        Ok(_) => {}
-        Err((status, message)) => {
-            assert_eq!(status, PsyncStatus::PSYNC_INVALID_JSON, "{message}");
-            assert!(
-                message.starts_with("config_json: ") && message.len() > "config_json: ".len(),
-                "{message}"
-            );
         }
     }
 }

@@ -1,17 +1,21 @@
 //! The example hosts in C (`examples/c/host.c`) and Python (`examples/python/host.py`) against
-//! a real `git daemon` on a loopback address, through the C API's shared and static libraries.
+//! a real `git daemon` on a loopback address, through the C API's shared and static libraries
+//! as `install.sh` installs them (SONAME, pkg-config file, the static library's hidden
+//! symbols).
 //!
 //! Cargo builds the crate's `cdylib` and `staticlib` for integration tests because they are
 //! listed in `crate-type`; the tests find them next to their own executable (the test binary is
-//! in `target/<profile>/deps/`, the libraries in `target/<profile>/` or in `deps/`). The C host
-//! is compiled with `cc`; the Python host runs with `python3` (skipped, with a message, when
-//! `python3` is missing) and the C host runs under `valgrind` (skipped, with a message, when
-//! `valgrind` is missing). Every child process is killed when it outlives its time limit.
+//! in `target/<profile>/deps/`, the libraries in `target/<profile>/`) and install them once
+//! into a temporary prefix with `install.sh --no-build`. The C host is compiled with `cc` and
+//! the flags `pkg-config` gives; the Python host runs with `python3`, and the C host under
+//! `valgrind` (`.ci/run` installs both, and `pkg-config`; the tests skip, with a message, when
+//! one is missing). Every child process is killed when it outlives its time limit.
 
 use std::io::Read;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -24,21 +28,6 @@ const HOST: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 const COMPILE_LIMIT: Duration = Duration::from_secs(60);
 const HOST_LIMIT: Duration = Duration::from_secs(60);
 const VALGRIND_LIMIT: Duration = Duration::from_secs(120);
-
-/// Libraries the static library needs besides itself on Linux (from
-/// `cargo rustc --lib --crate-type staticlib -- --print native-static-libs`).
-const NATIVE_STATIC_LIBS: &[&str] = &[
-    "-lssl",
-    "-lcrypto",
-    "-lz",
-    "-lgcc_s",
-    "-lutil",
-    "-lrt",
-    "-lpthread",
-    "-lm",
-    "-ldl",
-    "-lc",
-];
 
 /// Served repositories, a running daemon, target repositories and the hosts' arguments.
 struct Fixture {
@@ -104,25 +93,93 @@ fn manifest_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The library file `name` built by cargo for this test run: in `target/<profile>/` or in
-/// `target/<profile>/deps/` (where `cargo test` leaves them; preferred), found from the test
-/// executable's own path.
-fn built_library(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let deps = exe.parent().expect("deps directory");
-    let profile = deps.parent().expect("profile directory");
-    [deps, profile]
-        .iter()
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "{name} is neither in {} nor in {}: is `crate-type` in Cargo.toml \
-                 [\"rlib\", \"cdylib\", \"staticlib\"]?",
-                profile.display(),
-                deps.display()
-            )
+/// The C library as `install.sh` installs it, from the files cargo built for this test run
+/// (in `target/<profile>/`, found from the test executable's own path), into a temporary
+/// prefix shared by the tests of this file.
+struct Installed {
+    prefix: PathBuf,
+}
+
+impl Installed {
+    fn get() -> &'static Installed {
+        static INSTALLED: OnceLock<(tempfile::TempDir, Installed)> = OnceLock::new();
+        let (_, installed) = INSTALLED.get_or_init(|| {
+            let exe = std::env::current_exe().expect("test executable path");
+            let profile = exe
+                .parent()
+                .and_then(Path::parent)
+                .expect("target/<profile>/deps/<test>");
+            let dir = tempfile::tempdir().expect("temporary directory");
+            let prefix = dir.path().join("usr");
+            let out = run_bounded(
+                Command::new("bash")
+                    .arg(manifest_dir().join("install.sh"))
+                    .arg("--no-build")
+                    .arg("--from")
+                    .arg(profile)
+                    .arg("--prefix")
+                    .arg(&prefix),
+                COMPILE_LIMIT,
+            );
+            assert!(
+                out.status.success(),
+                "install.sh failed ({}):\n{}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            (dir, Installed { prefix })
+        });
+        installed
+    }
+
+    fn lib(&self) -> PathBuf {
+        self.prefix.join("lib")
+    }
+
+    /// `pkg-config <args> purgatory_sync` against this prefix, split into arguments.
+    fn pkg_config(&self, args: &[&str]) -> Vec<String> {
+        let out = run_bounded(
+            Command::new("pkg-config")
+                .env("PKG_CONFIG_PATH", self.lib().join("pkgconfig"))
+                .args(args)
+                .arg("purgatory_sync"),
+            COMPILE_LIMIT,
+        );
+        assert!(
+            out.status.success(),
+            "pkg-config {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// The symbols `file` (an ELF object, library or archive) defines globally, from `readelf`
+/// (`--dyn-syms` for a shared library's exported symbols).
+fn global_symbols(file: &Path, dynamic: bool) -> Vec<String> {
+    let out = run_bounded(
+        Command::new("readelf")
+            .arg("-W")
+            .arg(if dynamic { "--dyn-syms" } else { "--syms" })
+            .arg(file),
+        COMPILE_LIMIT,
+    );
+    assert!(out.status.success(), "readelf {}", file.display());
+    let mut symbols: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // Num: Value Size Type Bind Vis Ndx Name
+            (f.len() >= 8 && f[4] == "GLOBAL" && f[6] != "UND").then(|| f[7].to_owned())
         })
+        .collect();
+    symbols.sort();
+    symbols.dedup();
+    symbols
 }
 
 /// Runs `command` with stdout and stderr captured, killing it after `limit`.
@@ -164,31 +221,33 @@ fn run_bounded(command: &mut Command, limit: Duration) -> Output {
     }
 }
 
-/// Compiles `examples/c/host.c` into `dir`, linked against the static library, or the shared
-/// one (with an rpath to its directory).
+/// Compiles `examples/c/host.c` into `dir` with the flags `pkg-config` gives for the installed
+/// library: linked against the static library, or the shared one (with an rpath to it).
 fn compile_c_host(dir: &Path, static_link: bool) -> PathBuf {
-    let root = manifest_dir();
+    let installed = Installed::get();
     let exe = dir.join(if static_link {
         "host-static"
     } else {
         "host-shared"
     });
     let mut cc = Command::new("cc");
-    cc.args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-g", "-I"])
-        .arg(root.join("include"))
-        .arg(root.join("examples/c/host.c"))
+    cc.args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-g"])
+        .args(installed.pkg_config(&["--cflags"]))
+        .arg(manifest_dir().join("examples/c/host.c"))
         .arg("-o")
         .arg(&exe);
     if static_link {
-        cc.arg(built_library("libpurgatory_sync.a"))
-            .args(NATIVE_STATIC_LIBS);
+        // The archive itself, then what it needs (`Libs.private`); not `-lpurgatory_sync`,
+        // which would find the shared library first.
+        cc.arg(installed.lib().join("libpurgatory_sync.a")).args(
+            installed
+                .pkg_config(&["--static", "--libs-only-l"])
+                .into_iter()
+                .filter(|a| a != "-lpurgatory_sync"),
+        );
     } else {
-        let lib = built_library("libpurgatory_sync.so");
-        let lib_dir = lib.parent().expect("library directory");
-        cc.arg("-L")
-            .arg(lib_dir)
-            .arg("-lpurgatory_sync")
-            .arg(format!("-Wl,-rpath,{}", lib_dir.display()));
+        cc.args(installed.pkg_config(&["--libs"]))
+            .arg(format!("-Wl,-rpath,{}", installed.lib().display()));
     }
     let out = run_bounded(&mut cc, COMPILE_LIMIT);
     assert!(
@@ -262,7 +321,10 @@ fn python_host_releases_every_event() {
     let out = run_bounded(
         Command::new("python3")
             .arg(manifest_dir().join("examples/python/host.py"))
-            .env("PSYNC_LIB", built_library("libpurgatory_sync.so"))
+            .env(
+                "PSYNC_LIB",
+                Installed::get().lib().join("libpurgatory_sync.so"),
+            )
             .arg(&fixture.config)
             .args(&fixture.events),
         HOST_LIMIT,
@@ -308,4 +370,102 @@ fn c_host_is_clean_under_valgrind() {
         eprintln!("{line}");
     }
     check_host_output("host.c under valgrind", &out, &fixture);
+}
+
+/// The installed shared library carries its SONAME and exports the C ABI only; a host linked
+/// against it asks for the SONAME, not the development link.
+#[test]
+fn the_shared_library_has_a_soname_and_exports_the_c_abi_only() {
+    let installed = Installed::get();
+    let lib = installed.lib().join("libpurgatory_sync.so");
+    let dynamic = |file: &Path| {
+        let out = run_bounded(Command::new("readelf").arg("-d").arg(file), COMPILE_LIMIT);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let version = env!("CARGO_PKG_VERSION_MINOR");
+    let soname = format!("libpurgatory_sync.so.0.{version}");
+    assert!(
+        dynamic(&lib).contains(&format!("Library soname: [{soname}]")),
+        "{}",
+        dynamic(&lib)
+    );
+    assert!(installed.lib().join(&soname).exists());
+    let exported = global_symbols(&lib, true);
+    let others: Vec<&String> = exported
+        .iter()
+        .filter(|s| !s.starts_with("psync_"))
+        .collect();
+    assert!(others.is_empty(), "exported besides psync_*: {others:?}");
+    assert!(exported.len() >= 17, "{exported:?}");
+
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let exe = compile_c_host(dir.path(), false);
+    assert!(
+        dynamic(&exe).contains(&format!("Shared library: [{soname}]")),
+        "{}",
+        dynamic(&exe)
+    );
+}
+
+/// The static library defines the C ABI's symbols only: a host that links another libgit2 (or
+/// defines a `git_*` symbol of its own, as here) links beside it, and each side calls its own.
+#[test]
+fn the_static_library_hides_libgit2_and_links_beside_another_one() {
+    let installed = Installed::get();
+    let archive = installed.lib().join("libpurgatory_sync.a");
+    let defined = global_symbols(&archive, false);
+    let others: Vec<&String> = defined
+        .iter()
+        .filter(|s| !s.starts_with("psync_"))
+        .collect();
+    assert!(others.is_empty(), "defined besides psync_*: {others:?}");
+
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let source = dir.path().join("other_libgit2.c");
+    std::fs::write(
+        &source,
+        r#"#include <stdio.h>
+#include <string.h>
+#include "purgatory_sync.h"
+/* Stands in for another libgit2 linked into the host (git2go): the same symbol name. */
+int git_libgit2_init(void) { return 4242; }
+int main(void) {
+    const char *v = psync_version();
+    if (git_libgit2_init() != 4242 || v == NULL || strlen(v) == 0) return 1;
+    printf("%s\n", v);
+    return 0;
+}
+"#,
+    )
+    .expect("write the C source");
+    let exe = dir.path().join("other_libgit2");
+    let mut cc = Command::new("cc");
+    cc.args(["-std=c11", "-Wall", "-Werror"])
+        .args(installed.pkg_config(&["--cflags"]))
+        .arg(&source)
+        .arg("-o")
+        .arg(&exe)
+        .arg(&archive)
+        .args(
+            installed
+                .pkg_config(&["--static", "--libs-only-l"])
+                .into_iter()
+                .filter(|a| a != "-lpurgatory_sync"),
+        );
+    let out = run_bounded(&mut cc, COMPILE_LIMIT);
+    assert!(
+        out.status.success(),
+        "a host with its own git_libgit2_init does not link: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run_bounded(&mut Command::new(&exe), HOST_LIMIT);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        env!("CARGO_PKG_VERSION")
+    );
 }

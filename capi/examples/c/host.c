@@ -14,9 +14,10 @@
  * when every event was released (or already satisfied); on an error it prints
  * psync_last_error_message() to stderr and exits 1; an event that expired gives exit status 2.
  *
- * Build (from the crate root, after `cargo build`):
- *     cc -std=c11 -Wall -Wextra -Werror -I include examples/c/host.c \
- *        -L target/debug -lpurgatory_sync -Wl,-rpath,"$PWD/target/debug" -o host
+ * Build, after installing the library (`capi/install.sh --prefix "$HOME/.local"`):
+ *     export PKG_CONFIG_PATH="$HOME/.local/lib/pkgconfig"
+ *     cc -std=c11 -Wall -Wextra -Werror capi/examples/c/host.c -o host \
+ *        $(pkg-config --cflags --libs purgatory_sync) -Wl,-rpath,"$HOME/.local/lib"
  */
 #include <stdint.h>
 #include <stdio.h>

@@ -1,4 +1,4 @@
-//! The C ABI (`purgatory_sync::capi`), called from Rust exactly as a C host would: NULLs,
+//! The C ABI (`purgatory_sync_capi`), called from Rust exactly as a C host would: NULLs,
 //! bad strings, bad JSON, every submit refusal, polling, shutdown, per-thread error messages
 //! and concurrent calls. Clone URLs point at loopback ports where nothing listens.
 
@@ -7,7 +7,7 @@ use std::path::Path;
 use std::ptr::{null, null_mut};
 use std::time::{Duration, Instant};
 
-use purgatory_sync::capi::*;
+use purgatory_sync_capi::*;
 use purgatory_sync_testkit::init_bare;
 use serde_json::{json, Value};
 
@@ -436,6 +436,60 @@ fn every_submit_error_has_its_own_status() {
     );
     // SAFETY: a live engine.
     unsafe { psync_engine_free(e) };
+}
+
+/// The top-level field names of a `{:?}` rendering of a struct (`Name { a: .., b: .. }`).
+fn debug_fields(debug: &str) -> Vec<String> {
+    let body = &debug[debug.find('{').expect("a struct") + 1..];
+    let (mut depth, mut fields, mut token) = (0usize, Vec::new(), String::new());
+    let mut in_string = false;
+    let mut chars = body.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' if depth == 0 || in_string => in_string = !in_string,
+            '\\' if in_string => {
+                chars.next();
+            }
+            _ if in_string => {}
+            '{' | '[' | '(' => depth += 1,
+            '}' | ']' | ')' if depth > 0 => depth -= 1,
+            ':' if depth == 0 && !token.trim().is_empty() => {
+                fields.push(token.trim().to_owned());
+                token.clear();
+            }
+            ',' if depth == 0 => token.clear(),
+            _ if depth == 0 => token.push(c),
+            _ => {}
+        }
+    }
+    fields.sort();
+    fields
+}
+
+/// `Stats` is non-exhaustive, so the C ABI cannot list its fields exhaustively at compile time:
+/// every field of the Rust `Stats` must still be a key of `psync_engine_stats_json` (checked
+/// against the fields its `Debug` output names).
+#[test]
+fn the_stats_json_has_every_field_of_stats() {
+    let engine = purgatory_sync::Engine::builder()
+        .build()
+        .expect("a default engine");
+    let rust = debug_fields(&format!("{:?}", engine.stats()));
+    engine.shutdown().expect("shutdown");
+    assert!(rust.len() > 20, "{rust:?}");
+    let e = new_engine(quiet());
+    let mut json: Vec<String> = stats(e).as_object().unwrap().keys().cloned().collect();
+    json.sort();
+    // SAFETY: a live engine.
+    unsafe { psync_engine_free(e) };
+    let missing: Vec<&String> = rust.iter().filter(|f| !json.contains(f)).collect();
+    assert!(
+        missing.is_empty(),
+        "Stats fields missing from the JSON: {missing:?}"
+    );
+    // The one key computed from the others (`Stats::requests_per_release`).
+    let derived: Vec<&String> = json.iter().filter(|k| !rust.contains(k)).collect();
+    assert_eq!(derived, ["requests_per_release"]);
 }
 
 #[test]

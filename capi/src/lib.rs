@@ -1,10 +1,28 @@
-//! The C ABI: opaque handles, status codes, JSON in and out, results by polling.
+//! The C ABI of [purgatory-sync](purgatory_sync): opaque handles, status codes, JSON in and
+//! out, results by polling.
+//!
+//! This crate builds `libpurgatory_sync_capi.{so,a}`; `capi/install.sh` installs them as
+//! `libpurgatory_sync.{so,a}` with the header `purgatory_sync.h` and a pkg-config file
+//! (`docs/c-abi.md`). The header is generated from this file by cbindgen
+//! (`capi/tests/header.rs` checks it for drift).
 //!
 //! Every function runs its body behind a panic boundary (`catch_unwind`; the outcome
 //! accessors only read a field, cannot panic and have none), checks its pointers for NULL first
 //! and its strings for UTF-8, and reports failures as a [`psync_status`](PsyncStatus) plus a
-//! per-thread message ([`psync_last_error_message`]). `include/purgatory_sync.h` is generated
-//! from this file by cbindgen (`tests/header.rs` checks it for drift).
+//! per-thread message ([`psync_last_error_message`]).
+//!
+//! The functions are also callable from Rust, which is how `capi/tests/ffi.rs` tests them. The
+//! Rust type names map to C names: [`PsyncStatus`] is `psync_status`, [`PsyncAdmission`] is
+//! `psync_admission`, [`PsyncOutcomeKind`] is `psync_outcome_kind_t`, [`PsyncEngine`] and
+//! [`PsyncOutcome`] are the opaque `psync_engine` and `psync_outcome`.
+
+#![deny(missing_docs)]
+#![warn(rust_2018_idioms)]
+// Every function of the ABI takes raw pointers from C.
+#![allow(unsafe_code)]
+
+#[doc(hidden)]
+pub mod fuzz;
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -18,7 +36,7 @@ use parking_lot::RwLock;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::{
+use purgatory_sync::{
     Admission, BuildError, DomainLimits, Engine, EngineBuilder, Origin, Outcome, PendingEvent,
     RefUpdate, Stats, SubmitError,
 };
@@ -55,6 +73,9 @@ pub enum PsyncStatus {
     PSYNC_ENGINE_SHUT_DOWN = 11,
     /// The state file is in use: another engine (in this process or another) holds its lock.
     PSYNC_STATE_FILE_LOCKED = 12,
+    /// A failure this version of the header has no code of its own for (a newer library may
+    /// report one); the message says what it was.
+    PSYNC_OTHER_ERROR = 13,
     /// submit: the event id is empty, too long or has control or bidirectional formatting
     /// characters.
     PSYNC_INVALID_EVENT_ID = 20,
@@ -147,7 +168,14 @@ fn set_last_error(message: &str) {
 }
 
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    format!("panic: {}", crate::scheduler::panic_message(payload))
+    let text = if let Some(s) = payload.downcast_ref::<&str>() {
+        s
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.as_str()
+    } else {
+        "a non-string payload"
+    };
+    format!("panic: {text}")
 }
 
 /// Runs `body` behind the panic boundary; a failure's message becomes the thread's last error.
@@ -370,6 +398,8 @@ fn build_failure(e: BuildError) -> Failure {
         BuildError::Spawn(_) => PsyncStatus::PSYNC_SPAWN_FAILED,
         BuildError::StateFile { .. } => PsyncStatus::PSYNC_STATE_FILE,
         BuildError::StateFileLocked { .. } => PsyncStatus::PSYNC_STATE_FILE_LOCKED,
+        // `BuildError` is non-exhaustive: a kind added later has no code of its own yet.
+        _ => PsyncStatus::PSYNC_OTHER_ERROR,
     };
     (status, e.to_string())
 }
@@ -473,13 +503,24 @@ fn submit_status(e: &SubmitError) -> PsyncStatus {
         SubmitError::PreviouslyExpired { .. } => PSYNC_PREVIOUSLY_EXPIRED,
         SubmitError::QueueFull { .. } => PSYNC_QUEUE_FULL,
         SubmitError::ShuttingDown => PSYNC_SHUTTING_DOWN,
+        // `SubmitError` is non-exhaustive: a kind added later has no code of its own yet.
+        _ => PSYNC_OTHER_ERROR,
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Output JSON
 
-use crate::state::{millis as ms, unix_ms};
+/// Milliseconds in `d`, saturating.
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Milliseconds since the Unix epoch (0 for a clock before it).
+fn unix_ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map_or(0, ms)
+}
 
 fn stats_json(s: &Stats) -> Value {
     let Stats {
@@ -510,8 +551,10 @@ fn stats_json(s: &Stats) -> Value {
         recent_failures,
         expired_ids_remembered,
         release_times,
+        // `Stats` is non-exhaustive; `capi/tests/ffi.rs` checks that every field is in the JSON.
+        ..
     } = s;
-    let by_kind = |m: &BTreeMap<crate::FailureKind, u64>| -> Value {
+    let by_kind = |m: &BTreeMap<purgatory_sync::FailureKind, u64>| -> Value {
         m.iter()
             .map(|(k, n)| (k.as_str().to_owned(), json!(n)))
             .collect::<serde_json::Map<_, _>>()
@@ -940,7 +983,14 @@ pub unsafe extern "C" fn psync_engine_metrics(
     out_text: *mut *mut c_char,
 ) -> PsyncStatus {
     // SAFETY: the same contract.
-    unsafe { stats_string(engine, out_text, "out_text", crate::metrics::render) }
+    unsafe {
+        stats_string(
+            engine,
+            out_text,
+            "out_text",
+            purgatory_sync::metrics::render,
+        )
+    }
 }
 
 /// Takes the engine's stats and hands `render`'s text over as an owned string in `*out`
