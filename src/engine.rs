@@ -17,8 +17,8 @@ use crate::config::Config;
 use crate::error::{BuildError, ShutdownError, SubmitError};
 use crate::event::{Admission, Outcome, PendingEvent};
 use crate::fetch::Fetcher;
-use crate::scheduler::core::{Command, Core, ValidEvent};
 use crate::scheduler::ids::{self, EventIds, IdState, IdentifierUrls};
+use crate::scheduler::queue::{Command, Queue, ValidEvent};
 use crate::scheduler::{join_all, start_workers, Scheduler};
 use crate::stats::Stats;
 use crate::{validate, EngineBuilder};
@@ -64,7 +64,7 @@ pub struct Engine {
     /// The fetcher is the built-in `GitFetcher`, whose `present` opens the repository as a
     /// bare one: `submit` then need not open it once more to check that.
     fetcher_checks_bare: bool,
-    core: Arc<Mutex<Core>>,
+    core: Arc<Mutex<Queue>>,
     /// The core's index of waiting and expired event ids: `submit` reads it instead of taking
     /// the core's lock.
     ids: Arc<EventIds>,
@@ -112,7 +112,7 @@ impl Engine {
         // handed to the scheduler thread, which drops it after its final write.
         let state_lock = crate::persist::lock(&cfg)?;
         let admitted = Arc::new(AtomicUsize::new(0));
-        let mut restored = Core::new(cfg.clone(), admitted.clone());
+        let mut restored = Queue::new(cfg.clone(), admitted.clone());
         if let Some(file) = crate::persist::load(&cfg, clock.wall())? {
             // Every saved event is checked before the core is touched, so a refused file
             // leaves the engine empty.
@@ -161,7 +161,7 @@ impl Engine {
             final_write: final_write.clone(),
             state_lock,
             stuck: stuck.clone(),
-            memory: Arc::new(crate::fetch::net::MemoryPool::new(
+            memory: Arc::new(crate::fetch::conn::MemoryPool::new(
                 cfg.max_total_fetch_memory,
             )),
         };

@@ -448,7 +448,7 @@ impl serde::Serialize for Outcome {
         map.serialize_entry("repo", &repo.to_string_lossy())?;
         match self {
             Outcome::Released { waited, refs, .. } => {
-                map.serialize_entry("waited_ms", &crate::state::millis(*waited))?;
+                map.serialize_entry("waited_ms", &crate::state_file::millis(*waited))?;
                 match refs {
                     RefsOutcome::NoRefUpdates => map.serialize_entry("refs", "none")?,
                     RefsOutcome::Written => map.serialize_entry("refs", "written")?,

@@ -134,14 +134,13 @@ mod engine;
 mod error;
 mod event;
 mod fetch;
-mod ffi;
 pub mod metrics;
 pub mod nip34;
 mod oid;
 mod persist;
 mod policy;
 mod scheduler;
-mod state;
+mod state_file;
 mod stats;
 mod validate;
 
@@ -159,7 +158,7 @@ pub use fetch::{
 };
 pub use oid::{ObjectId, ParseObjectIdError};
 pub use policy::{domain_of, UrlPolicy};
-pub use state::{check_state_file, StateFileError, STATE_VERSION};
+pub use state_file::{check_state_file, StateFileError, STATE_VERSION};
 pub use stats::{
     DomainStats, FailureRecord, NaughtyCategory, NaughtyEntry, ReleaseHistogram, Stats,
 };

@@ -1,6 +1,9 @@
-//! Restoring the engine's state at start: takes the state file's lock, reads the file and
-//! checks every saved event again (the same validation as `submit`, the repository, the
-//! objects present now) before the scheduler core rebuilds its queue from them.
+//! The engine's state across restarts, both ways. At start: takes the state file's lock, reads
+//! the file and checks every saved event again (the same validation as `submit`, the
+//! repository, the objects present now) before the queue rebuilds itself from them
+//! ([`restore`]). At every checkpoint: the queue hands over a [`Snapshot`] of plain values,
+//! made into the file's contents here ([`Snapshot::into_state_file`]); the file's format
+//! itself (its types, reading and atomic writing) is `crate::state_file`'s.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -10,11 +13,14 @@ use std::time::{Duration, SystemTime};
 use crate::config::Config;
 use crate::error::BuildError;
 use crate::fetch::Fetcher;
-use crate::scheduler::core::{Core, RestoredEvent, ValidEvent};
-use crate::state::{self, StateFile, StateFileError};
-use crate::{ObjectId, Origin, PendingEvent, RefUpdate};
+use crate::scheduler::queue::{Queue, RestoredEvent, ValidEvent};
+use crate::state_file::{
+    self, SavedEvent, SavedExpiredId, SavedNaughty, SavedNewestState, SavedRef, StateFile,
+    StateFileError,
+};
+use crate::{NaughtyCategory, ObjectId, Origin, PendingEvent, RefTarget, RefUpdate};
 
-pub(crate) use crate::state::unix_ms;
+pub(crate) use crate::state_file::unix_ms;
 
 /// The state file's lock: the engine holding it is the only one that reads and writes the
 /// file. It is released when this value is dropped (or the process dies).
@@ -77,7 +83,7 @@ pub(crate) fn lock(cfg: &Config) -> Result<Option<StateLock>, BuildError> {
             .custom_flags(libc::O_NONBLOCK)
             .open(&lock_file)
             .map_err(|e| failed(lock_file.clone(), e))?;
-        match crate::ffi::try_lock_exclusive(&file) {
+        match try_lock_exclusive(&file) {
             Ok(true) => Ok(Some(StateLock { _file: file })),
             Ok(false) => Err(BuildError::StateFileLocked {
                 path: path.clone(),
@@ -118,7 +124,7 @@ pub(crate) fn load(cfg: &Config, wall: SystemTime) -> Result<Option<StateFile>, 
     let Some(path) = &cfg.state_file else {
         return Ok(None);
     };
-    match state::read(path) {
+    match state_file::read(path) {
         Ok(file) => Ok(Some(file)),
         Err(StateFileError::Unreadable(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(error) if cfg.move_unreadable_state_aside => {
@@ -150,7 +156,7 @@ fn aside_name(path: &Path, wall: SystemTime) -> std::path::PathBuf {
 /// Hands the saved state to the core. Saved events are checked like submitted ones; one that
 /// no longer passes (the file was edited by hand) makes the file corrupt.
 pub(crate) fn restore(
-    core: &mut Core,
+    core: &mut Queue,
     file: StateFile,
     cfg: &Config,
     fetcher: &dyn Fetcher,
@@ -169,11 +175,7 @@ pub(crate) fn restore(
     // Each distinct repository is opened once, not once per event.
     let mut repos: HashMap<PathBuf, Result<PathBuf, String>> = HashMap::new();
     for saved in file.events {
-        let origin = match saved.origin.as_str() {
-            "user" => Origin::User,
-            "sync" => Origin::Sync,
-            other => return Err(corrupt(format!("event {}: origin {other:?}", saved.id))),
-        };
+        let origin = Origin::from(saved.origin);
         let mut ref_updates = Vec::with_capacity(saved.ref_updates.len());
         for r in &saved.ref_updates {
             ref_updates.push(match (&r.oid, &r.symbolic, r.delete) {
@@ -265,14 +267,10 @@ pub(crate) fn restore(
             )
         })
         .collect();
-    let naughty_ms = state::millis(cfg.naughty_duration);
     let naughty = file
         .naughty
         .into_iter()
-        .map(|n| state::SavedNaughty {
-            remaining_ms: n.remaining_ms.min(naughty_ms),
-            ..n
-        })
+        .map(|n| naughty_record(n, cfg.naughty_duration))
         .collect();
     // Keyed by the canonical path, as the restored events' repositories are; capped like
     // the events' lifetimes, which they outlive by nothing.
@@ -288,4 +286,189 @@ pub(crate) fn restore(
     core.restore_newest_states(newest_states, downtime, now);
     core.restore(events, expired, naughty, downtime, now, wall_ms);
     Ok(())
+}
+
+/// The durable state the queue hands over at a checkpoint ([`Queue::snapshot`], under its
+/// lock): plain values, made into the state file outside the lock by
+/// [`into_state_file`](Self::into_state_file).
+pub(crate) struct Snapshot {
+    pub written_at_ms: u64,
+    pub events: Vec<SnapshotEvent>,
+    /// Recently expired ids with the time they are still refused.
+    pub expired_ids: Vec<(Arc<str>, Duration)>,
+    pub naughty: Vec<NaughtyRecord>,
+    /// The newest complete ref set written in each repository, with the time it is still
+    /// remembered.
+    pub newest_states: Vec<(Arc<Path>, u64, Duration)>,
+}
+
+/// A waiting event in a [`Snapshot`].
+pub(crate) struct SnapshotEvent {
+    /// Submission order.
+    pub seq: u64,
+    pub id: Arc<str>,
+    pub identifier: Arc<str>,
+    pub repo: Arc<Path>,
+    pub oids: Vec<ObjectId>,
+    pub urls: Vec<Arc<str>>,
+    pub origin: Origin,
+    pub refs: Arc<[RefUpdate]>,
+    pub replace_refs: bool,
+    pub created_at: Option<u64>,
+    pub remaining: Duration,
+    pub waited: Duration,
+}
+
+impl Snapshot {
+    /// The state file's contents: events in submission order (so that a restore keeps it),
+    /// expired ids sorted.
+    pub fn into_state_file(self) -> StateFile {
+        let ms = state_file::millis;
+        let mut events = self.events;
+        events.sort_unstable_by_key(|e| e.seq);
+        let events = events
+            .into_iter()
+            .map(|ev| SavedEvent {
+                id: ev.id.to_string(),
+                identifier: ev.identifier.to_string(),
+                repo: ev.repo.to_path_buf(),
+                oids: ev.oids.iter().map(ObjectId::to_string).collect(),
+                clone_urls: ev.urls.iter().map(|u| u.to_string()).collect(),
+                origin: ev.origin.into(),
+                ref_updates: ev
+                    .refs
+                    .iter()
+                    .map(|r| {
+                        let saved = SavedRef::new(r.name.clone());
+                        match &r.target {
+                            RefTarget::Oid(o) => SavedRef {
+                                oid: Some(o.clone()),
+                                ..saved
+                            },
+                            RefTarget::Symbolic(t) => SavedRef {
+                                symbolic: Some(t.clone()),
+                                ..saved
+                            },
+                            RefTarget::Delete => SavedRef {
+                                delete: true,
+                                ..saved
+                            },
+                        }
+                    })
+                    .collect(),
+                replace_refs: ev.replace_refs,
+                created_at: ev.created_at,
+                remaining_ms: ms(ev.remaining),
+                waited_ms: ms(ev.waited),
+            })
+            .collect();
+        let mut expired_ids: Vec<SavedExpiredId> = self
+            .expired_ids
+            .into_iter()
+            .map(|(id, remaining)| SavedExpiredId {
+                id: id.to_string(),
+                remaining_ms: ms(remaining),
+            })
+            .collect();
+        expired_ids.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        let mut newest_states: Vec<SavedNewestState> = self
+            .newest_states
+            .into_iter()
+            .map(|(repo, created_at, remaining)| SavedNewestState {
+                repo: repo.to_path_buf(),
+                created_at,
+                remaining_ms: ms(remaining),
+            })
+            .collect();
+        newest_states.sort_unstable_by(|a, b| a.repo.cmp(&b.repo));
+        StateFile {
+            version: state_file::STATE_VERSION,
+            written_at_ms: self.written_at_ms,
+            events,
+            expired_ids,
+            naughty: saved_naughty(self.naughty),
+            newest_states,
+        }
+    }
+}
+
+/// A naughty-list entry as the scheduler's domain table keeps it, times on the wall clock: what
+/// [`Snapshot::naughty`] holds and what [`restore`] hands back.
+pub(crate) struct NaughtyRecord {
+    pub host: Arc<str>,
+    /// The scheme and port of an endpoint; `None` for the whole host name.
+    pub endpoint: Option<(Arc<str>, u16)>,
+    pub category: NaughtyCategory,
+    pub reason: String,
+    /// Milliseconds since the Unix epoch.
+    pub first_seen_ms: u64,
+    pub last_seen_ms: u64,
+    pub count: u64,
+    /// How much longer the entry lasts.
+    pub remaining: Duration,
+}
+
+/// The naughty list as the file keeps it, sorted by host and endpoint.
+fn saved_naughty(records: Vec<NaughtyRecord>) -> Vec<SavedNaughty> {
+    let mut saved: Vec<SavedNaughty> = records
+        .into_iter()
+        .map(|n| SavedNaughty {
+            domain: n.host.to_string(),
+            scheme: n.endpoint.as_ref().map(|(s, _)| s.to_string()),
+            port: n.endpoint.as_ref().map(|(_, p)| *p),
+            category: n.category.into(),
+            reason: n.reason,
+            first_seen_ms: n.first_seen_ms,
+            last_seen_ms: n.last_seen_ms,
+            count: n.count,
+            remaining_ms: state_file::millis(n.remaining),
+        })
+        .collect();
+    saved.sort_by(|a, b| (&a.domain, &a.scheme, a.port).cmp(&(&b.domain, &b.scheme, b.port)));
+    saved
+}
+
+/// A naughty entry read from the file, its time left capped at `cap` (this engine's
+/// `naughty_duration`). Files written before endpoints were kept name none: their TLS and
+/// hostile entries were https ones, on port 443.
+fn naughty_record(n: SavedNaughty, cap: Duration) -> NaughtyRecord {
+    let category = NaughtyCategory::from(n.category);
+    let endpoint = match (n.scheme, n.port) {
+        (Some(scheme), Some(port)) => Some((Arc::from(scheme.as_str()), port)),
+        _ if category != NaughtyCategory::Dns => Some((Arc::from("https"), 443)),
+        _ => None,
+    };
+    NaughtyRecord {
+        host: Arc::from(n.domain.as_str()),
+        endpoint,
+        category,
+        reason: n.reason,
+        first_seen_ms: n.first_seen_ms,
+        last_seen_ms: n.last_seen_ms,
+        count: n.count,
+        remaining: Duration::from_millis(n.remaining_ms).min(cap),
+    }
+}
+
+/// Takes an exclusive advisory lock on `file` without waiting (`flock(LOCK_EX | LOCK_NB)`).
+/// `Ok(false)`: another open file description holds it, in this process or another. The lock
+/// lasts until this open file is closed (dropped), and the kernel drops it when the process
+/// dies, so a crash never leaves it behind.
+#[cfg(unix)]
+#[allow(unsafe_code)]
+fn try_lock_exclusive(file: &std::fs::File) -> std::io::Result<bool> {
+    use std::os::unix::io::AsRawFd;
+    loop {
+        // SAFETY: `flock` takes a descriptor and flags and touches no memory of ours; `file`
+        // keeps the descriptor open for the length of the call.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(true);
+        }
+        let e = std::io::Error::last_os_error();
+        match e.kind() {
+            std::io::ErrorKind::WouldBlock => return Ok(false),
+            std::io::ErrorKind::Interrupted => continue,
+            _ => return Err(e),
+        }
+    }
 }

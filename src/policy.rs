@@ -1053,5 +1053,4 @@ mod tests {
 }
 
 #[cfg(test)]
-#[path = "policy_props.rs"]
 mod props;

@@ -227,7 +227,11 @@ pub enum NaughtyCategory {
 impl NaughtyCategory {
     /// A short stable name, for logs, metrics and the state file: `dns`, `tls`, `hostile`.
     pub fn as_str(self) -> &'static str {
-        crate::scheduler::domains::category_name(self)
+        match self {
+            NaughtyCategory::Dns => "dns",
+            NaughtyCategory::Tls => "tls",
+            NaughtyCategory::Hostile => "hostile",
+        }
     }
 }
 

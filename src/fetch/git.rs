@@ -14,8 +14,8 @@ use git2::{
     RepositoryOpenFlags,
 };
 
+use super::conn::{self, Guard, NetContext};
 use super::framing::Protocol;
-use super::net::{self, Guard, NetContext};
 use super::quarantine::{self, Quarantine};
 use super::{
     FailureKind, FetchControl, FetchError, FetchMode, FetchReport, FetchRequest, Fetcher,
@@ -39,13 +39,13 @@ pub(crate) fn init(cfg: &crate::config::Config) {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // First: the git2 call initialises libgit2, which the raw calls below need.
-        if let Err(e) = crate::ffi::set_git_timeouts(cfg.connect_timeout, cfg.io_timeout) {
+        if let Err(e) = super::libgit2::set_git_timeouts(cfg.connect_timeout, cfg.io_timeout) {
             log::warn!("could not set libgit2 socket timeouts: {e}");
         }
-        if let Err(e) = crate::ffi::set_max_object_size(cfg.max_object_size) {
+        if let Err(e) = super::libgit2::set_max_object_size(cfg.max_object_size) {
             log::warn!("could not set libgit2's largest object size: {e}");
         }
-        match crate::ffi::alloc::install() {
+        match crate::fetch::alloc::install() {
             Ok(true) => {}
             Ok(false) => log::info!(
                 "this platform cannot size allocations: fetches are not held to a memory budget"
@@ -54,7 +54,7 @@ pub(crate) fn init(cfg: &crate::config::Config) {
                 "could not install the allocator, fetches are not held to a memory budget: {e}"
             ),
         }
-        if let Err(e) = crate::ffi::stream::register() {
+        if let Err(e) = crate::fetch::stream::register() {
             log::warn!(
                 "could not register the engine's socket stream, fetch limits are weaker: {e}"
             );
@@ -437,7 +437,7 @@ impl GitFetcher {
         );
         // Everything libgit2 allocates for the fetch, from opening the repository to freeing
         // the last handle, is counted against its budget.
-        let mut report = net::with_context(&ctx, || {
+        let mut report = conn::with_context(&ctx, || {
             let mut report = fetch_into(request, control, &ctx);
             // Every libgit2 handle of the fetch is freed: what libgit2 still holds for it, it
             // lost (libgit2 1.9 leaks the object of a delta that duplicates another one).
@@ -737,7 +737,7 @@ impl Job<'_> {
         }
         let control = self.control;
         let _ = self.ctx.take_failure();
-        match crate::ffi::connect_for_fetch(remote) {
+        match super::libgit2::connect_for_fetch(remote) {
             Ok(()) => {}
             Err(e) => {
                 let stream_failure = self.ctx.take_failure();
@@ -752,7 +752,7 @@ impl Job<'_> {
             }
         };
         self.advertisement_read = true;
-        self.ids_allowed = Some(crate::ffi::ids_allowed(remote));
+        self.ids_allowed = Some(super::libgit2::ids_allowed(remote));
         let wanted: HashSet<ObjectId> = missing.iter().copied().collect();
         // The first ref naming each wanted id, in the order advertised.
         let mut tips: Vec<(ObjectId, String)> = Vec::new();

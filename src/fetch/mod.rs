@@ -5,10 +5,16 @@
 //! that tests can inject failures, stalls and panics; [`GitFetcher`] is the libgit2
 //! implementation used by default.
 
+#[allow(unsafe_code)]
+mod alloc;
+pub(crate) mod conn;
 mod framing;
 mod git;
-pub(crate) mod net;
+#[allow(unsafe_code)]
+mod libgit2;
 mod quarantine;
+#[allow(unsafe_code)]
+mod stream;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -97,7 +103,7 @@ pub struct FetchControl {
     max_bytes: u64,
     max_memory: u64,
     /// The memory of all the engine's fetches together; none outside the engine.
-    memory_pool: Option<Arc<net::MemoryPool>>,
+    memory_pool: Option<Arc<conn::MemoryPool>>,
     max_advertisement: u64,
     /// Lets each request after the first through with a cell of the domain's quota; none
     /// outside the engine (a control made by a caller lets every request through).
@@ -223,12 +229,12 @@ impl FetchControl {
 
     /// Counts the fetch's memory in the engine's `pool` of all fetches, and holds it to the
     /// pool's limit.
-    pub(crate) fn with_memory_pool(mut self, pool: Arc<net::MemoryPool>) -> Self {
+    pub(crate) fn with_memory_pool(mut self, pool: Arc<conn::MemoryPool>) -> Self {
         self.memory_pool = Some(pool);
         self
     }
 
-    pub(crate) fn memory_pool(&self) -> Option<Arc<net::MemoryPool>> {
+    pub(crate) fn memory_pool(&self) -> Option<Arc<conn::MemoryPool>> {
         self.memory_pool.clone()
     }
 

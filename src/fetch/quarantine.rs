@@ -54,7 +54,8 @@ impl Quarantine {
             dir: Some(dir.clone()),
         };
         let odb = repo.odb().map_err(|e| e.message().to_owned())?;
-        crate::ffi::add_pack_backend(&odb, &dir, PRIORITY).map_err(|e| e.message().to_owned())?;
+        super::libgit2::add_pack_backend(&odb, &dir, PRIORITY)
+            .map_err(|e| e.message().to_owned())?;
         Ok(quarantine)
     }
 

@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use crate::config::{Config, DomainLimits};
 use crate::fetch::{FailureKind, FetchError, FetchReport};
-use crate::scheduler::core::{Action, Command, Core, JobId, ValidEvent};
+use crate::scheduler::queue::{Action, Command, JobId, Queue, ValidEvent};
 use crate::{ObjectId, Origin};
 
-pub use crate::state::StateBench;
+pub use crate::state_file::StateBench;
 
 /// How long entries that are not ready wait for their first attempt: long enough for
 /// [`QueueBench::reset`] (one second each) to be called 86 million times before they fall due;
@@ -22,11 +22,11 @@ const NOT_READY_FOR: Duration = Duration::from_secs(1000 * 24 * 60 * 60);
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// A checkpoint's snapshot, taken by [`QueueBench::snapshot`].
-pub struct CheckpointSnapshot(#[allow(dead_code)] crate::scheduler::core::Snapshot);
+pub struct CheckpointSnapshot(#[allow(dead_code)] crate::persist::Snapshot);
 
 /// A scheduler core filled with queued identifiers, some of them ready.
 pub struct QueueBench {
-    core: Core,
+    core: Queue,
     now: Instant,
     /// Fetches dispatched by the passes so far and not reported back yet.
     running: Vec<JobId>,
@@ -71,7 +71,7 @@ impl QueueBench {
             ..Config::default()
         };
         let delay = cfg.user_delay;
-        let mut core = Core::new(Arc::new(cfg), Arc::new(AtomicUsize::new(queued)));
+        let mut core = Queue::new(Arc::new(cfg), Arc::new(AtomicUsize::new(queued)));
         let start = Instant::now();
         let domains = domains.max(1);
         for i in 0..queued {
@@ -167,7 +167,7 @@ impl QueueBench {
 /// channel: what a host command costs under the core's lock, and how long one scheduler turn
 /// holds it.
 pub struct CommandBench {
-    core: Core,
+    core: Queue,
     now: Instant,
     next: usize,
     urls_per_event: usize,
@@ -189,7 +189,7 @@ impl CommandBench {
         let now = Instant::now();
         let (tx, rx) = crossbeam_channel::unbounded();
         let mut bench = CommandBench {
-            core: Core::new(Arc::new(cfg), Arc::new(AtomicUsize::new(events))),
+            core: Queue::new(Arc::new(cfg), Arc::new(AtomicUsize::new(events))),
             now,
             next: 0,
             urls_per_event,

@@ -15,7 +15,7 @@ use crate::error::SubmitError;
 use crate::event::{RefTarget, UrlRefusal};
 use crate::nip34::{self, Announcement, Nip34Error, NostrEvent, RepoRef};
 use crate::policy::{self, OwnDomain, UrlPolicy};
-use crate::state::{self, StateFileError, STATE_VERSION};
+use crate::state_file::{self, StateFileError, STATE_VERSION};
 use crate::{validate, ObjectId, Origin, PendingEvent};
 
 /// The repository path given to [`nip34::pending_event`]: never opened.
@@ -391,12 +391,12 @@ fn check_pending(event: &NostrEvent, pending: &PendingEvent, repo: Option<&RepoR
 /// being written again the way the engine writes it; an error is `Corrupt` or an
 /// `UnknownVersion` other than this one, with a non-empty message.
 pub fn state_file(data: &[u8]) {
-    match state::parse(data) {
+    match state_file::parse(data) {
         Ok(file) => {
             assert_eq!(file.version, STATE_VERSION);
             let mut bytes = serde_json::to_vec(&file).expect("a state file serializes");
             bytes.push(b'\n');
-            match state::parse(&bytes) {
+            match state_file::parse(&bytes) {
                 Ok(again) => assert_eq!(again, file),
                 Err(e) => panic!("written again, it does not read: {e}"),
             }

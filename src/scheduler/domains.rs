@@ -17,10 +17,11 @@ use crate::config::{Config, DomainLimits};
 use crate::fetch::FailureKind;
 use crate::stats::{DomainStats, NaughtyCategory, NaughtyEntry};
 
-use super::core::EntryId;
+use super::queue::EntryId;
 use crate::policy::CloneUrl;
 
-use crate::state::millis as ms;
+use crate::persist::NaughtyRecord;
+use crate::state_file::millis as ms;
 
 /// The time the core last gave, as governor's clock.
 #[derive(Debug, Clone)]
@@ -462,33 +463,30 @@ impl Domains {
             .min()
     }
 
-    /// The naughty list for the state file; `wall_ms` is `now` on the wall clock.
-    pub fn save(&self, now: Instant, wall_ms: u64) -> Vec<crate::state::SavedNaughty> {
+    /// The naughty list for the state file (`crate::persist` writes it); `wall_ms` is `now` on
+    /// the wall clock.
+    pub fn save(&self, now: Instant, wall_ms: u64) -> Vec<NaughtyRecord> {
         let wall = |t: Instant| wall_ms.saturating_sub(ms(now.saturating_duration_since(t)));
-        let mut v: Vec<crate::state::SavedNaughty> = self
-            .naughty
+        self.naughty
             .iter()
             .filter(|(_, n)| n.until > now)
-            .map(|(key, n)| crate::state::SavedNaughty {
-                domain: key.host.to_string(),
-                scheme: key.endpoint.as_ref().map(|(s, _)| s.to_string()),
-                port: key.endpoint.as_ref().map(|(_, p)| *p),
-                category: category_name(n.category).to_owned(),
+            .map(|(key, n)| NaughtyRecord {
+                host: Arc::clone(&key.host),
+                endpoint: key.endpoint.clone(),
+                category: n.category,
                 reason: n.reason.clone(),
                 first_seen_ms: wall(n.first),
                 last_seen_ms: wall(n.last),
                 count: n.count,
-                remaining_ms: ms(n.until.saturating_duration_since(now)),
+                remaining: n.until.saturating_duration_since(now),
             })
-            .collect();
-        v.sort_by(|a, b| (&a.domain, &a.scheme, a.port).cmp(&(&b.domain, &b.scheme, b.port)));
-        v
+            .collect()
     }
 
-    /// Puts saved naughty entries back, `downtime` shorter; unknown categories are dropped.
+    /// Puts saved naughty entries back (`crate::persist` read them), `downtime` shorter.
     pub fn restore(
         &mut self,
-        saved: Vec<crate::state::SavedNaughty>,
+        saved: Vec<NaughtyRecord>,
         downtime: Duration,
         now: Instant,
         wall_ms: u64,
@@ -498,34 +496,21 @@ impl Domains {
                 .unwrap_or(now)
         };
         for n in saved {
-            let category = match n.category.as_str() {
-                crate::state::NAUGHTY_DNS => NaughtyCategory::Dns,
-                crate::state::NAUGHTY_TLS => NaughtyCategory::Tls,
-                crate::state::NAUGHTY_HOSTILE => NaughtyCategory::Hostile,
-                _ => continue,
-            };
-            let endpoint = match (n.scheme, n.port) {
-                (Some(scheme), Some(port)) => Some((Arc::from(scheme.as_str()), port)),
-                // Written before endpoints were kept: a TLS failure was an https one.
-                _ if category != NaughtyCategory::Dns => Some((Arc::from("https"), 443)),
-                _ => None,
-            };
-            let left = Duration::from_millis(n.remaining_ms);
-            if left <= downtime {
+            if n.remaining <= downtime {
                 continue;
             }
             self.naughty.insert(
                 NaughtyKey {
-                    host: Arc::from(n.domain.as_str()),
-                    endpoint,
+                    host: n.host,
+                    endpoint: n.endpoint,
                 },
                 Naughty {
-                    category,
+                    category: n.category,
                     reason: n.reason,
                     first: instant(n.first_seen_ms),
                     last: instant(n.last_seen_ms),
                     count: n.count,
-                    until: now + (left - downtime),
+                    until: now + (n.remaining - downtime),
                 },
             );
         }
@@ -609,15 +594,6 @@ impl Domains {
             .collect();
         naughty.sort_by(|a, b| (&a.domain, &a.scheme, a.port).cmp(&(&b.domain, &b.scheme, b.port)));
         (domains, naughty)
-    }
-}
-
-/// The state file's and the metrics' name of a category.
-pub(crate) fn category_name(category: NaughtyCategory) -> &'static str {
-    match category {
-        NaughtyCategory::Dns => crate::state::NAUGHTY_DNS,
-        NaughtyCategory::Tls => crate::state::NAUGHTY_TLS,
-        NaughtyCategory::Hostile => crate::state::NAUGHTY_HOSTILE,
     }
 }
 

@@ -1,13 +1,13 @@
-//! The scheduler thread: a thin loop around [`Core`].
+//! The scheduler thread: a thin loop around [`Queue`].
 //!
 //! It wakes on a command, a job result, a fake-clock advance or the tick, lets the core decide,
 //! and carries out the core's actions outside the lock: fetch jobs go to the worker pool,
 //! outcomes to the host, repository checks, ref updates and ref clean-ups run here (they are
 //! local and quick). Workers only fetch and report.
 
-pub(crate) mod core;
 pub(crate) mod domains;
 pub(crate) mod ids;
+pub(crate) mod queue;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{select, Receiver, Sender};
 use parking_lot::Mutex;
 
-use self::core::{Action, Command, Core, Job, JobId};
+use self::queue::{Action, Command, Job, JobId, Queue};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::event::Outcome;
@@ -39,7 +39,7 @@ pub(crate) const COMMAND_TURN: Duration = Duration::from_millis(2);
 /// Applies `first`, then the commands waiting in `commands`, until `COMMAND_BATCH` of them or
 /// `COMMAND_TURN` has passed. Returns how many it applied.
 pub(crate) fn apply_commands(
-    core: &mut Core,
+    core: &mut Queue,
     first: Command,
     commands: &Receiver<Command>,
     clock: &dyn Clock,
@@ -65,7 +65,7 @@ pub(crate) struct Scheduler {
     pub cfg: Arc<Config>,
     pub clock: Arc<dyn Clock>,
     pub fetcher: Arc<dyn Fetcher>,
-    pub core: Arc<Mutex<Core>>,
+    pub core: Arc<Mutex<Queue>>,
     pub commands: Receiver<Command>,
     /// Commands sent and not applied yet: the handle counts one up before sending, the loop
     /// counts it down when the core has applied it, under the core's lock.
@@ -93,7 +93,7 @@ pub(crate) struct Scheduler {
     /// running are not the count of stuck fetches: this is.
     pub stuck: Arc<AtomicUsize>,
     /// The memory libgit2 holds for all fetches together (`max_total_fetch_memory`).
-    pub memory: Arc<crate::fetch::net::MemoryPool>,
+    pub memory: Arc<crate::fetch::conn::MemoryPool>,
 }
 
 impl Scheduler {
@@ -313,7 +313,7 @@ impl Scheduler {
         };
         let wall_ms = crate::persist::unix_ms(self.clock.wall());
         let snapshot = self.core.lock().snapshot(self.clock.now(), wall_ms);
-        crate::state::write(path, &snapshot.into_state_file())
+        crate::state_file::write(path, &snapshot.into_state_file())
     }
 }
 

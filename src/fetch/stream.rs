@@ -1,5 +1,5 @@
 //! The C side of the engine's socket stream: a `git_stream` vtable whose callbacks forward to
-//! the safe [`Conn`](crate::fetch::net::Conn).
+//! the safe [`Conn`](crate::fetch::conn::Conn).
 //!
 //! Layouts follow `include/git2/sys/stream.h` of libgit2 1.9 (`GIT_STREAM_VERSION` 1). Every
 //! callback catches panics (unwinding into C is undefined behaviour) and reports errors through
@@ -8,7 +8,7 @@
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use crate::fetch::net::Conn;
+use crate::fetch::conn::Conn;
 
 const GIT_STREAM_VERSION: c_int = 1;
 const GIT_STREAM_STANDARD: c_int = 1;

@@ -18,6 +18,8 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
+use crate::{NaughtyCategory, Origin};
+
 /// A duration in whole milliseconds, as the state file (and the C ABI's JSON) stores it.
 pub(crate) fn millis(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
@@ -32,16 +34,65 @@ pub(crate) fn unix_ms(t: std::time::SystemTime) -> u64 {
 /// The version of the state-file format this build writes and reads.
 pub const STATE_VERSION: u32 = 1;
 
-/// [`SavedEvent::origin`] of an event a user published to this relay.
-pub(crate) const ORIGIN_USER: &str = "user";
-/// [`SavedEvent::origin`] of an event received by sync.
-pub(crate) const ORIGIN_SYNC: &str = "sync";
-/// [`SavedNaughty::category`] of a DNS failure.
-pub(crate) const NAUGHTY_DNS: &str = "dns";
-/// [`SavedNaughty::category`] of a TLS failure.
-pub(crate) const NAUGHTY_TLS: &str = "tls";
-/// [`SavedNaughty::category`] of a server whose answer made libgit2 lose memory.
-pub(crate) const NAUGHTY_HOSTILE: &str = "hostile";
+/// [`SavedEvent::origin`]: `"user"` or `"sync"`, as [`Origin`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum SavedOrigin {
+    /// An event a user published to this relay.
+    User,
+    /// An event received by sync.
+    Sync,
+}
+
+impl From<Origin> for SavedOrigin {
+    fn from(origin: Origin) -> Self {
+        match origin {
+            Origin::User => SavedOrigin::User,
+            Origin::Sync => SavedOrigin::Sync,
+        }
+    }
+}
+
+impl From<SavedOrigin> for Origin {
+    fn from(origin: SavedOrigin) -> Self {
+        match origin {
+            SavedOrigin::User => Origin::User,
+            SavedOrigin::Sync => Origin::Sync,
+        }
+    }
+}
+
+/// [`SavedNaughty::category`]: `"dns"`, `"tls"` or `"hostile"`, as [`NaughtyCategory`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum SavedCategory {
+    /// A DNS failure.
+    Dns,
+    /// A TLS failure.
+    Tls,
+    /// A server whose answer made libgit2 lose memory.
+    Hostile,
+}
+
+impl From<NaughtyCategory> for SavedCategory {
+    fn from(category: NaughtyCategory) -> Self {
+        match category {
+            NaughtyCategory::Dns => SavedCategory::Dns,
+            NaughtyCategory::Tls => SavedCategory::Tls,
+            NaughtyCategory::Hostile => SavedCategory::Hostile,
+        }
+    }
+}
+
+impl From<SavedCategory> for NaughtyCategory {
+    fn from(category: SavedCategory) -> Self {
+        match category {
+            SavedCategory::Dns => NaughtyCategory::Dns,
+            SavedCategory::Tls => NaughtyCategory::Tls,
+            SavedCategory::Hostile => NaughtyCategory::Hostile,
+        }
+    }
+}
 
 /// The whole file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,8 +123,7 @@ pub(crate) struct SavedEvent {
     /// Every object id the event waits for, lower-case hex.
     pub oids: Vec<String>,
     pub clone_urls: Vec<String>,
-    /// [`ORIGIN_USER`] or [`ORIGIN_SYNC`].
-    pub origin: String,
+    pub origin: SavedOrigin,
     pub ref_updates: Vec<SavedRef>,
     /// The ref updates are the repository's complete set of branches and tags; absent
     /// (false) in files written before it existed.
@@ -156,8 +206,7 @@ pub(crate) struct SavedNaughty {
     pub scheme: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
-    /// [`NAUGHTY_DNS`], [`NAUGHTY_TLS`] or [`NAUGHTY_HOSTILE`].
-    pub category: String,
+    pub category: SavedCategory,
     pub reason: String,
     /// Wall-clock times, milliseconds since the Unix epoch.
     pub first_seen_ms: u64,
@@ -289,7 +338,13 @@ pub(crate) fn parse(bytes: &[u8]) -> Result<StateFile, StateFileError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(StateFileError::Corrupt("the file is empty".into()));
     }
-    match serde_json::from_slice::<StateFile>(bytes) {
+    // serde_path_to_error names the field a message is about (`events[0].origin: unknown
+    // variant ...`); `end` refuses anything after the object.
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let parsed = serde_path_to_error::deserialize::<_, StateFile>(&mut de)
+        .map_err(|e| e.to_string())
+        .and_then(|state| de.end().map(|()| state).map_err(|e| e.to_string()));
+    match parsed {
         Ok(state) if state.version != STATE_VERSION => {
             Err(StateFileError::UnknownVersion(state.version))
         }
@@ -308,23 +363,17 @@ pub(crate) fn parse(bytes: &[u8]) -> Result<StateFile, StateFileError> {
                 Ok(v) if v.version != STATE_VERSION => {
                     Err(StateFileError::UnknownVersion(v.version))
                 }
-                _ => Err(StateFileError::Corrupt(e.to_string())),
+                _ => Err(StateFileError::Corrupt(e)),
             }
         }
     }
 }
 
-/// The checks serde's derive cannot express: the string fields that stand for enums, and
-/// exactly one target per ref update.
+/// The checks serde's derive cannot express: exactly one target per ref update, both or neither
+/// of a naughty entry's scheme and port.
 fn check(state: &StateFile) -> Result<(), StateFileError> {
     let corrupt = |what: String| Err(StateFileError::Corrupt(what));
     for (i, ev) in state.events.iter().enumerate() {
-        if ev.origin != ORIGIN_USER && ev.origin != ORIGIN_SYNC {
-            return corrupt(format!(
-                "events[{i}].origin is {:?}, not \"user\" or \"sync\"",
-                ev.origin
-            ));
-        }
         for (j, r) in ev.ref_updates.iter().enumerate() {
             let targets = [r.oid.is_some(), r.symbolic.is_some(), r.delete];
             if targets.into_iter().filter(|t| *t).count() != 1 {
@@ -336,12 +385,6 @@ fn check(state: &StateFile) -> Result<(), StateFileError> {
         }
     }
     for (i, n) in state.naughty.iter().enumerate() {
-        if ![NAUGHTY_DNS, NAUGHTY_TLS, NAUGHTY_HOSTILE].contains(&n.category.as_str()) {
-            return corrupt(format!(
-                "naughty[{i}].category is {:?}, not \"dns\", \"tls\" or \"hostile\"",
-                n.category
-            ));
-        }
         if n.scheme.is_some() != n.port.is_some() {
             return corrupt(format!(
                 "naughty[{i}] must have both or neither of \"scheme\" and \"port\""
@@ -592,7 +635,7 @@ mod tests {
                         "https://git.example.com/alice/project.git".into(),
                         "git://mirror.example.org/alice/project.git".into(),
                     ],
-                    origin: ORIGIN_USER.into(),
+                    origin: SavedOrigin::User,
                     ref_updates: vec![
                         SavedRef {
                             oid: Some(A.into()),
@@ -622,7 +665,7 @@ mod tests {
                     repo: PathBuf::from("relative/dir with spaces/thing.git"),
                     oids: vec![B.into()],
                     clone_urls: vec![],
-                    origin: ORIGIN_SYNC.into(),
+                    origin: SavedOrigin::Sync,
                     ref_updates: vec![],
                     replace_refs: false,
                     created_at: None,
@@ -645,7 +688,7 @@ mod tests {
                     domain: "nxdomain.example".into(),
                     scheme: None,
                     port: None,
-                    category: NAUGHTY_DNS.into(),
+                    category: SavedCategory::Dns,
                     reason: "failed to resolve address".into(),
                     first_seen_ms: 1_731_990_000_000,
                     last_seen_ms: 1_731_999_000_000,
@@ -656,7 +699,7 @@ mod tests {
                     domain: "badcert.example".into(),
                     scheme: Some("https".into()),
                     port: Some(8443),
-                    category: NAUGHTY_TLS.into(),
+                    category: SavedCategory::Tls,
                     reason: "certificate has expired".into(),
                     first_seen_ms: 1_731_999_999_000,
                     last_seen_ms: 1_731_999_999_000,
@@ -750,7 +793,7 @@ mod tests {
         assert_eq!(state.version, STATE_VERSION);
         assert_eq!(state.written_at_ms, 1_764_100_000_000);
         let ev = &state.events[0];
-        assert_eq!(ev.origin, ORIGIN_USER);
+        assert_eq!(ev.origin, SavedOrigin::User);
         assert_eq!(ev.repo, Path::new("/srv/git/alice/project.git"));
         assert_eq!(ev.oids, [A]);
         assert_eq!(ev.ref_updates[0].oid.as_deref(), Some(A));
@@ -760,7 +803,7 @@ mod tests {
         );
         assert_eq!(ev.remaining_ms, 1_500_000);
         assert_eq!(state.expired_ids.len(), 1);
-        assert_eq!(state.naughty[0].category, NAUGHTY_TLS);
+        assert_eq!(state.naughty[0].category, SavedCategory::Tls);
         // The fields added since version 1 first shipped.
         assert_eq!(ev.ref_updates[2].name, "refs/heads/old");
         assert!(ev.ref_updates[2].delete);

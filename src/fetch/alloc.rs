@@ -1,5 +1,5 @@
 //! libgit2's allocator, replaced so that the memory a fetch makes libgit2 hold is counted and
-//! bounded (the budget itself, and what it refuses, is `crate::fetch::net`'s business).
+//! bounded (the budget itself, and what it refuses, is `crate::fetch::conn`'s business).
 //!
 //! A pack's object headers and delta instructions decide how much libgit2 allocates while it
 //! indexes: 80 KB on the wire can make it allocate gigabytes (a "delta bomb"), and none of that
@@ -15,7 +15,7 @@
 
 use std::ffi::{c_char, c_int, c_void};
 
-use crate::fetch::net;
+use crate::fetch::conn;
 
 /// libgit2's `git_allocator` (`include/git2/sys/alloc.h` of libgit2 1.9).
 #[repr(C)]
@@ -60,13 +60,13 @@ unsafe fn usable(p: *mut c_void) -> usize {
 }
 
 unsafe extern "C" fn gmalloc(len: usize, _file: *const c_char, _line: c_int) -> *mut c_void {
-    if !net::may_allocate(len, len) {
+    if !conn::may_allocate(len, len) {
         return std::ptr::null_mut();
     }
     // SAFETY: plain `malloc`; a null result is libgit2's to handle (it reports out of memory).
     let p = unsafe { libc::malloc(len) };
     // SAFETY: `p` is null or the block just allocated.
-    net::allocated(unsafe { usable(p) }, 0);
+    conn::allocated(unsafe { usable(p) }, 0);
     p
 }
 
@@ -78,7 +78,7 @@ unsafe extern "C" fn grealloc(
 ) -> *mut c_void {
     // SAFETY: libgit2 passes null or a live block it allocated, with `malloc` either way.
     let before = unsafe { usable(ptr) };
-    if !net::may_allocate(len, len.saturating_sub(before)) {
+    if !conn::may_allocate(len, len.saturating_sub(before)) {
         // `ptr` stays valid, as `realloc` leaves it on failure.
         return std::ptr::null_mut();
     }
@@ -86,14 +86,14 @@ unsafe extern "C" fn grealloc(
     let p = unsafe { libc::realloc(ptr, len) };
     if !p.is_null() {
         // SAFETY: `p` is the block just (re)allocated.
-        net::allocated(unsafe { usable(p) }, before);
+        conn::allocated(unsafe { usable(p) }, before);
     }
     p
 }
 
 unsafe extern "C" fn gfree(ptr: *mut c_void) {
     // SAFETY: libgit2 passes null or a live block it allocated, with `malloc` either way.
-    net::allocated(0, unsafe { usable(ptr) });
+    conn::allocated(0, unsafe { usable(ptr) });
     // SAFETY: as above; `free(NULL)` is a no-op.
     unsafe { libc::free(ptr) }
 }

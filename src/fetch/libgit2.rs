@@ -1,17 +1,8 @@
-//! Every `unsafe` line of the crate lives under this module.
-//!
-//! - [`stream`]: the socket stream the engine registers with libgit2, so that every fetch's
-//!   connections obey the engine's limits (see `crate::fetch::net`).
-//! - [`alloc`]: libgit2's allocator, replaced so that each fetch's memory is counted and
-//!   bounded (see `crate::fetch::net`).
-//! - [`set_git_timeouts`]: libgit2's process-wide socket timeouts, for sockets the engine's
-//!   stream does not serve; [`set_max_object_size`]: its limit on objects built from deltas.
-//! - [`try_lock_exclusive`]: `flock` on the state file's lock file (`crate::persist::lock`).
-
-#![allow(unsafe_code)]
-
-pub(crate) mod alloc;
-pub(crate) mod stream;
+//! libgit2 calls that `git2` does not wrap, for the fetcher: the process-wide options
+//! ([`set_git_timeouts`], [`set_max_object_size`]), a pack backend for the quarantine
+//! ([`add_pack_backend`]), the server's capabilities ([`ids_allowed`]) and a connection that
+//! follows no redirect ([`connect_for_fetch`]). The fetcher's other unsafe code is the socket
+//! stream ([`super::stream`]) and libgit2's allocator ([`super::alloc`]).
 
 use std::time::Duration;
 
@@ -25,28 +16,6 @@ pub(crate) fn set_git_timeouts(connect: Duration, io: Duration) -> Result<(), gi
     unsafe {
         git2::opts::set_server_connect_timeout_in_milliseconds(ms(connect))?;
         git2::opts::set_server_timeout_in_milliseconds(ms(io))
-    }
-}
-
-/// Takes an exclusive advisory lock on `file` without waiting (`flock(LOCK_EX | LOCK_NB)`).
-/// `Ok(false)`: another open file description holds it, in this process or another. The lock
-/// lasts until this open file is closed (dropped), and the kernel drops it when the process
-/// dies, so a crash never leaves it behind.
-#[cfg(unix)]
-pub(crate) fn try_lock_exclusive(file: &std::fs::File) -> std::io::Result<bool> {
-    use std::os::unix::io::AsRawFd;
-    loop {
-        // SAFETY: `flock` takes a descriptor and flags and touches no memory of ours; `file`
-        // keeps the descriptor open for the length of the call.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-            return Ok(true);
-        }
-        let e = std::io::Error::last_os_error();
-        match e.kind() {
-            std::io::ErrorKind::WouldBlock => return Ok(false),
-            std::io::ErrorKind::Interrupted => continue,
-            _ => return Err(e),
-        }
     }
 }
 

@@ -1,13 +1,13 @@
 //! The scheduler's decisions, as a plain state machine.
 //!
-//! [`Core`] owns the purgatory queue and decides everything: which entry is ready, which URL to
+//! [`Queue`] owns the purgatory queue and decides everything: which entry is ready, which URL to
 //! try next, when to back off, when an event is released or expired. It performs no I/O and
 //! reads no clock: callers pass `now` and carry out the [`Action`]s it returns. The scheduler
 //! thread is a thin loop around it, and unit tests drive it directly with a fake clock.
 //!
 //! An event with ref updates is not released when its last object arrives: it then *awaits its
 //! refs*. The core asks for them to be written ([`Action::ApplyRefs`]) once no fetch runs in the
-//! repository, and releases the event only when [`Core::refs_applied`] reports success. A
+//! repository, and releases the event only when [`Queue::refs_applied`] reports success. A
 //! failure is retried at the first pass a tick later, until the event's lifetime ends.
 //!
 //! Complete ref sets (repository states) with a `created_at` are ordered: the core remembers,
@@ -28,12 +28,8 @@ use crate::config::Config;
 use crate::event::{ExpiryReason, Origin, Outcome, RefUpdate, RefsOutcome};
 use crate::fetch::{FailureKind, FetchError, FetchMode, FetchReport, FetchRequest};
 use crate::policy::CloneUrl;
-use crate::state::{
-    SavedEvent, SavedExpiredId, SavedNaughty, SavedNewestState, SavedRef, StateFile,
-};
 use crate::stats::{FailureRecord, ReleaseHistogram, Stats};
 use crate::ObjectId;
-use crate::RefTarget;
 
 pub(crate) type EntryId = u64;
 pub(crate) type JobId = u64;
@@ -97,24 +93,24 @@ pub(crate) struct Job {
 /// Something the scheduler loop must do for the core, in order.
 #[derive(Debug)]
 pub(crate) enum Action {
-    /// Run this fetch on a worker and hand the report to [`Core::job_done`].
+    /// Run this fetch on a worker and hand the report to [`Queue::job_done`].
     Dispatch(Job),
     /// Send this outcome to the host.
     Emit(Outcome),
-    /// Ask the repository which of `oids` it holds and hand the answer to [`Core::checked`].
+    /// Ask the repository which of `oids` it holds and hand the answer to [`Queue::checked`].
     Check {
         entry: EntryId,
         repo: Arc<Path>,
         oids: Vec<ObjectId>,
     },
     /// Remove the temporary refs of `oids`; the repository has no fetch running, and stays
-    /// busy (no fetch, no ref write) until [`Core::refs_dropped`].
+    /// busy (no fetch, no ref write) until [`Queue::refs_dropped`].
     DropRefs {
         repo: Arc<Path>,
         oids: Vec<ObjectId>,
     },
     /// Write the event's ref updates in one transaction (with `replace_refs`, deleting the
-    /// branches and tags they do not name) and hand the result to [`Core::refs_applied`]; the
+    /// branches and tags they do not name) and hand the result to [`Queue::refs_applied`]; the
     /// repository has no fetch running.
     ApplyRefs {
         event_id: Arc<str>,
@@ -154,7 +150,7 @@ struct Entry {
     in_attempt: bool,
     /// Incomplete attempts in a row since the last new event.
     attempts: u32,
-    /// When the entry is next ready; its key in `Core::schedule` while not running.
+    /// When the entry is next ready; its key in `Queue::schedule` while not running.
     next_attempt: Instant,
     running: Option<JobId>,
     /// Earliest first-attempt time asked for by events that arrived during an attempt or a
@@ -353,112 +349,6 @@ pub(crate) const LEAK_NAUGHTY_BYTES: u64 = 1 << 20;
 /// How many failures [`Stats::recent_failures`] keeps.
 const RECENT_FAILURES: usize = 32;
 
-/// The durable state taken by [`Core::snapshot`].
-pub(crate) struct Snapshot {
-    written_at_ms: u64,
-    events: Vec<SnapshotEvent>,
-    /// Recently expired ids with the time they are still refused.
-    expired_ids: Vec<(Arc<str>, Duration)>,
-    naughty: Vec<SavedNaughty>,
-    /// The newest complete ref set written in each repository, with the time it is still
-    /// remembered.
-    newest_states: Vec<(Arc<Path>, u64, Duration)>,
-}
-
-/// A waiting event in a [`Snapshot`].
-struct SnapshotEvent {
-    /// Submission order.
-    seq: u64,
-    id: Arc<str>,
-    identifier: Arc<str>,
-    repo: Arc<Path>,
-    oids: Vec<ObjectId>,
-    urls: Vec<Arc<str>>,
-    origin: Origin,
-    refs: Arc<[RefUpdate]>,
-    replace_refs: bool,
-    created_at: Option<u64>,
-    remaining: Duration,
-    waited: Duration,
-}
-
-impl Snapshot {
-    /// The state file's contents: events in submission order (so that a restore keeps it),
-    /// expired ids sorted.
-    pub fn into_state_file(self) -> StateFile {
-        let ms = crate::state::millis;
-        let mut events = self.events;
-        events.sort_unstable_by_key(|e| e.seq);
-        let events = events
-            .into_iter()
-            .map(|ev| SavedEvent {
-                id: ev.id.to_string(),
-                identifier: ev.identifier.to_string(),
-                repo: ev.repo.to_path_buf(),
-                oids: ev.oids.iter().map(ObjectId::to_string).collect(),
-                clone_urls: ev.urls.iter().map(|u| u.to_string()).collect(),
-                origin: match ev.origin {
-                    Origin::User => "user",
-                    Origin::Sync => "sync",
-                }
-                .to_owned(),
-                ref_updates: ev
-                    .refs
-                    .iter()
-                    .map(|r| {
-                        let saved = SavedRef::new(r.name.clone());
-                        match &r.target {
-                            RefTarget::Oid(o) => SavedRef {
-                                oid: Some(o.clone()),
-                                ..saved
-                            },
-                            RefTarget::Symbolic(t) => SavedRef {
-                                symbolic: Some(t.clone()),
-                                ..saved
-                            },
-                            RefTarget::Delete => SavedRef {
-                                delete: true,
-                                ..saved
-                            },
-                        }
-                    })
-                    .collect(),
-                replace_refs: ev.replace_refs,
-                created_at: ev.created_at,
-                remaining_ms: ms(ev.remaining),
-                waited_ms: ms(ev.waited),
-            })
-            .collect();
-        let mut expired_ids: Vec<SavedExpiredId> = self
-            .expired_ids
-            .into_iter()
-            .map(|(id, remaining)| SavedExpiredId {
-                id: id.to_string(),
-                remaining_ms: ms(remaining),
-            })
-            .collect();
-        expired_ids.sort_unstable_by(|a, b| a.id.cmp(&b.id));
-        let mut newest_states: Vec<SavedNewestState> = self
-            .newest_states
-            .into_iter()
-            .map(|(repo, created_at, remaining)| SavedNewestState {
-                repo: repo.to_path_buf(),
-                created_at,
-                remaining_ms: ms(remaining),
-            })
-            .collect();
-        newest_states.sort_unstable_by(|a, b| a.repo.cmp(&b.repo));
-        StateFile {
-            version: crate::state::STATE_VERSION,
-            written_at_ms: self.written_at_ms,
-            events,
-            expired_ids,
-            naughty: self.naughty,
-            newest_states,
-        }
-    }
-}
-
 #[derive(Default)]
 struct Counters {
     submitted: u64,
@@ -481,7 +371,7 @@ struct Counters {
 }
 
 /// The purgatory queue and every scheduling decision.
-pub(crate) struct Core {
+pub(crate) struct Queue {
     cfg: Arc<Config>,
     /// Events admitted by the handle and not yet gone; the handle increments it, the core
     /// decrements it when an event leaves.
@@ -529,11 +419,11 @@ pub(crate) struct Core {
     last_now: Instant,
 }
 
-impl Core {
+impl Queue {
     pub fn new(cfg: Arc<Config>, admitted: Arc<AtomicUsize>) -> Self {
         let cfg_for_domains = cfg.clone();
         let cfg_urls_cap = cfg.max_urls_per_identifier;
-        Core {
+        Queue {
             cfg,
             admitted,
             entries: HashMap::new(),
@@ -1256,13 +1146,13 @@ impl Core {
     ///
     /// A checkpoint calls this under the core's lock, so it only copies shared handles and
     /// plain values; [`Snapshot::into_state_file`] makes the file's text outside the lock.
-    pub fn snapshot(&self, now: Instant, wall_ms: u64) -> Snapshot {
+    pub fn snapshot(&self, now: Instant, wall_ms: u64) -> crate::persist::Snapshot {
         let events = self
             .events
             .iter()
             .map(|(id, ev)| {
                 let e = &self.entries[&ev.entry];
-                SnapshotEvent {
+                crate::persist::SnapshotEvent {
                     seq: ev.seq,
                     id: Arc::clone(id),
                     identifier: Arc::clone(&e.identifier),
@@ -1290,7 +1180,7 @@ impl Core {
             .filter(|(_, n)| n.until > now)
             .map(|(repo, n)| (Arc::clone(repo), n.created_at, n.until - now))
             .collect();
-        Snapshot {
+        crate::persist::Snapshot {
             written_at_ms: wall_ms,
             events,
             expired_ids,
@@ -1332,7 +1222,7 @@ impl Core {
         &mut self,
         events: Vec<RestoredEvent>,
         expired_ids: Vec<(Arc<str>, Duration)>,
-        naughty: Vec<crate::state::SavedNaughty>,
+        naughty: Vec<crate::persist::NaughtyRecord>,
         downtime: Duration,
         now: Instant,
         wall_ms: u64,
@@ -1874,7 +1764,7 @@ impl Core {
     }
 }
 
-/// Whether entry `id` still waits for the turn `ticket` (`Core::still_parked`, for where
+/// Whether entry `id` still waits for the turn `ticket` (`Queue::still_parked`, for where
 /// `self` is borrowed elsewhere).
 fn parked_at(entries: &HashMap<EntryId, Entry>, id: EntryId, ticket: u64) -> bool {
     entries
@@ -1896,5 +1786,4 @@ fn remove_from_index<K: std::hash::Hash + Eq + ?Sized>(
 }
 
 #[cfg(test)]
-#[path = "core_tests.rs"]
 mod tests;

@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::clock::{Clock, FakeClock};
+use crate::state_file::SavedOrigin;
 use std::path::PathBuf;
 
 fn oid(n: u8) -> ObjectId {
@@ -13,7 +14,7 @@ fn oid(n: u8) -> ObjectId {
 type Apply = (Arc<str>, Arc<Path>, Arc<[RefUpdate]>, bool);
 
 struct Harness {
-    core: Core,
+    core: Queue,
     clock: FakeClock,
     admitted: Arc<AtomicUsize>,
     outcomes: Vec<Outcome>,
@@ -32,7 +33,7 @@ impl Harness {
     fn with(cfg: Config) -> Self {
         let admitted = Arc::new(AtomicUsize::new(0));
         Harness {
-            core: Core::new(Arc::new(cfg), admitted.clone()),
+            core: Queue::new(Arc::new(cfg), admitted.clone()),
             clock: FakeClock::new(),
             admitted,
             outcomes: Vec::new(),
@@ -535,7 +536,10 @@ fn a_user_republishing_a_waiting_synced_event_restarts_its_lifetime() {
     let saved = |id: &str| {
         let e = file.events.iter().find(|e| e.id == id).unwrap();
         (
-            e.origin.as_str(),
+            match e.origin {
+                SavedOrigin::User => "user",
+                SavedOrigin::Sync => "sync",
+            },
             e.remaining_ms / 60_000,
             e.waited_ms / 60_000,
         )
@@ -2140,7 +2144,6 @@ fn restored_events_are_timed_from_their_first_submission() {
     assert_eq!(t, h.waits_of_outcomes());
 }
 
-#[path = "core_props.rs"]
 mod props;
 
 /// A checkpoint's snapshot, made into the state file: events in submission order (the map
@@ -2196,7 +2199,7 @@ fn a_snapshot_keeps_submission_order_and_every_field() {
     );
     assert_eq!(e.oids, [oid(3).to_string(), oid(4).to_string()]);
     assert_eq!(e.clone_urls, ["git://a/r"]);
-    assert_eq!(e.origin, "sync");
+    assert_eq!(e.origin, SavedOrigin::Sync);
     assert_eq!(e.ref_updates.len(), 2);
     assert_eq!(e.ref_updates[0].oid.as_deref(), Some(&*oid(3).to_string()));
     assert_eq!(

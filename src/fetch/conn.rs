@@ -2,7 +2,7 @@
 //!
 //! libgit2's own sockets only know a per-read timeout, and its progress callback fires every
 //! 100 KB, so a server that drips one byte a second could hold a worker forever. The engine
-//! therefore registers its own socket stream with libgit2 (the glue is in `crate::ffi::stream`);
+//! therefore registers its own socket stream with libgit2 (the glue is in `crate::fetch::stream`);
 //! libgit2 still speaks the git and HTTP protocols and does TLS on top of it, but every
 //! connect, read and write goes through [`Conn`] here, which checks the fetch's wall-clock
 //! deadline, the cancel flag, the byte cap and the idle timeout, and records precisely why it
@@ -13,7 +13,7 @@
 //! sockets with the default timeouts.
 //!
 //! The context also counts the memory libgit2 holds for the fetch: the engine's allocator
-//! (`crate::ffi::alloc`) asks [`may_allocate`] before every allocation libgit2 makes and
+//! (`crate::fetch::alloc`) asks [`may_allocate`] before every allocation libgit2 makes and
 //! reports each block to [`allocated`]. A fetch may hold at most its budget at once, and once
 //! its deadline has passed or the engine is shutting down, every large allocation is refused.
 //! Resolving a pack's deltas happens inside libgit2 with no socket read, and allocates the
