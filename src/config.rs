@@ -7,16 +7,31 @@ use crate::clock::{Clock, SystemClock};
 use crate::error::BuildError;
 use crate::fetch::{Fetcher, GitFetcher};
 
-/// Default of [`EngineBuilder::max_fetch_memory`].
-pub(crate) const DEFAULT_MAX_FETCH_MEMORY: u64 = 512 << 20;
-/// Default of [`EngineBuilder::max_total_fetch_memory`].
-pub(crate) const DEFAULT_MAX_TOTAL_FETCH_MEMORY: u64 = 4 << 30;
-/// Default of [`EngineBuilder::workers`].
-pub(crate) const DEFAULT_WORKERS: usize = 32;
-/// Default of [`EngineBuilder::max_object_size`].
-pub(crate) const DEFAULT_MAX_OBJECT_SIZE: u64 = 100 << 20;
-/// Default of [`EngineBuilder::max_advertisement_bytes`].
-pub(crate) const DEFAULT_MAX_ADVERTISEMENT_BYTES: u64 = 32 << 20;
+/// The network and fetch defaults, in one place: the engine's settings ([`Config::default`]),
+/// a [`FetchControl`](crate::FetchControl) made without an engine, and the plain sockets the
+/// engine's stream gives libgit2 outside any fetch all start from these.
+pub(crate) mod net_defaults {
+    use std::time::Duration;
+
+    /// [`EngineBuilder::connect_timeout`](super::EngineBuilder::connect_timeout).
+    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+    /// [`EngineBuilder::io_timeout`](super::EngineBuilder::io_timeout).
+    pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
+    /// [`EngineBuilder::fetch_deadline`](super::EngineBuilder::fetch_deadline).
+    pub const FETCH_DEADLINE: Duration = Duration::from_secs(120);
+    /// [`EngineBuilder::max_fetch_bytes`](super::EngineBuilder::max_fetch_bytes).
+    pub const MAX_FETCH_BYTES: u64 = 1 << 30;
+    /// [`EngineBuilder::max_fetch_memory`](super::EngineBuilder::max_fetch_memory).
+    pub const MAX_FETCH_MEMORY: u64 = 512 << 20;
+    /// [`EngineBuilder::max_total_fetch_memory`](super::EngineBuilder::max_total_fetch_memory).
+    pub const MAX_TOTAL_FETCH_MEMORY: u64 = 4 << 30;
+    /// [`EngineBuilder::max_object_size`](super::EngineBuilder::max_object_size).
+    pub const MAX_OBJECT_SIZE: u64 = 100 << 20;
+    /// [`EngineBuilder::max_advertisement_bytes`](super::EngineBuilder::max_advertisement_bytes).
+    pub const MAX_ADVERTISEMENT_BYTES: u64 = 32 << 20;
+    /// [`EngineBuilder::workers`](super::EngineBuilder::workers): fetches in flight.
+    pub const WORKERS: usize = 32;
+}
 
 /// Validated settings, shared read-only by the scheduler and the handle.
 #[derive(Debug, Clone)]
@@ -47,10 +62,10 @@ pub(crate) struct Config {
     pub thread_name: String,
     pub domain_limits: DomainLimits,
     pub domain_overrides: std::collections::HashMap<String, DomainLimits>,
-    pub our_domain: Option<crate::policy::OwnDomain>,
     pub naughty_duration: Duration,
-    pub allow_private_addresses: bool,
-    pub allowed_schemes: Vec<String>,
+    /// The allowed schemes, private addresses and own domain, as one policy: built by the
+    /// builder's setters, checked at `build()` and shared read-only by submit and every fetch.
+    pub url_policy: crate::policy::UrlPolicy,
     pub state_file: Option<std::path::PathBuf>,
     pub checkpoint_interval: Duration,
     pub move_unreadable_state_aside: bool,
@@ -130,15 +145,15 @@ impl Default for Config {
             backoff_cap: Duration::from_secs(120),
             event_lifetime: Duration::from_secs(30 * 60),
             expired_memory: Duration::from_secs(7 * 24 * 60 * 60),
-            workers: DEFAULT_WORKERS,
-            fetch_deadline: Duration::from_secs(120),
-            connect_timeout: Duration::from_secs(10),
-            io_timeout: Duration::from_secs(30),
-            max_fetch_bytes: 1 << 30,
-            max_fetch_memory: DEFAULT_MAX_FETCH_MEMORY,
-            max_total_fetch_memory: DEFAULT_MAX_TOTAL_FETCH_MEMORY,
-            max_object_size: DEFAULT_MAX_OBJECT_SIZE,
-            max_advertisement_bytes: DEFAULT_MAX_ADVERTISEMENT_BYTES,
+            workers: net_defaults::WORKERS,
+            fetch_deadline: net_defaults::FETCH_DEADLINE,
+            connect_timeout: net_defaults::CONNECT_TIMEOUT,
+            io_timeout: net_defaults::IO_TIMEOUT,
+            max_fetch_bytes: net_defaults::MAX_FETCH_BYTES,
+            max_fetch_memory: net_defaults::MAX_FETCH_MEMORY,
+            max_total_fetch_memory: net_defaults::MAX_TOTAL_FETCH_MEMORY,
+            max_object_size: net_defaults::MAX_OBJECT_SIZE,
+            max_advertisement_bytes: net_defaults::MAX_ADVERTISEMENT_BYTES,
             fetch_depth: None,
             max_events: 1_000_000,
             max_oids_per_event: 1024,
@@ -149,10 +164,8 @@ impl Default for Config {
             thread_name: "psync".to_owned(),
             domain_limits: DomainLimits::default(),
             domain_overrides: std::collections::HashMap::new(),
-            our_domain: None,
             naughty_duration: Duration::from_secs(12 * 60 * 60),
-            allow_private_addresses: false,
-            allowed_schemes: vec!["https".to_owned(), "http".to_owned(), "git".to_owned()],
+            url_policy: crate::policy::UrlPolicy::new(),
             state_file: None,
             checkpoint_interval: Duration::from_secs(60),
             move_unreadable_state_aside: false,
@@ -433,11 +446,11 @@ impl EngineBuilder {
         // The same canonical form as the domains of clone URLs (IPv6 brackets, IDN, case).
         match crate::policy::OwnDomain::parse(domain) {
             Ok(own) => {
-                self.cfg.our_domain = Some(own);
+                self.cfg.url_policy = self.cfg.url_policy.clone().own_domain(Some(own));
                 self.our_domain_error = None;
             }
             Err(why) => {
-                self.cfg.our_domain = None;
+                self.cfg.url_policy = self.cfg.url_policy.clone().own_domain(None);
                 self.our_domain_error = Some(format!("{domain:?}: {why}"));
             }
         }
@@ -469,7 +482,7 @@ impl EngineBuilder {
     /// unspecified addresses (default `false`; tests and the demo, which serve git on
     /// 127.0.0.x, set it).
     pub fn allow_private_addresses(mut self, allow: bool) -> Self {
-        self.cfg.allow_private_addresses = allow;
+        self.cfg.url_policy = self.cfg.url_policy.clone().allow_private_addresses(allow);
         self
     }
 
@@ -480,10 +493,8 @@ impl EngineBuilder {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        self.cfg.allowed_schemes = schemes
-            .into_iter()
-            .map(|s| s.into().to_ascii_lowercase())
-            .collect();
+        let schemes: Vec<String> = schemes.into_iter().map(Into::into).collect();
+        self.cfg.url_policy = self.cfg.url_policy.clone().allowed_schemes(schemes);
         self
     }
 
@@ -599,6 +610,12 @@ impl EngineBuilder {
         crate::engine::Engine::start(self.cfg, self.clock, fetcher, builtin)
     }
 
+    /// The settings so far, for the crate's tests.
+    #[cfg(test)]
+    pub(crate) fn config(&self) -> &Config {
+        &self.cfg
+    }
+
     fn validate(&self) -> Result<(), BuildError> {
         let c = &self.cfg;
         let ms = Duration::from_millis(1);
@@ -700,7 +717,7 @@ impl EngineBuilder {
             ms,
             Duration::from_secs(24 * 3600),
         )?;
-        if c.allowed_schemes.is_empty() {
+        if c.url_policy.schemes().is_empty() {
             return bad("allowed_schemes", "no scheme allowed".to_owned());
         }
         let name = &c.thread_name;
@@ -817,7 +834,7 @@ mod our_domain_tests {
             ("127.0.0.3", "127.0.0.3"),
         ] {
             let b = EngineBuilder::new().our_domain(given);
-            let own = b.cfg.our_domain.as_ref().expect("a valid own domain");
+            let own = b.cfg.url_policy.own().expect("a valid own domain");
             assert_eq!((&*own.host, own.port), (canonical, None), "{given}");
             let url = format!("https://{given}/r.git");
             assert_eq!(
@@ -839,7 +856,7 @@ mod our_domain_tests {
             (" relay.example.com:80 ", "relay.example.com", 80),
         ] {
             let b = EngineBuilder::new().our_domain(given);
-            let own = b.cfg.our_domain.as_ref().expect("a valid own domain");
+            let own = b.cfg.url_policy.own().expect("a valid own domain");
             assert_eq!((&*own.host, own.port), (host, Some(port)), "{given}");
             assert!(b.validate().is_ok(), "{given}");
         }

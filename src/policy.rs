@@ -203,15 +203,21 @@ impl UrlPolicy {
         }
     }
 
-    /// The policy of an engine's configuration.
-    pub(crate) fn from_config(cfg: &crate::config::Config) -> Self {
-        let policy = UrlPolicy::new()
-            .allowed_schemes(cfg.allowed_schemes.iter().map(String::as_str))
-            .allow_private_addresses(cfg.allow_private_addresses);
-        UrlPolicy {
-            our_domain: cfg.our_domain.clone(),
-            ..policy
-        }
+    /// Sets or clears the own domain, already parsed (the builder refuses one that is not a
+    /// host).
+    pub(crate) fn own_domain(mut self, own: Option<OwnDomain>) -> Self {
+        self.our_domain = own;
+        self
+    }
+
+    /// The own domain, if any.
+    pub(crate) fn own(&self) -> Option<&OwnDomain> {
+        self.our_domain.as_ref()
+    }
+
+    /// The allowed schemes, lower case.
+    pub(crate) fn schemes(&self) -> &[String] {
+        &self.schemes
     }
 
     /// Whether hosts may be loopback, private, link-local, multicast or unspecified addresses
@@ -1032,12 +1038,17 @@ mod tests {
 
     #[test]
     fn the_policy_follows_the_configuration() {
-        let mut cfg = crate::config::Config::default();
-        assert_eq!(UrlPolicy::from_config(&cfg), UrlPolicy::new());
-        cfg.allow_private_addresses = true;
-        cfg.allowed_schemes = vec!["https".to_owned()];
-        cfg.our_domain = Some(OwnDomain::parse("relay.example.com:443").unwrap());
-        let p = UrlPolicy::from_config(&cfg);
+        assert_eq!(
+            crate::config::Config::default().url_policy,
+            UrlPolicy::new()
+        );
+        let p = crate::EngineBuilder::new()
+            .allow_private_addresses(true)
+            .allowed_schemes(["HTTPS"])
+            .our_domain("relay.example.com:443")
+            .config()
+            .url_policy
+            .clone();
         assert!(p.private_addresses_allowed());
         accepted(&p, "https://127.0.0.1/x.git");
         assert_eq!(

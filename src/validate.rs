@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use crate::config::Config;
 use crate::error::SubmitError;
 use crate::event::RefusedUrl;
-use crate::policy::{CloneUrl, UrlPolicy};
+use crate::policy::CloneUrl;
 use crate::{ObjectId, PendingEvent, RefTarget, RefUpdate, TEMP_REF_PREFIX};
 
 /// Longest event id or identifier accepted, in bytes.
@@ -95,7 +95,7 @@ pub(crate) fn event(ev: &PendingEvent, cfg: &Config) -> Result<Checked, SubmitEr
             max: cfg.max_urls_per_event,
         });
     }
-    let policy = UrlPolicy::from_config(cfg);
+    let policy = &cfg.url_policy;
     let mut urls: Vec<CloneUrl> = Vec::with_capacity(ev.clone_urls.len());
     let mut seen = std::collections::HashSet::with_capacity(ev.clone_urls.len());
     let mut refused = Vec::new();

@@ -38,6 +38,7 @@ use parking_lot::Mutex;
 
 use super::framing::{Protocol, Watch};
 use super::FailureKind;
+use crate::config::net_defaults;
 use crate::policy::{canonical_host, ip_allowed, Host};
 
 /// Longest a single blocking socket call waits before the limits are checked again, so that
@@ -48,10 +49,6 @@ const SLICE: Duration = Duration::from_millis(200);
 /// delta into a block as large as its result, so a pack that keeps libgit2 busy without reading
 /// the socket (deltas expanding to large objects) is stopped at its next delta.
 const STOP_CHECKED_BLOCK: usize = 64 * 1024;
-
-/// Timeouts used by streams opened outside any fetch.
-const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The limits of one fetch, shared by every connection it opens.
 #[derive(Debug)]
@@ -394,7 +391,7 @@ impl Conn {
     fn io_timeout(&self) -> Duration {
         self.ctx
             .as_ref()
-            .map_or(DEFAULT_IO_TIMEOUT, |c| c.io_timeout)
+            .map_or(net_defaults::IO_TIMEOUT, |c| c.io_timeout)
     }
 
     /// Time left until the deadline, or `cap` outside a fetch.
@@ -471,7 +468,7 @@ impl Conn {
         let connect_timeout = self
             .ctx
             .as_ref()
-            .map_or(DEFAULT_CONNECT_TIMEOUT, |c| c.connect_timeout);
+            .map_or(net_defaults::CONNECT_TIMEOUT, |c| c.connect_timeout);
         let mut last = None;
         for addr in addrs {
             self.check()?;

@@ -27,6 +27,7 @@ pub use git::GitFetcher;
 pub use git::TEMP_REF_PREFIX;
 pub(crate) use git::{init, open_bare};
 
+use crate::config::net_defaults;
 use crate::policy::UrlPolicy;
 use crate::ObjectId;
 
@@ -137,14 +138,14 @@ impl FetchControl {
         FetchControl {
             deadline,
             cancel,
-            max_bytes: 1 << 30,
-            max_memory: crate::config::DEFAULT_MAX_FETCH_MEMORY,
+            max_bytes: net_defaults::MAX_FETCH_BYTES,
+            max_memory: net_defaults::MAX_FETCH_MEMORY,
             memory_pool: None,
-            max_advertisement: crate::config::DEFAULT_MAX_ADVERTISEMENT_BYTES,
+            max_advertisement: net_defaults::MAX_ADVERTISEMENT_BYTES,
             gate: None,
             depth: None,
-            connect_timeout: Duration::from_secs(10),
-            io_timeout: Duration::from_secs(30),
+            connect_timeout: net_defaults::CONNECT_TIMEOUT,
+            io_timeout: net_defaults::IO_TIMEOUT,
             url_policy: UrlPolicy::new(),
             hide_temp_refs: true,
         }

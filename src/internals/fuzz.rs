@@ -51,9 +51,10 @@ pub fn submit_validation(event: &PendingEvent) {
         max_oids_per_event: 2,
         max_urls_per_event: 2,
         max_ref_updates_per_event: 2,
-        allow_private_addresses: true,
-        allowed_schemes: vec!["https".to_owned()],
-        our_domain: Some(OwnDomain::parse("relay.example.com").expect("a host")),
+        url_policy: UrlPolicy::new()
+            .allow_private_addresses(true)
+            .allowed_schemes(["https"])
+            .own_domain(Some(OwnDomain::parse("relay.example.com").expect("a host"))),
         ..Config::default()
     };
     check_submit(event, &small);
@@ -109,14 +110,14 @@ fn check_submit(ev: &PendingEvent, cfg: &Config) -> Option<SubmitError> {
     for url in &checked.urls {
         assert!(ev.clone_urls.iter().any(|u| *u == *url.url), "{}", url.url);
         assert!(
-            cfg.allowed_schemes.contains(&scheme_of(&url.url)),
+            cfg.url_policy.schemes().contains(&scheme_of(&url.url)),
             "{}",
             url.url
         );
         assert!(!url.domain.is_empty(), "{}", url.url);
         assert!(
-            !cfg.our_domain
-                .as_ref()
+            !cfg.url_policy
+                .own()
                 .is_some_and(|d| d.covers(&url.domain, url.port)),
             "{}",
             url.url
@@ -368,7 +369,7 @@ fn check_pending(event: &NostrEvent, pending: &PendingEvent, repo: Option<&RepoR
     }
     // What nip34 produced passes submit's checks, but for what nip34 leaves to the engine.
     let cfg = Config {
-        allow_private_addresses: true,
+        url_policy: UrlPolicy::new().allow_private_addresses(true),
         ..Config::default()
     };
     match check_submit(pending, &cfg) {

@@ -264,8 +264,8 @@ impl Domains {
     pub fn usable(&self, url: &CloneUrl, now: Instant) -> bool {
         if self
             .cfg
-            .our_domain
-            .as_ref()
+            .url_policy
+            .own()
             .is_some_and(|d| d.covers(&url.domain, url.port))
         {
             return false;

@@ -247,7 +247,7 @@ impl Scheduler {
         .with_max_advertisement(self.cfg.max_advertisement_bytes)
         .with_depth(self.cfg.fetch_depth)
         .with_timeouts(self.cfg.connect_timeout, self.cfg.io_timeout)
-        .with_url_policy(crate::policy::UrlPolicy::from_config(&self.cfg))
+        .with_url_policy(self.cfg.url_policy.clone())
         .with_hide_temp_refs(self.cfg.hide_temp_refs);
         log::debug!(
             "fetch {} of {} from {}",

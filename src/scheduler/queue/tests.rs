@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::clock::{Clock, FakeClock};
+use crate::policy::{OwnDomain, UrlPolicy};
 use crate::state_file::SavedOrigin;
 use std::path::PathBuf;
 
@@ -1916,7 +1917,8 @@ fn timeouts_refusals_and_missing_objects_do_not_make_a_domain_naughty() {
 #[test]
 fn our_own_domain_is_never_fetched_and_matched_on_the_whole_host() {
     let mut h = Harness::with(Config {
-        our_domain: Some(crate::policy::OwnDomain::parse("relay.example.com").unwrap()),
+        url_policy: UrlPolicy::new()
+            .own_domain(Some(OwnDomain::parse("relay.example.com").unwrap())),
         sync_delay: Duration::ZERO,
         ..Config::default()
     });
@@ -1943,7 +1945,8 @@ fn our_own_domain_is_never_fetched_and_matched_on_the_whole_host() {
 #[test]
 fn our_own_domain_with_a_port_skips_only_that_port() {
     let mut h = Harness::with(Config {
-        our_domain: Some(crate::policy::OwnDomain::parse("relay.example.com:443").unwrap()),
+        url_policy: UrlPolicy::new()
+            .own_domain(Some(OwnDomain::parse("relay.example.com:443").unwrap())),
         sync_delay: Duration::ZERO,
         ..Config::default()
     });
