@@ -45,21 +45,61 @@ pub(crate) fn init(cfg: &crate::config::Config) {
         if let Err(e) = super::libgit2::set_max_object_size(cfg.max_object_size) {
             log::warn!("could not set libgit2's largest object size: {e}");
         }
-        match crate::fetch::alloc::install() {
-            Ok(true) => {}
-            Ok(false) => log::info!(
+        install_glue(super::libgit2::linked_version());
+    });
+}
+
+/// What [`install_glue`] put in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Glue {
+    /// libgit2 allocates through the engine's allocator (each fetch's memory budget).
+    pub allocator: bool,
+    /// libgit2's standard stream is the engine's (deadline, byte cap, idle timeout, shutdown
+    /// checked on every read and write).
+    pub stream: bool,
+}
+
+/// Hands libgit2 the engine's allocator and socket stream, unless the libgit2 linked in
+/// (`version`) is not the series their hand-written C layouts follow: then neither is
+/// registered, and fetches run on libgit2's own sockets, bounded by its process-wide timeouts
+/// (set above) and by the fetch's progress callback, without a memory budget.
+pub(crate) fn install_glue(version: (u32, u32, u32)) -> Glue {
+    let none = Glue {
+        allocator: false,
+        stream: false,
+    };
+    if let Err(why) = super::libgit2::check_layouts(version) {
+        log::warn!(
+            "{why}: neither is registered; fetches use libgit2's own sockets with its \
+             timeouts and are not held to a memory budget"
+        );
+        return none;
+    }
+    let allocator = match crate::fetch::alloc::install() {
+        Ok(true) => true,
+        Ok(false) => {
+            log::info!(
                 "this platform cannot size allocations: fetches are not held to a memory budget"
-            ),
-            Err(e) => log::warn!(
-                "could not install the allocator, fetches are not held to a memory budget: {e}"
-            ),
+            );
+            false
         }
-        if let Err(e) = crate::fetch::stream::register() {
+        Err(e) => {
+            log::warn!(
+                "could not install the allocator, fetches are not held to a memory budget: {e}"
+            );
+            false
+        }
+    };
+    let stream = match crate::fetch::stream::register() {
+        Ok(()) => true,
+        Err(e) => {
             log::warn!(
                 "could not register the engine's socket stream, fetch limits are weaker: {e}"
             );
+            false
         }
-    });
+    };
+    Glue { allocator, stream }
 }
 
 /// Opens `path` as a bare repository, without searching parent directories.
@@ -1112,6 +1152,39 @@ mod tests {
             }
         }
         values
+    }
+
+    /// The socket stream and the allocator copy libgit2 1.9's C layouts by hand: handed to
+    /// another series they could corrupt memory, so they are registered only with 1.9, and this
+    /// build links 1.9 (so they are in use).
+    #[test]
+    fn the_hand_written_layouts_are_registered_only_with_libgit2_1_9() {
+        use crate::fetch::libgit2::{check_layouts, linked_version};
+        assert_eq!(
+            check_layouts(linked_version()),
+            Ok(()),
+            "{:?}",
+            linked_version()
+        );
+        assert!(check_layouts((1, 9, 0)).is_ok());
+        assert!(check_layouts((1, 9, 42)).is_ok());
+        for other in [(1, 8, 4), (1, 10, 0), (2, 9, 0), (0, 28, 5)] {
+            let why = check_layouts(other).expect_err("another series is refused");
+            let (major, minor, rev) = other;
+            assert!(
+                why.contains(&format!("libgit2 {major}.{minor}.{rev}")),
+                "{why}"
+            );
+            assert!(why.contains("libgit2 1.9"), "{why}");
+            assert_eq!(
+                install_glue(other),
+                Glue {
+                    allocator: false,
+                    stream: false
+                },
+                "nothing is registered with libgit2 {other:?}"
+            );
+        }
     }
 
     #[test]

@@ -6,6 +6,32 @@
 
 use std::time::Duration;
 
+/// The libgit2 series whose C layouts are copied by hand: `git_stream` and
+/// `git_stream_registration` (`include/git2/sys/stream.h`, in [`super::stream`]) and
+/// `git_allocator` (`include/git2/sys/alloc.h`, in [`super::alloc`]). libgit2-sys declares
+/// neither, and a newer series may change them.
+pub(crate) const LAYOUT_SERIES: (u32, u32) = (1, 9);
+
+/// The version of the libgit2 linked in: `(major, minor, revision)`.
+pub(crate) fn linked_version() -> (u32, u32, u32) {
+    git2::Version::get().libgit2_version()
+}
+
+/// `Ok` when `found` is the [`LAYOUT_SERIES`] the hand-written layouts were written for;
+/// otherwise why they must not be handed to it.
+pub(crate) fn check_layouts(found: (u32, u32, u32)) -> Result<(), String> {
+    let (major, minor, rev) = found;
+    if (major, minor) == LAYOUT_SERIES {
+        Ok(())
+    } else {
+        Err(format!(
+            "libgit2 {major}.{minor}.{rev} is linked in, but the engine's socket stream and \
+             allocator follow the C layouts of libgit2 {}.{}",
+            LAYOUT_SERIES.0, LAYOUT_SERIES.1
+        ))
+    }
+}
+
 /// Sets libgit2's process-wide connect and read timeouts. Both are set together: setting only
 /// the connect timeout breaks fetches ("Resource temporarily unavailable").
 pub(crate) fn set_git_timeouts(connect: Duration, io: Duration) -> Result<(), git2::Error> {

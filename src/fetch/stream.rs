@@ -1,7 +1,8 @@
 //! The C side of the engine's socket stream: a `git_stream` vtable whose callbacks forward to
 //! the safe [`Conn`](crate::fetch::conn::Conn).
 //!
-//! Layouts follow `include/git2/sys/stream.h` of libgit2 1.9 (`GIT_STREAM_VERSION` 1). Every
+//! Layouts follow `include/git2/sys/stream.h` of libgit2 1.9 (`GIT_STREAM_VERSION` 1); the
+//! stream is registered only when that series is linked in (`super::libgit2::check_layouts`). Every
 //! callback catches panics (unwinding into C is undefined behaviour) and reports errors through
 //! `git_error_set_str`, as libgit2's own streams do.
 
