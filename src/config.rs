@@ -332,7 +332,7 @@ impl EngineBuilder {
     /// A fetch that needs more fails with [`FailureKind::MemoryCap`](crate::FailureKind::MemoryCap)
     /// and costs nothing else. The fetches together hold at most
     /// [`max_total_fetch_memory`](Self::max_total_fetch_memory) (4 GiB) whatever the servers
-    /// send; see the README's "Limits".
+    /// send; see "Limits" in `docs/behaviour.md`.
     ///
     /// libgit2's allocations are counted through an allocator the engine installs for the
     /// process (plain `malloc`, `realloc` and `free` outside a fetch); on targets whose C
@@ -502,7 +502,7 @@ impl EngineBuilder {
     /// lifetimes, the expired-id memory and the naughty list. It is written atomically on
     /// [`shutdown`](crate::Engine::shutdown) and every
     /// [`checkpoint_interval`](Self::checkpoint_interval), and restored by `build`, so that a
-    /// restart or a crash loses at most one interval. See the README's "Persistence".
+    /// restart or a crash loses at most one interval. See `docs/state-file.md`.
     ///
     /// The file must be a regular file (or not exist yet: a first start); anything else, such
     /// as a directory or a FIFO, is refused with [`BuildError::StateFile`] and

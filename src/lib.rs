@@ -63,56 +63,13 @@
 //!
 //! # Behaviour
 //!
-//! | what | default | knob |
-//! |---|---|---|
-//! | scheduler tick (and an immediate wake on every command) | 1 s | [`EngineBuilder::tick`] |
-//! | first attempt after a user-submitted event | 180 s | [`EngineBuilder::user_delay`] |
-//! | first attempt after a sync-received event | 500 ms | [`EngineBuilder::sync_delay`] |
-//! | backoff after an incomplete attempt | 20 s, 40 s, 80 s, then 120 s | [`EngineBuilder::backoff_base`], [`EngineBuilder::backoff_cap`] |
-//! | event lifetime in purgatory | 30 min | [`EngineBuilder::event_lifetime`] |
-//! | expired event id remembered: a synced re-submission whose data is still missing is refused | 7 days | [`EngineBuilder::expired_memory`] |
-//! | worker threads (fetches in flight) | 32 | [`EngineBuilder::workers`] |
-//! | hard limit on one fetch | 120 s | [`EngineBuilder::fetch_deadline`] |
-//! | most bytes one fetch may receive | 1 GiB | [`EngineBuilder::max_fetch_bytes`] |
-//! | most memory libgit2 may hold for one fetch | 512 MiB | [`EngineBuilder::max_fetch_memory`] |
-//! | most memory libgit2 may hold for all fetches together | 4 GiB | [`EngineBuilder::max_total_fetch_memory`] |
-//! | largest object a delta may build (process-wide) | 100 MiB | [`EngineBuilder::max_object_size`] |
-//! | largest ref advertisement | 32 MiB | [`EngineBuilder::max_advertisement_bytes`] |
-//! | most distinct clone URLs of one identifier's waiting events | 256 | [`EngineBuilder::max_urls_per_identifier`] |
-//! | connect timeout / longest silence on a connection | 10 s / 30 s | [`EngineBuilder::connect_timeout`], [`EngineBuilder::io_timeout`] |
-//! | shallow fetch | off | [`EngineBuilder::fetch_depth`] |
-//! | the relay's own domain, never fetched from: `host` (every port) or `host:port` (that authority only) | none | [`EngineBuilder::our_domain`] |
-//! | temporary refs hidden from the relay's clients (`transfer.hideRefs`) | yes | [`EngineBuilder::hide_temp_refs`] |
-//!
-//! An attempt tries the identifier's clone URLs one after another, each fetch asking for the
-//! objects still missing, until every waiting event is satisfied or every URL was tried; objects
-//! may come from different URLs. A new event for a queued identifier resets the backoff and
-//! moves the next attempt earlier, never later. At most one fetch runs per identifier and per
-//! repository. Fetched objects are kept reachable under [`TEMP_REF_PREFIX`] until their event
-//! leaves purgatory; those refs are hidden from the relay's clients (`transfer.hideRefs` in the
-//! repository's configuration, see [`EngineBuilder::hide_temp_refs`]). An event's [`RefUpdate`]s are written in one transaction, all or none,
-//! before its [`Outcome::Released`] is sent; a ref update may delete its ref
-//! ([`RefTarget::Delete`]), and a repository state's updates are its complete set of branches
-//! and tags ([`PendingEvent::replace_refs`]): the others are deleted in the same transaction.
-//! Of two such states of one repository the newest ([`PendingEvent::created_at`]) wins: an
-//! older one released after a newer one was written is not written, and its outcome says so
-//! ([`RefsOutcome::SkippedOlderState`]).
-//!
-//! A host's calls from one thread take effect in the order it made them: a submit right after
-//! a cancel of the same id queues the event anew, and a submit of an id that still waits is a
-//! re-submission (one event, one outcome), which changes nothing unless a user re-publishes a
-//! synced event: it then becomes a user event whose lifetime starts again. An expired id is
-//! refused only as a synced event whose objects are still missing, for
-//! [`EngineBuilder::expired_memory`]. See [`Engine::submit`].
-//!
-//! Each fetch is bounded: the engine registers its own socket stream with libgit2, so the
-//! deadline, the byte cap, the idle timeout and shutdown are checked on every read and write,
-//! and every failure is classified ([`FailureKind`]). It also installs an allocator for
-//! libgit2 that holds each fetch to its memory budget and stops delta resolution, which reads
-//! no socket, at the deadline; the engine's fetches together never hold more than
-//! `max_total_fetch_memory` (4 GiB). A fetch's packs are quarantined and kept only
-//! when they brought a wanted object. See [`GitFetcher`] for how the objects to
-//! ask for are chosen when a server does not allow fetching by id.
+//! Every setting is a method of [`EngineBuilder`], whose documentation gives its default. An
+//! attempt tries an identifier's clone URLs one after another until every waiting event has its
+//! objects; at most one fetch runs per identifier and per repository; each fetch is bounded in
+//! time, bytes and memory ([`FailureKind`] says why one failed), and the requests to each domain
+//! are rate-limited. `docs/behaviour.md` in the repository tabulates the settings and explains
+//! the scheduling, how a fetch chooses what to ask for ([`GitFetcher`]), politeness toward
+//! remote hosts, and what a stranger's URL can cost; `docs/state-file.md` the state file.
 //!
 //! # Threads and libgit2
 //!
@@ -120,9 +77,11 @@
 //! (which sets environment variables for OpenSSL), sets libgit2's process-wide socket timeouts
 //! and largest object size, replaces libgit2's allocator (with `malloc`, `realloc` and `free`
 //! that count a fetch's memory, and do nothing else outside one) and registers the engine's
-//! socket stream as libgit2's standard stream for the whole process. Outside an engine's fetch that stream behaves as a plain socket (10 s connect,
-//! 30 s idle timeouts), so a host's own libgit2 use keeps working. Build the first engine
-//! early, before the host starts other threads that use libgit2 or the environment.
+//! socket stream as libgit2's standard stream for the whole process. Outside an engine's fetch
+//! that stream behaves as a plain socket (10 s connect, 30 s idle timeouts), so a host's own
+//! libgit2 use keeps working. The allocator and the stream copy C layouts of libgit2 1.9 and
+//! are registered only when that series is linked in. Build the first engine early, before the
+//! host starts other threads that use libgit2 or the environment.
 
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
@@ -167,6 +126,13 @@ pub use stats::{
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
+
+/// So do those of the documentation in `docs/`.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/state-file.md")]
+#[doc = include_str!("../docs/behaviour.md")]
+#[doc = include_str!("../docs/cli.md")]
+struct DocsDoctests;
 
 /// What the fuzz targets and benches need of the inside. Not part of the API: may change at
 /// any time.

@@ -8,7 +8,7 @@
 //! never queued) and by the fetcher right before each fetch. The second check also reaches the
 //! socket: every address a host name resolves to is checked with [`ip_allowed`] before the
 //! connection is made, and a connection to any other host than the URL's is refused (see
-//! `fetch::net`), so a name pointing at 127.0.0.1 or 10.x, DNS rebinding, a redirect or a
+//! `fetch::conn`), so a name pointing at 127.0.0.1 or 10.x, DNS rebinding, a redirect or a
 //! rewritten URL cannot reach a private address.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};

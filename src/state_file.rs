@@ -780,13 +780,11 @@ mod tests {
         assert_eq!(listing(dir.path()), ["state.json"]);
     }
 
-    /// The README documents the format with an example: it must load, field by field.
+    /// `docs/state-file.md` documents the format with an example: it must load, field by field.
     #[test]
-    fn the_readme_example_is_a_valid_state_file() {
-        let readme = include_str!("../README.md");
-        let section = &readme[readme
-            .find("## Persistence")
-            .expect("a Persistence section")..];
+    fn the_documented_example_is_a_valid_state_file() {
+        let doc = include_str!("../docs/state-file.md");
+        let section = &doc[doc.find("## The format").expect("a format section")..];
         let start = section.find("```json\n").expect("a JSON example") + "```json\n".len();
         let example = &section[start..start + section[start..].find("```").unwrap()];
         let state = parse(example.as_bytes()).unwrap_or_else(|e| panic!("{e}\n{example}"));

@@ -77,11 +77,13 @@ fn max_overlap(records: &[RequestRecord]) -> usize {
     let slack = Duration::from_millis(5);
     let mut points: Vec<(Instant, i32)> = Vec::new();
     for r in records {
+        // A request shorter than the slack still lasts an instant: otherwise its end, sorted
+        // before its start at the same instant, would make it count for nothing.
         let end = r
             .ended
             .checked_sub(slack)
             .unwrap_or(r.started)
-            .max(r.started);
+            .max(r.started + Duration::from_nanos(1));
         points.push((r.started, 1));
         points.push((end, -1));
     }

@@ -1,6 +1,6 @@
-//! The example hosts in C (`examples/c/host.c`) and Python (`examples/python/host.py`) against
-//! a real `git daemon` on a loopback address, through the C API's shared and static libraries
-//! as `install.sh` installs them (SONAME, pkg-config file, the static library's hidden
+//! The example hosts in C (`capi/examples/c/host.c`) and Python (`capi/examples/python/host.py`)
+//! against a real `git daemon` on a loopback address, through the C API's shared and static
+//! libraries as `install.sh` installs them (SONAME, pkg-config file, the static library's hidden
 //! symbols).
 //!
 //! Cargo builds the crate's `cdylib` and `staticlib` for integration tests because they are

@@ -1,7 +1,7 @@
 //! `purgatory-sync`: the engine from the command line.
 //!
 //! * `purgatory-sync demo` builds a scenario on loopback git servers it starts itself and shows
-//!   the engine releasing events across them (the README's main command).
+//!   the engine releasing events across them (the README's first command).
 //! * `purgatory-sync run --manifest FILE` syncs the waiting events a manifest lists (plain
 //!   events or raw NIP-34 events), printing one JSON line per outcome.
 //!

@@ -40,7 +40,7 @@ use crate::serve::MetricsServer;
 /// Options of `purgatory-sync run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// The manifest: JSON Lines of `repository`, `event` and `nostr` objects (see the README)
+    /// The manifest: JSON Lines of `repository`, `event` and `nostr` objects (see docs/cli.md)
     #[arg(long, value_name = "FILE")]
     manifest: PathBuf,
     /// Serve Prometheus metrics at http://ADDR/metrics while running (port 0: any free port;

@@ -1,5 +1,5 @@
 /*
- * A minimal C host for purgatory_sync's C API (include/purgatory_sync.h).
+ * A minimal C host for purgatory_sync's C API (capi/include/purgatory_sync.h).
  *
  * Usage: host <config_json> <event_json>...
  *
