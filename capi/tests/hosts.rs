@@ -4,8 +4,8 @@
 //! symbols).
 //!
 //! Cargo builds the crate's `cdylib` and `staticlib` for integration tests because they are
-//! listed in `crate-type`; the tests find them next to their own executable (the test binary is
-//! in `target/<profile>/deps/`, the libraries in `target/<profile>/`) and install them once
+//! listed in `crate-type`; the tests find them next to their own executable (in
+//! `target/<profile>/deps/`, or in `target/<profile>/` after a `cargo build`) and install them once
 //! into a temporary prefix with `install.sh --no-build`. The C host is compiled with `cc` and
 //! the flags `pkg-config` gives; the Python host runs with `python3`, and the C host under
 //! `valgrind` (`.ci/run` installs both, and `pkg-config`; the tests skip, with a message, when
@@ -104,11 +104,23 @@ impl Installed {
     fn get() -> &'static Installed {
         static INSTALLED: OnceLock<(tempfile::TempDir, Installed)> = OnceLock::new();
         let (_, installed) = INSTALLED.get_or_init(|| {
+            // `cargo test` leaves the libraries in `deps/` (a `cargo build` also copies them
+            // up to the profile's folder).
             let exe = std::env::current_exe().expect("test executable path");
-            let profile = exe
-                .parent()
-                .and_then(Path::parent)
-                .expect("target/<profile>/deps/<test>");
+            let deps = exe.parent().expect("target/<profile>/deps/<test>");
+            let profile = [deps, deps.parent().expect("target/<profile>")]
+                .into_iter()
+                .find(|dir| {
+                    ["libpurgatory_sync_capi.so", "libpurgatory_sync_capi.a"]
+                        .iter()
+                        .all(|f| dir.join(f).is_file())
+                })
+                .unwrap_or_else(|| {
+                    panic!(
+                        "the C libraries are neither in {} nor above it",
+                        deps.display()
+                    )
+                });
             let dir = tempfile::tempdir().expect("temporary directory");
             let prefix = dir.path().join("usr");
             let out = run_bounded(
