@@ -39,6 +39,9 @@ typedef enum psync_status {
   // A failure this version of the header has no code of its own for (a newer library may
   // report one); the message says what it was.
   PSYNC_OTHER_ERROR = 13,
+  // `psync_log_to_*`: Rust code in this process installed a logger of its own (the `log`
+  // crate allows one per process).
+  PSYNC_LOGGER_UNAVAILABLE = 14,
   // submit: the event id is empty, too long or has control or bidirectional formatting
   // characters.
   PSYNC_INVALID_EVENT_ID = 20,
@@ -98,12 +101,41 @@ typedef enum psync_outcome_kind_t {
   PSYNC_OUTCOME_EXPIRED = 1,
 } psync_outcome_kind_t;
 
+// A log level. `PSYNC_LOG_OFF` turns the log off; each other level lets through itself and
+// the more severe ones.
+typedef enum psync_log_level {
+  // Nothing is logged.
+  PSYNC_LOG_OFF = 0,
+  // Failures the engine cannot work around (a state file it cannot write, say).
+  PSYNC_LOG_ERROR = 1,
+  // Failures it works around (a failed fetch, an expired event, a naughty host).
+  PSYNC_LOG_WARN = 2,
+  // Engine start and stop, releases.
+  PSYNC_LOG_INFO = 3,
+  // Every decision: dispatches, backoffs, visits.
+  PSYNC_LOG_DEBUG = 4,
+  // Everything.
+  PSYNC_LOG_TRACE = 5,
+} psync_log_level;
+
 // An engine (opaque). Created by `psync_engine_new`, released by `psync_engine_free`.
 typedef struct psync_engine psync_engine;
+
+// The error of one call (opaque): a status and a message. Handed over by the `_err`
+// functions, owned by the caller, released with `psync_error_free`.
+typedef struct psync_error psync_error;
 
 // One outcome taken by `psync_engine_poll` (opaque). Owns the strings its accessors return;
 // released by `psync_outcome_free`.
 typedef struct psync_outcome psync_outcome;
+
+// A host's log function: `level`, the module the record comes from (`target`, such as
+// `purgatory_sync::scheduler`) and the message, both NUL-terminated and valid only for the
+// call; `user_data` as given to `psync_log_to_callback`.
+typedef void (*psync_log_fn)(void *user_data,
+                             enum psync_log_level level,
+                             const char *target,
+                             const char *message);
 
 #ifdef __cplusplus
 extern "C" {
@@ -112,36 +144,74 @@ extern "C" {
 // Builds and starts an engine.
 //
 // `config_json` is NULL or a JSON object (`"{}"` for every default); unknown fields are
-// refused (`PSYNC_INVALID_JSON`, the message names the field). Fields, all optional:
-// `workers`, `tick_ms`, `user_delay_ms`, `sync_delay_ms`, `backoff_base_ms`,
-// `backoff_cap_ms`, `event_lifetime_ms`, `expired_memory_ms`, `fetch_deadline_ms`,
-// `connect_timeout_ms`, `io_timeout_ms`, `shutdown_timeout_ms`, `checkpoint_interval_ms`,
-// `max_events`, `max_oids_per_event`, `max_urls_per_event`, `max_urls_per_identifier`,
-// `max_ref_updates_per_event`, `max_fetch_bytes`, `max_fetch_memory`,
-// `max_total_fetch_memory`, `max_object_size`, `max_advertisement_bytes`, `fetch_depth` (null or n), `thread_name`,
-// `domain_limits` `{"max_concurrent", "per_minute", "burst"?}`,
-// `domain_overrides` `{"host": {"max_concurrent", "per_minute", "burst"?}}`, `our_domain`
-// (`"host"`, or `"host:port"` / `"[v6]:port"` for that port only),
-// `naughty_duration_ms`, `allow_private_addresses`, `allowed_schemes` `[..]`, `state_file`,
-// `move_unreadable_state_aside`, `hide_temp_refs` (default true: the fetcher adds
-// `transfer.hideRefs = refs/purgatory-sync/` to a repository's configuration before it pins
-// objects there, so that clients of the relay do not see its temporary refs).
+// refused (`PSYNC_INVALID_JSON`, the message names the field), and a field given as `null`
+// is as if absent. A value out of its range is `PSYNC_INVALID_CONFIG`, the message naming the
+// setting. Every field is optional (durations in milliseconds, sizes in bytes):
+//
+// | field | default | range |
+// |---|---|---|
+// | `workers`: fetches in flight | 32 | 1 ..= 1024 |
+// | `tick_ms`: scheduler tick | 1000 | 1 ..= 3600000 |
+// | `user_delay_ms`: first attempt after a user's event | 180000 | 0 ..= 1 year |
+// | `sync_delay_ms`: first attempt after a synced event | 500 | 0 ..= 1 year |
+// | `backoff_base_ms`, `backoff_cap_ms`: backoff after an incomplete attempt | 20000, 120000 | 1 ..= 1 year, base ..= 1 year |
+// | `event_lifetime_ms`: lifetime in purgatory | 1800000 | 1 ..= 1 year |
+// | `expired_memory_ms`: an expired id is refused as a synced event meanwhile | 604800000 | 0 ..= 1 year |
+// | `fetch_deadline_ms`: hard limit on one fetch | 120000 | 1 ..= 3600000 |
+// | `connect_timeout_ms`, `io_timeout_ms` | 10000, 30000 | 1 ..= 3600000 |
+// | `shutdown_timeout_ms`: wait for fetches at shutdown | 10000 | 0 ..= 3600000 |
+// | `checkpoint_interval_ms`: state file writes | 60000 | 1 ..= 86400000 |
+// | `max_events`: waiting events (`PSYNC_QUEUE_FULL` beyond) | 1000000 | 1 ..= 2^63 |
+// | `max_oids_per_event` / `max_urls_per_event` | 1024 / 64 | 1 ..= 2^20 / 1 ..= 4096 |
+// | `max_urls_per_identifier` / `max_ref_updates_per_event` | 256 / 256 | 1 ..= 65536 |
+// | `max_fetch_bytes`: received by one fetch | 1073741824 | 1024 ..= 2^64-1 |
+// | `max_fetch_memory` / `max_total_fetch_memory`: libgit2's memory for one / all fetches | 536870912 / 4294967296 | 16 MiB ..= 1 TiB / max_fetch_memory ..= 16 TiB |
+// | `max_object_size`: largest object a delta may build (process-wide) | 104857600 | 1 MiB ..= 4 GiB |
+// | `max_advertisement_bytes`: largest ref advertisement | 33554432 | 64 KiB ..= 1 GiB |
+// | `fetch_depth`: shallow fetch depth, `null` for full history | null | 1 ..= 2^32-1 |
+// | `thread_name`: prefix of the engine's thread names | `"psync"` | 1 to 8 ASCII letters, digits or `-` |
+// | `domain_limits`: `{"max_concurrent", "per_minute", "burst"?}` per domain | 5, 30, 5 | 1 ..= 1024, 1 ..= 600000, 1 ..= 100000 |
+// | `domain_overrides`: `{"host": {"max_concurrent", "per_minute", "burst"?}}` | `{}` | as `domain_limits` |
+// | `our_domain`: never fetched from: `"host"` (every port), `"host:port"` or `"[v6]:port"` | none | a host |
+// | `naughty_duration_ms`: a failing host or endpoint is skipped | 43200000 | 0 ..= 1 year |
+// | `allow_private_addresses`: loopback, private, link-local URLs | false | |
+// | `allowed_schemes` | `["https", "http", "git"]` | not empty |
+// | `state_file`: path of the durable state (docs/state-file.md) | none | |
+// | `move_unreadable_state_aside`: start afresh instead of failing on a bad state file | false | |
+// | `hide_temp_refs`: add `transfer.hideRefs = refs/purgatory-sync/` to a repository's configuration before pinning objects there | true | |
 //
 // On `PSYNC_OK`, `*out_engine` is a new engine owned by the caller: release it with
 // `psync_engine_free`. On failure it is set to NULL. Errors: `PSYNC_NULL_ARGUMENT`,
 // `PSYNC_INVALID_UTF8`, `PSYNC_INVALID_JSON`, `PSYNC_INVALID_CONFIG`, `PSYNC_STATE_FILE`,
 // `PSYNC_STATE_FILE_LOCKED` (another engine uses `state_file`), `PSYNC_SPAWN_FAILED`,
-// `PSYNC_PANIC`. May be called from any thread.
+// `PSYNC_PANIC`. May be called from any thread. An engine runs a scheduler thread, up to
+// `workers` fetch threads and one thread that forwards outcomes to `psync_engine_poll` and the
+// readiness descriptor.
 //
-// The first engine of a process sets libgit2's process-wide socket timeouts and largest
-// object size (`max_object_size`), replaces libgit2's allocator with one that counts each
-// fetch's memory (plain `malloc`, `realloc` and `free` outside a fetch) and registers the
-// engine's socket stream with libgit2 (the copy of libgit2 this library carries).
+// Process-wide effects of the first engine of a process (they stay after it is freed): the
+// first libgit2 call sets the environment variables `SSL_CERT_FILE` and `SSL_CERT_DIR` to the
+// system's certificates (for OpenSSL; values naming existing paths are kept), so create the first engine before the host starts threads
+// that read or write the environment; libgit2's socket timeouts and largest object size
+// (`connect_timeout_ms`, `io_timeout_ms`, `max_object_size`) are set for the process;
+// libgit2's allocator is replaced with one that counts each fetch's memory (plain `malloc`,
+// `realloc` and `free` outside a fetch) and the engine's socket stream is registered as
+// libgit2's standard stream (a plain socket outside a fetch). Both apply to the copy of
+// libgit2 inside this library only, and only when it is the 1.9 series they were written for.
 //
 // # Safety
 // `config_json` is NULL or a NUL-terminated string; `out_engine` is NULL or valid for a write.
 enum psync_status psync_engine_new(const char *config_json,
                                    struct psync_engine **out_engine);
+
+// Like `psync_engine_new`, with this call's error in `*error` when `error` is not NULL: an owned
+// `psync_error` on failure (release it with `psync_error_free`), NULL on success. Safe
+// to use from threads a call may move between (goroutines).
+//
+// # Safety
+// As `psync_engine_new`; `error` is NULL or valid for a write.
+enum psync_status psync_engine_new_err(const char *config_json,
+                                       struct psync_engine **out_engine,
+                                       struct psync_error **error);
 
 // Submits an event that waits in purgatory.
 //
@@ -149,7 +219,8 @@ enum psync_status psync_engine_new(const char *config_json,
 // "clone_urls": [..], "origin": "user"|"sync" (default "sync"), "ref_updates":
 // [{"name": "refs/heads/main", "oid": "<40 hex>"} | {"name": "HEAD", "symbolic":
 // "refs/heads/main"} | {"name": "refs/heads/old", "delete": true}], "replace_refs": false,
-// "created_at": <Unix seconds>}`; unknown fields are refused. `"replace_refs": true` says the
+// "created_at": <Unix seconds>}`; unknown fields are refused, and a field given as `null` is as
+// if absent (Go encodes a nil slice as `null`). `"replace_refs": true` says the
 // ref updates are the repository's complete set of branches and tags: writing them deletes
 // every other ref under `refs/heads/` and `refs/tags/`, in the same all-or-none transaction.
 // `created_at` (optional, the Nostr event's) orders complete sets of one repository: a set
@@ -178,6 +249,18 @@ enum psync_status psync_engine_submit(struct psync_engine *engine,
                                       enum psync_admission *out_admission,
                                       char **out_refused_urls_json);
 
+// Like `psync_engine_submit`, with this call's error in `*error` when `error` is not NULL: an owned
+// `psync_error` on failure (release it with `psync_error_free`), NULL on success. Safe
+// to use from threads a call may move between (goroutines).
+//
+// # Safety
+// As `psync_engine_submit`; `error` is NULL or valid for a write.
+enum psync_status psync_engine_submit_err(struct psync_engine *engine,
+                                          const char *event_json,
+                                          enum psync_admission *out_admission,
+                                          char **out_refused_urls_json,
+                                          struct psync_error **error);
+
 // Tells the engine that git data for `identifier` arrived (a push): its repositories are
 // re-checked at once, without a fetch. Returns at once. Thread-safe.
 //
@@ -186,11 +269,31 @@ enum psync_status psync_engine_submit(struct psync_engine *engine,
 enum psync_status psync_engine_git_data_arrived(struct psync_engine *engine,
                                                 const char *identifier);
 
+// Like `psync_engine_git_data_arrived`, with this call's error in `*error` when `error` is not NULL: an owned
+// `psync_error` on failure (release it with `psync_error_free`), NULL on success. Safe
+// to use from threads a call may move between (goroutines).
+//
+// # Safety
+// As `psync_engine_git_data_arrived`; `error` is NULL or valid for a write.
+enum psync_status psync_engine_git_data_arrived_err(struct psync_engine *engine,
+                                                    const char *identifier,
+                                                    struct psync_error **error);
+
 // Forgets a waiting event: no outcome follows for it. Unknown ids are ignored. Thread-safe.
 //
 // # Safety
 // `engine` is NULL or a live engine; `event_id` is NULL or a NUL-terminated string.
 enum psync_status psync_engine_cancel(struct psync_engine *engine, const char *event_id);
+
+// Like `psync_engine_cancel`, with this call's error in `*error` when `error` is not NULL: an owned
+// `psync_error` on failure (release it with `psync_error_free`), NULL on success. Safe
+// to use from threads a call may move between (goroutines).
+//
+// # Safety
+// As `psync_engine_cancel`; `error` is NULL or valid for a write.
+enum psync_status psync_engine_cancel_err(struct psync_engine *engine,
+                                          const char *event_id,
+                                          struct psync_error **error);
 
 // Takes the next outcome, waiting up to `timeout_ms` (0: do not wait).
 //
@@ -205,6 +308,35 @@ enum psync_status psync_engine_cancel(struct psync_engine *engine, const char *e
 enum psync_status psync_engine_poll(struct psync_engine *engine,
                                     uint32_t timeout_ms,
                                     struct psync_outcome **out_outcome);
+
+// Like `psync_engine_poll`, with this call's error in `*error` when `error` is not NULL: an owned
+// `psync_error` on failure (release it with `psync_error_free`), NULL on success. Safe
+// to use from threads a call may move between (goroutines).
+//
+// # Safety
+// As `psync_engine_poll`; `error` is NULL or valid for a write.
+enum psync_status psync_engine_poll_err(struct psync_engine *engine,
+                                        uint32_t timeout_ms,
+                                        struct psync_outcome **out_outcome,
+                                        struct psync_error **error);
+
+// A file descriptor that is readable while an outcome waits to be taken, for hosts with an
+// event loop (`poll(2)`, epoll, libuv, Go's netpoller): wait for it, then take outcomes with
+// `psync_engine_poll(engine, 0, ...)` until `PSYNC_TIMEOUT`. It is readable again as soon as
+// another outcome arrives, and stays readable once the engine is shut down and its last
+// outcome was taken, so that the waiter wakes to get `PSYNC_DISCONNECTED`. Only readiness
+// matters: never read from it, write to it or close it. The same descriptor for the life of
+// the engine, valid until `psync_engine_free` (non-blocking, close-on-exec: the read end of a
+// pipe). Thread-safe; blocking `psync_engine_poll` calls may be mixed with it.
+//
+// On `PSYNC_OK`, `*out_fd` is the descriptor; otherwise -1. `error`: NULL, or where an owned
+// `psync_error` goes on failure (NULL on success).
+//
+// # Safety
+// `engine` is NULL or a live engine; `out_fd` and `error` are NULL or valid for a write.
+enum psync_status psync_engine_ready_fd(struct psync_engine *engine,
+                                        int *out_fd,
+                                        struct psync_error **error);
 
 // The outcome's kind. A NULL `outcome` gives `PSYNC_OUTCOME_EXPIRED`. Thread-safe.
 //
@@ -244,15 +376,43 @@ const char *psync_outcome_json(const struct psync_outcome *outcome);
 // `outcome` is NULL or a live outcome from `psync_engine_poll`, not used afterwards.
 void psync_outcome_free(struct psync_outcome *outcome);
 
-// The engine's state and counters as a JSON object (field names as in the Rust `Stats`;
-// durations as `_ms`, times as `_unix_ms`; `release_times` is `{"count", "sum_ms", "buckets":
-// [{"le_ms", "count"}]}` with cumulative counts, `le_ms` null for the last, unbounded bucket).
-// On `PSYNC_OK`, `*out_json` is an owned string: release it with `psync_string_free`;
-// otherwise NULL. Thread-safe.
+// The engine's state and counters as a JSON object:
+//
+// | field | what |
+// |---|---|
+// | `commands_pending` | calls made but not yet applied by the scheduler |
+// | `queued_identifiers`, `waiting_events`, `awaiting_refs` | the queue: identifiers, events waiting for objects, events whose ref updates wait to be written |
+// | `in_flight`, `workers` | fetches running now; fetch threads (`workers`) |
+// | `submitted`, `already_satisfied`, `refused`, `released`, `expired`, `cancelled` | events, counted since the engine started |
+// | `rechecks` | repositories re-checked after `psync_engine_git_data_arrived` |
+// | `ref_updates_applied`, `ref_update_failures` | ref transactions written / failed |
+// | `fetches_started`, `fetches_succeeded`, `fetches_partial`, `fetches_failed` | fetches; partial: it failed but brought some of its objects |
+// | `requests` | requests to remote hosts (connections over `git://`, GETs and POSTs over HTTP) |
+// | `requests_per_release` | `requests` / `released`; null before the first release |
+// | `memory_leaked` | bytes libgit2 lost in fetches (counted against `max_total_fetch_memory`) |
+// | `failures` | `{"<kind>": count}` of failed fetches by kind: `dns`, `tls`, `connection_refused`, `timeout`, `not_found`, ... |
+// | `domains` | `{"<domain>": {"in_flight", "queued_identifiers", "requests_started", "requests", "succeeded", "partial", "failed": {"<kind>": n}, "next_cell_in_ms"}}` |
+// | `naughty` | `[{"domain", "scheme", "port", "category": "dns"|"tls"|"hostile", "reason", "first_seen_unix_ms", "last_seen_unix_ms", "count", "until_unix_ms"}]`; `scheme` and `port` null for a whole host name |
+// | `recent_failures` | the last 32: `[{"identifier", "url", "kind", "message"}]` |
+// | `expired_ids_remembered` | expired ids still refused as synced events |
+// | `release_times` | time from submit to release: `{"count", "sum_ms", "buckets": [{"le_ms", "count"}]}`, cumulative, `le_ms` null for the last, unbounded bucket |
+//
+// Fields may be added; none is removed within a version. On `PSYNC_OK`, `*out_json` is an
+// owned string: release it with `psync_string_free`; otherwise NULL. Thread-safe.
 //
 // # Safety
 // `engine` is NULL or a live engine; `out_json` is NULL or valid for a write.
-enum psync_status psync_engine_stats_json(struct psync_engine *engine, char **out_json);
+enum psync_status psync_engine_stats_json(struct psync_engine *engine,
+                                          char **out_json);
+
+// Like `psync_engine_stats_json`, with this call's error in `*error` when `error` is not
+// NULL (see `psync_engine_new_err`).
+//
+// # Safety
+// As `psync_engine_stats_json`; `error` is NULL or valid for a write.
+enum psync_status psync_engine_stats_json_err(struct psync_engine *engine,
+                                              char **out_json,
+                                              struct psync_error **error);
 
 // The engine's state and counters in the Prometheus text exposition format 0.0.4, ready to
 // serve on a `/metrics` endpoint with `Content-Type: text/plain; version=0.0.4;
@@ -262,6 +422,15 @@ enum psync_status psync_engine_stats_json(struct psync_engine *engine, char **ou
 // # Safety
 // `engine` is NULL or a live engine; `out_text` is NULL or valid for a write.
 enum psync_status psync_engine_metrics(struct psync_engine *engine, char **out_text);
+
+// Like `psync_engine_metrics`, with this call's error in `*error` when `error` is not NULL
+// (see `psync_engine_new_err`).
+//
+// # Safety
+// As `psync_engine_metrics`; `error` is NULL or valid for a write.
+enum psync_status psync_engine_metrics_err(struct psync_engine *engine,
+                                           char **out_text,
+                                           struct psync_error **error);
 
 // Releases a string returned by this library (`psync_engine_stats_json`,
 // `psync_engine_metrics`, `psync_engine_submit`). NULL is fine.
@@ -281,6 +450,15 @@ void psync_string_free(char *s);
 // `engine` is NULL or a live engine.
 enum psync_status psync_engine_shutdown(struct psync_engine *engine);
 
+// Like `psync_engine_shutdown`, with this call's error in `*error` when `error` is not NULL: an owned
+// `psync_error` on failure (release it with `psync_error_free`), NULL on success. Safe
+// to use from threads a call may move between (goroutines).
+//
+// # Safety
+// As `psync_engine_shutdown`; `error` is NULL or valid for a write.
+enum psync_status psync_engine_shutdown_err(struct psync_engine *engine,
+                                            struct psync_error **error);
+
 // Releases an engine, shutting it down first if needed, and the outcomes not taken. NULL is
 // fine. Must not race any other call on the same engine.
 //
@@ -288,14 +466,67 @@ enum psync_status psync_engine_shutdown(struct psync_engine *engine);
 // `engine` is NULL or a live engine from `psync_engine_new`, not used afterwards.
 void psync_engine_free(struct psync_engine *engine);
 
+// The library's version, a static string (never freed).
+const char *psync_version(void);
+
+// The status of an error from an `_err` function; `PSYNC_OK` for NULL. Thread-safe.
+//
+// # Safety
+// `error` is NULL or a live error from an `_err` function.
+enum psync_status psync_error_status(const struct psync_error *error);
+
+// The message of an error from an `_err` function, owned by the error and valid until
+// `psync_error_free`; NULL for NULL. Thread-safe.
+//
+// # Safety
+// `error` is NULL or a live error from an `_err` function.
+const char *psync_error_message(const struct psync_error *error);
+
+// Releases an error from an `_err` function. NULL is fine.
+//
+// # Safety
+// `error` is NULL or a live error from an `_err` function, not used afterwards.
+void psync_error_free(struct psync_error *error);
+
 // The calling thread's last error message, or NULL if no call on this thread has failed.
 // Set by every call that returns a status other than `PSYNC_OK`; left unchanged by
 // successful calls, so read it right after the failing call. Owned by the library: valid
 // until the next `psync_` call on this thread. Each thread has its own.
+//
+// Hosts whose calls may move between threads between two calls (Go: a goroutine may run on
+// another OS thread for its next cgo call) must not use it: they call the `_err` variants and
+// read the `psync_error` they hand over.
 const char *psync_last_error_message(void);
 
-// The library's version, a static string (never freed).
-const char *psync_version(void);
+// Sends the engine's log to standard error, one line a record (`[purgatory-sync LEVEL
+// target] message`), at `level` and more severe; `PSYNC_LOG_OFF` stops it. Process-wide: it
+// applies to every engine, and replaces an earlier `psync_log_to_*` choice. Nothing is logged
+// until a host calls one of them.
+//
+// Errors: `PSYNC_LOGGER_UNAVAILABLE` (Rust code in the process installed a logger of its own).
+// `error`: NULL, or where an owned `psync_error` goes on failure (NULL on success).
+//
+// # Safety
+// `error` is NULL or valid for a write.
+enum psync_status psync_log_to_stderr(enum psync_log_level level, struct psync_error **error);
+
+// Sends the engine's log to `callback`, at `level` and more severe; `PSYNC_LOG_OFF` stops it.
+// Process-wide, like `psync_log_to_stderr`, which it replaces.
+//
+// The callback is called on the engine's threads (the scheduler, the workers), several at
+// once: it must be thread-safe, return quickly (a fetch waits for it) and not call
+// `psync_log_to_*`. `user_data` is passed back untouched; it must stay valid until another
+// `psync_log_to_*` call has returned.
+//
+// Errors: `PSYNC_NULL_ARGUMENT` (`callback`), `PSYNC_LOGGER_UNAVAILABLE`.
+//
+// # Safety
+// `callback` is NULL or a function with this signature that may be called from any thread;
+// `error` is NULL or valid for a write.
+enum psync_status psync_log_to_callback(enum psync_log_level level,
+                                        psync_log_fn callback,
+                                        void *user_data,
+                                        struct psync_error **error);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -21,24 +21,35 @@
 // Every function of the ABI takes raw pointers from C.
 #![allow(unsafe_code)]
 
+mod error;
 #[doc(hidden)]
 pub mod fuzz;
+mod log;
+mod outbox;
 
-use std::cell::RefCell;
+pub use error::{
+    psync_error_free, psync_error_message, psync_error_status, psync_last_error_message, PsyncError,
+};
+pub use log::{psync_log_to_callback, psync_log_to_stderr, PsyncLogCallback, PsyncLogLevel};
+
 use std::collections::BTreeMap;
-use std::ffi::{c_char, CStr, CString};
+use std::ffi::{c_char, c_int, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::error::{guard, ErrorOut, Failure};
+use crate::outbox::{Empty, Outbox};
+
 use purgatory_sync::{
-    Admission, BuildError, DomainLimits, Engine, EngineBuilder, Origin, Outcome, PendingEvent,
-    RefUpdate, Stats, SubmitError,
+    Admission, BuildError, DomainLimits, Engine, EngineBuilder, Origin, PendingEvent, RefUpdate,
+    Stats, SubmitError,
 };
 
 /// What a `psync_` call returned. `PSYNC_OK` is success; for every other value
@@ -76,6 +87,9 @@ pub enum PsyncStatus {
     /// A failure this version of the header has no code of its own for (a newer library may
     /// report one); the message says what it was.
     PSYNC_OTHER_ERROR = 13,
+    /// `psync_log_to_*`: Rust code in this process installed a logger of its own (the `log`
+    /// crate allows one per process).
+    PSYNC_LOGGER_UNAVAILABLE = 14,
     /// submit: the event id is empty, too long or has control or bidirectional formatting
     /// characters.
     PSYNC_INVALID_EVENT_ID = 20,
@@ -144,7 +158,20 @@ pub enum PsyncOutcomeKind {
 /// An engine (opaque). Created by `psync_engine_new`, released by `psync_engine_free`.
 pub struct PsyncEngine {
     engine: RwLock<Option<Engine>>,
-    outcomes: Receiver<Outcome>,
+    /// The outcomes not taken yet, and the readiness descriptor.
+    outbox: Arc<Outbox>,
+    /// Moves the engine's outcomes into `outbox`; ends when the engine is shut down.
+    forwarder: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for PsyncEngine {
+    fn drop(&mut self) {
+        // Shutting the engine down closes its outcome channel, which ends the forwarder.
+        drop(self.engine.get_mut().take());
+        if let Some(forwarder) = self.forwarder.get_mut().take() {
+            let _ = forwarder.join();
+        }
+    }
 }
 
 /// One outcome taken by `psync_engine_poll` (opaque). Owns the strings its accessors return;
@@ -156,44 +183,7 @@ pub struct PsyncOutcome {
     json: CString,
 }
 
-type Failure = (PsyncStatus, String);
-
-thread_local! {
-    static LAST_ERROR: RefCell<Option<CString>> = const { RefCell::new(None) };
-}
-
-fn set_last_error(message: &str) {
-    let c = CString::new(message.replace('\0', "\\0")).unwrap_or_default();
-    LAST_ERROR.with(|slot| *slot.borrow_mut() = Some(c));
-}
-
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    let text = if let Some(s) = payload.downcast_ref::<&str>() {
-        s
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.as_str()
-    } else {
-        "a non-string payload"
-    };
-    format!("panic: {text}")
-}
-
-/// Runs `body` behind the panic boundary; a failure's message becomes the thread's last error.
-fn guard(body: impl FnOnce() -> Result<(), Failure>) -> PsyncStatus {
-    match catch_unwind(AssertUnwindSafe(body)) {
-        Ok(Ok(())) => PsyncStatus::PSYNC_OK,
-        Ok(Err((status, message))) => {
-            set_last_error(&message);
-            status
-        }
-        Err(payload) => {
-            set_last_error(&panic_message(payload.as_ref()));
-            PsyncStatus::PSYNC_PANIC
-        }
-    }
-}
-
-fn null(name: &str) -> Failure {
+pub(crate) fn null(name: &str) -> Failure {
     (
         PsyncStatus::PSYNC_NULL_ARGUMENT,
         format!("{name} must not be NULL"),
@@ -254,6 +244,16 @@ fn owned_string(s: String) -> *mut c_char {
 // ---------------------------------------------------------------------------------------------
 // Configuration JSON
 
+/// A field given as `null` reads as if it were absent (Go's encoder writes a nil slice or map
+/// as `null`); the `Option` fields do so already.
+fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct LimitsJson {
@@ -302,7 +302,7 @@ struct ConfigJson {
     fetch_depth: Option<u32>,
     thread_name: Option<String>,
     domain_limits: Option<LimitsJson>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     domain_overrides: BTreeMap<String, LimitsJson>,
     our_domain: Option<String>,
     naughty_duration_ms: Option<u64>,
@@ -413,7 +413,7 @@ struct RefUpdateJson {
     name: String,
     oid: Option<String>,
     symbolic: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     delete: bool,
 }
 
@@ -430,14 +430,14 @@ struct EventJson {
     id: String,
     identifier: String,
     repo: PathBuf,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     oids: Vec<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     clone_urls: Vec<String>,
     origin: Option<OriginJson>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     ref_updates: Vec<RefUpdateJson>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     replace_refs: bool,
     created_at: Option<u64>,
 }
@@ -650,31 +650,59 @@ fn stats_json(s: &Stats) -> Value {
 /// Builds and starts an engine.
 ///
 /// `config_json` is NULL or a JSON object (`"{}"` for every default); unknown fields are
-/// refused (`PSYNC_INVALID_JSON`, the message names the field). Fields, all optional:
-/// `workers`, `tick_ms`, `user_delay_ms`, `sync_delay_ms`, `backoff_base_ms`,
-/// `backoff_cap_ms`, `event_lifetime_ms`, `expired_memory_ms`, `fetch_deadline_ms`,
-/// `connect_timeout_ms`, `io_timeout_ms`, `shutdown_timeout_ms`, `checkpoint_interval_ms`,
-/// `max_events`, `max_oids_per_event`, `max_urls_per_event`, `max_urls_per_identifier`,
-/// `max_ref_updates_per_event`, `max_fetch_bytes`, `max_fetch_memory`,
-/// `max_total_fetch_memory`, `max_object_size`, `max_advertisement_bytes`, `fetch_depth` (null or n), `thread_name`,
-/// `domain_limits` `{"max_concurrent", "per_minute", "burst"?}`,
-/// `domain_overrides` `{"host": {"max_concurrent", "per_minute", "burst"?}}`, `our_domain`
-/// (`"host"`, or `"host:port"` / `"[v6]:port"` for that port only),
-/// `naughty_duration_ms`, `allow_private_addresses`, `allowed_schemes` `[..]`, `state_file`,
-/// `move_unreadable_state_aside`, `hide_temp_refs` (default true: the fetcher adds
-/// `transfer.hideRefs = refs/purgatory-sync/` to a repository's configuration before it pins
-/// objects there, so that clients of the relay do not see its temporary refs).
+/// refused (`PSYNC_INVALID_JSON`, the message names the field), and a field given as `null`
+/// is as if absent. A value out of its range is `PSYNC_INVALID_CONFIG`, the message naming the
+/// setting. Every field is optional (durations in milliseconds, sizes in bytes):
+///
+/// | field | default | range |
+/// |---|---|---|
+/// | `workers`: fetches in flight | 32 | 1 ..= 1024 |
+/// | `tick_ms`: scheduler tick | 1000 | 1 ..= 3600000 |
+/// | `user_delay_ms`: first attempt after a user's event | 180000 | 0 ..= 1 year |
+/// | `sync_delay_ms`: first attempt after a synced event | 500 | 0 ..= 1 year |
+/// | `backoff_base_ms`, `backoff_cap_ms`: backoff after an incomplete attempt | 20000, 120000 | 1 ..= 1 year, base ..= 1 year |
+/// | `event_lifetime_ms`: lifetime in purgatory | 1800000 | 1 ..= 1 year |
+/// | `expired_memory_ms`: an expired id is refused as a synced event meanwhile | 604800000 | 0 ..= 1 year |
+/// | `fetch_deadline_ms`: hard limit on one fetch | 120000 | 1 ..= 3600000 |
+/// | `connect_timeout_ms`, `io_timeout_ms` | 10000, 30000 | 1 ..= 3600000 |
+/// | `shutdown_timeout_ms`: wait for fetches at shutdown | 10000 | 0 ..= 3600000 |
+/// | `checkpoint_interval_ms`: state file writes | 60000 | 1 ..= 86400000 |
+/// | `max_events`: waiting events (`PSYNC_QUEUE_FULL` beyond) | 1000000 | 1 ..= 2^63 |
+/// | `max_oids_per_event` / `max_urls_per_event` | 1024 / 64 | 1 ..= 2^20 / 1 ..= 4096 |
+/// | `max_urls_per_identifier` / `max_ref_updates_per_event` | 256 / 256 | 1 ..= 65536 |
+/// | `max_fetch_bytes`: received by one fetch | 1073741824 | 1024 ..= 2^64-1 |
+/// | `max_fetch_memory` / `max_total_fetch_memory`: libgit2's memory for one / all fetches | 536870912 / 4294967296 | 16 MiB ..= 1 TiB / max_fetch_memory ..= 16 TiB |
+/// | `max_object_size`: largest object a delta may build (process-wide) | 104857600 | 1 MiB ..= 4 GiB |
+/// | `max_advertisement_bytes`: largest ref advertisement | 33554432 | 64 KiB ..= 1 GiB |
+/// | `fetch_depth`: shallow fetch depth, `null` for full history | null | 1 ..= 2^32-1 |
+/// | `thread_name`: prefix of the engine's thread names | `"psync"` | 1 to 8 ASCII letters, digits or `-` |
+/// | `domain_limits`: `{"max_concurrent", "per_minute", "burst"?}` per domain | 5, 30, 5 | 1 ..= 1024, 1 ..= 600000, 1 ..= 100000 |
+/// | `domain_overrides`: `{"host": {"max_concurrent", "per_minute", "burst"?}}` | `{}` | as `domain_limits` |
+/// | `our_domain`: never fetched from: `"host"` (every port), `"host:port"` or `"[v6]:port"` | none | a host |
+/// | `naughty_duration_ms`: a failing host or endpoint is skipped | 43200000 | 0 ..= 1 year |
+/// | `allow_private_addresses`: loopback, private, link-local URLs | false | |
+/// | `allowed_schemes` | `["https", "http", "git"]` | not empty |
+/// | `state_file`: path of the durable state (docs/state-file.md) | none | |
+/// | `move_unreadable_state_aside`: start afresh instead of failing on a bad state file | false | |
+/// | `hide_temp_refs`: add `transfer.hideRefs = refs/purgatory-sync/` to a repository's configuration before pinning objects there | true | |
 ///
 /// On `PSYNC_OK`, `*out_engine` is a new engine owned by the caller: release it with
 /// `psync_engine_free`. On failure it is set to NULL. Errors: `PSYNC_NULL_ARGUMENT`,
 /// `PSYNC_INVALID_UTF8`, `PSYNC_INVALID_JSON`, `PSYNC_INVALID_CONFIG`, `PSYNC_STATE_FILE`,
 /// `PSYNC_STATE_FILE_LOCKED` (another engine uses `state_file`), `PSYNC_SPAWN_FAILED`,
-/// `PSYNC_PANIC`. May be called from any thread.
+/// `PSYNC_PANIC`. May be called from any thread. An engine runs a scheduler thread, up to
+/// `workers` fetch threads and one thread that forwards outcomes to `psync_engine_poll` and the
+/// readiness descriptor.
 ///
-/// The first engine of a process sets libgit2's process-wide socket timeouts and largest
-/// object size (`max_object_size`), replaces libgit2's allocator with one that counts each
-/// fetch's memory (plain `malloc`, `realloc` and `free` outside a fetch) and registers the
-/// engine's socket stream with libgit2 (the copy of libgit2 this library carries).
+/// Process-wide effects of the first engine of a process (they stay after it is freed): the
+/// first libgit2 call sets the environment variables `SSL_CERT_FILE` and `SSL_CERT_DIR` to the
+/// system's certificates (for OpenSSL; values naming existing paths are kept), so create the first engine before the host starts threads
+/// that read or write the environment; libgit2's socket timeouts and largest object size
+/// (`connect_timeout_ms`, `io_timeout_ms`, `max_object_size`) are set for the process;
+/// libgit2's allocator is replaced with one that counts each fetch's memory (plain `malloc`,
+/// `realloc` and `free` outside a fetch) and the engine's socket stream is registered as
+/// libgit2's standard stream (a plain socket outside a fetch). Both apply to the copy of
+/// libgit2 inside this library only, and only when it is the 1.9 series they were written for.
 ///
 /// # Safety
 /// `config_json` is NULL or a NUL-terminated string; `out_engine` is NULL or valid for a write.
@@ -683,7 +711,25 @@ pub unsafe extern "C" fn psync_engine_new(
     config_json: *const c_char,
     out_engine: *mut *mut PsyncEngine,
 ) -> PsyncStatus {
-    guard(|| {
+    // SAFETY: the same contract.
+    unsafe { psync_engine_new_err(config_json, out_engine, std::ptr::null_mut()) }
+}
+
+/// Like `psync_engine_new`, with this call's error in `*error` when `error` is not NULL: an owned
+/// `psync_error` on failure (release it with `psync_error_free`), NULL on success. Safe
+/// to use from threads a call may move between (goroutines).
+///
+/// # Safety
+/// As `psync_engine_new`; `error` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn psync_engine_new_err(
+    config_json: *const c_char,
+    out_engine: *mut *mut PsyncEngine,
+    error: *mut *mut PsyncError,
+) -> PsyncStatus {
+    // SAFETY: `error` is NULL or valid for a write, by the contract.
+    let error = unsafe { ErrorOut::new(error) };
+    guard(error, || {
         if out_engine.is_null() {
             return Err(null("out_engine"));
         }
@@ -695,11 +741,21 @@ pub unsafe extern "C" fn psync_engine_new(
             // SAFETY: non-NULL and NUL-terminated, by the contract.
             Some(unsafe { utf8(config_json, "config_json") }?)
         };
+        let spawn_failed = |what: &str, e: std::io::Error| {
+            (PsyncStatus::PSYNC_SPAWN_FAILED, format!("{what}: {e}"))
+        };
+        let outbox = Arc::new(Outbox::new().map_err(|e| spawn_failed("pipe", e))?);
         let engine = builder_from_json(text)?.build().map_err(build_failure)?;
         let outcomes = engine.outcomes();
+        let forwarding = Arc::clone(&outbox);
+        let forwarder = std::thread::Builder::new()
+            .name("psync-outcomes".to_owned())
+            .spawn(move || forwarding.forward(outcomes))
+            .map_err(|e| spawn_failed("the outcome forwarding thread", e))?;
         let handle = Box::new(PsyncEngine {
             engine: RwLock::new(Some(engine)),
-            outcomes,
+            outbox,
+            forwarder: Mutex::new(Some(forwarder)),
         });
         // SAFETY: as above.
         unsafe { *out_engine = Box::into_raw(handle) };
@@ -713,7 +769,8 @@ pub unsafe extern "C" fn psync_engine_new(
 /// "clone_urls": [..], "origin": "user"|"sync" (default "sync"), "ref_updates":
 /// [{"name": "refs/heads/main", "oid": "<40 hex>"} | {"name": "HEAD", "symbolic":
 /// "refs/heads/main"} | {"name": "refs/heads/old", "delete": true}], "replace_refs": false,
-/// "created_at": <Unix seconds>}`; unknown fields are refused. `"replace_refs": true` says the
+/// "created_at": <Unix seconds>}`; unknown fields are refused, and a field given as `null` is as
+/// if absent (Go encodes a nil slice as `null`). `"replace_refs": true` says the
 /// ref updates are the repository's complete set of branches and tags: writing them deletes
 /// every other ref under `refs/heads/` and `refs/tags/`, in the same all-or-none transaction.
 /// `created_at` (optional, the Nostr event's) orders complete sets of one repository: a set
@@ -744,7 +801,35 @@ pub unsafe extern "C" fn psync_engine_submit(
     out_admission: *mut PsyncAdmission,
     out_refused_urls_json: *mut *mut c_char,
 ) -> PsyncStatus {
-    guard(|| {
+    // SAFETY: the same contract.
+    unsafe {
+        psync_engine_submit_err(
+            engine,
+            event_json,
+            out_admission,
+            out_refused_urls_json,
+            std::ptr::null_mut(),
+        )
+    }
+}
+
+/// Like `psync_engine_submit`, with this call's error in `*error` when `error` is not NULL: an owned
+/// `psync_error` on failure (release it with `psync_error_free`), NULL on success. Safe
+/// to use from threads a call may move between (goroutines).
+///
+/// # Safety
+/// As `psync_engine_submit`; `error` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn psync_engine_submit_err(
+    engine: *mut PsyncEngine,
+    event_json: *const c_char,
+    out_admission: *mut PsyncAdmission,
+    out_refused_urls_json: *mut *mut c_char,
+    error: *mut *mut PsyncError,
+) -> PsyncStatus {
+    // SAFETY: `error` is NULL or valid for a write, by the contract.
+    let error = unsafe { ErrorOut::new(error) };
+    guard(error, || {
         if !out_refused_urls_json.is_null() {
             // SAFETY: non-NULL and valid for a write, by the contract.
             unsafe { *out_refused_urls_json = std::ptr::null_mut() };
@@ -793,7 +878,25 @@ pub unsafe extern "C" fn psync_engine_git_data_arrived(
     engine: *mut PsyncEngine,
     identifier: *const c_char,
 ) -> PsyncStatus {
-    guard(|| {
+    // SAFETY: the same contract.
+    unsafe { psync_engine_git_data_arrived_err(engine, identifier, std::ptr::null_mut()) }
+}
+
+/// Like `psync_engine_git_data_arrived`, with this call's error in `*error` when `error` is not NULL: an owned
+/// `psync_error` on failure (release it with `psync_error_free`), NULL on success. Safe
+/// to use from threads a call may move between (goroutines).
+///
+/// # Safety
+/// As `psync_engine_git_data_arrived`; `error` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn psync_engine_git_data_arrived_err(
+    engine: *mut PsyncEngine,
+    identifier: *const c_char,
+    error: *mut *mut PsyncError,
+) -> PsyncStatus {
+    // SAFETY: `error` is NULL or valid for a write, by the contract.
+    let error = unsafe { ErrorOut::new(error) };
+    guard(error, || {
         // SAFETY: by the contract.
         let handle = unsafe { engine_ref(engine) }?;
         // SAFETY: by the contract.
@@ -814,7 +917,25 @@ pub unsafe extern "C" fn psync_engine_cancel(
     engine: *mut PsyncEngine,
     event_id: *const c_char,
 ) -> PsyncStatus {
-    guard(|| {
+    // SAFETY: the same contract.
+    unsafe { psync_engine_cancel_err(engine, event_id, std::ptr::null_mut()) }
+}
+
+/// Like `psync_engine_cancel`, with this call's error in `*error` when `error` is not NULL: an owned
+/// `psync_error` on failure (release it with `psync_error_free`), NULL on success. Safe
+/// to use from threads a call may move between (goroutines).
+///
+/// # Safety
+/// As `psync_engine_cancel`; `error` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn psync_engine_cancel_err(
+    engine: *mut PsyncEngine,
+    event_id: *const c_char,
+    error: *mut *mut PsyncError,
+) -> PsyncStatus {
+    // SAFETY: `error` is NULL or valid for a write, by the contract.
+    let error = unsafe { ErrorOut::new(error) };
+    guard(error, || {
         // SAFETY: by the contract.
         let handle = unsafe { engine_ref(engine) }?;
         // SAFETY: by the contract.
@@ -842,7 +963,26 @@ pub unsafe extern "C" fn psync_engine_poll(
     timeout_ms: u32,
     out_outcome: *mut *mut PsyncOutcome,
 ) -> PsyncStatus {
-    guard(|| {
+    // SAFETY: the same contract.
+    unsafe { psync_engine_poll_err(engine, timeout_ms, out_outcome, std::ptr::null_mut()) }
+}
+
+/// Like `psync_engine_poll`, with this call's error in `*error` when `error` is not NULL: an owned
+/// `psync_error` on failure (release it with `psync_error_free`), NULL on success. Safe
+/// to use from threads a call may move between (goroutines).
+///
+/// # Safety
+/// As `psync_engine_poll`; `error` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn psync_engine_poll_err(
+    engine: *mut PsyncEngine,
+    timeout_ms: u32,
+    out_outcome: *mut *mut PsyncOutcome,
+    error: *mut *mut PsyncError,
+) -> PsyncStatus {
+    // SAFETY: `error` is NULL or valid for a write, by the contract.
+    let error = unsafe { ErrorOut::new(error) };
+    guard(error, || {
         if out_outcome.is_null() {
             return Err(null("out_outcome"));
         }
@@ -862,18 +1002,11 @@ pub unsafe extern "C" fn psync_engine_poll(
                 "the engine is shut down and every outcome was taken".to_owned(),
             )
         };
-        let outcome = if timeout_ms == 0 {
-            handle.outcomes.try_recv().map_err(|e| match e {
-                TryRecvError::Empty => timeout(),
-                TryRecvError::Disconnected => disconnected(),
-            })?
-        } else {
-            let wait = Duration::from_millis(u64::from(timeout_ms));
-            handle.outcomes.recv_timeout(wait).map_err(|e| match e {
-                RecvTimeoutError::Timeout => timeout(),
-                RecvTimeoutError::Disconnected => disconnected(),
-            })?
-        };
+        let wait = Duration::from_millis(u64::from(timeout_ms));
+        let outcome = handle.outbox.take(wait).map_err(|e| match e {
+            Empty::Timeout => timeout(),
+            Empty::Disconnected => disconnected(),
+        })?;
         let c = |s: &str| CString::new(s.replace('\0', "\\0")).unwrap_or_default();
         let boxed = Box::new(PsyncOutcome {
             kind: if outcome.is_released() {
@@ -887,6 +1020,42 @@ pub unsafe extern "C" fn psync_engine_poll(
         });
         // SAFETY: as above.
         unsafe { *out_outcome = Box::into_raw(boxed) };
+        Ok(())
+    })
+}
+
+/// A file descriptor that is readable while an outcome waits to be taken, for hosts with an
+/// event loop (`poll(2)`, epoll, libuv, Go's netpoller): wait for it, then take outcomes with
+/// `psync_engine_poll(engine, 0, ...)` until `PSYNC_TIMEOUT`. It is readable again as soon as
+/// another outcome arrives, and stays readable once the engine is shut down and its last
+/// outcome was taken, so that the waiter wakes to get `PSYNC_DISCONNECTED`. Only readiness
+/// matters: never read from it, write to it or close it. The same descriptor for the life of
+/// the engine, valid until `psync_engine_free` (non-blocking, close-on-exec: the read end of a
+/// pipe). Thread-safe; blocking `psync_engine_poll` calls may be mixed with it.
+///
+/// On `PSYNC_OK`, `*out_fd` is the descriptor; otherwise -1. `error`: NULL, or where an owned
+/// `psync_error` goes on failure (NULL on success).
+///
+/// # Safety
+/// `engine` is NULL or a live engine; `out_fd` and `error` are NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn psync_engine_ready_fd(
+    engine: *mut PsyncEngine,
+    out_fd: *mut c_int,
+    error: *mut *mut PsyncError,
+) -> PsyncStatus {
+    // SAFETY: `error` is NULL or valid for a write, by the contract.
+    let error = unsafe { ErrorOut::new(error) };
+    guard(error, || {
+        if out_fd.is_null() {
+            return Err(null("out_fd"));
+        }
+        // SAFETY: non-NULL and valid for a write, by the contract.
+        unsafe { *out_fd = -1 };
+        // SAFETY: by the contract.
+        let handle = unsafe { engine_ref(engine) }?;
+        // SAFETY: as above.
+        unsafe { *out_fd = handle.outbox.ready_fd() };
         Ok(())
     })
 }
@@ -953,11 +1122,29 @@ pub unsafe extern "C" fn psync_outcome_free(outcome: *mut PsyncOutcome) {
     }
 }
 
-/// The engine's state and counters as a JSON object (field names as in the Rust `Stats`;
-/// durations as `_ms`, times as `_unix_ms`; `release_times` is `{"count", "sum_ms", "buckets":
-/// [{"le_ms", "count"}]}` with cumulative counts, `le_ms` null for the last, unbounded bucket).
-/// On `PSYNC_OK`, `*out_json` is an owned string: release it with `psync_string_free`;
-/// otherwise NULL. Thread-safe.
+/// The engine's state and counters as a JSON object:
+///
+/// | field | what |
+/// |---|---|
+/// | `commands_pending` | calls made but not yet applied by the scheduler |
+/// | `queued_identifiers`, `waiting_events`, `awaiting_refs` | the queue: identifiers, events waiting for objects, events whose ref updates wait to be written |
+/// | `in_flight`, `workers` | fetches running now; fetch threads (`workers`) |
+/// | `submitted`, `already_satisfied`, `refused`, `released`, `expired`, `cancelled` | events, counted since the engine started |
+/// | `rechecks` | repositories re-checked after `psync_engine_git_data_arrived` |
+/// | `ref_updates_applied`, `ref_update_failures` | ref transactions written / failed |
+/// | `fetches_started`, `fetches_succeeded`, `fetches_partial`, `fetches_failed` | fetches; partial: it failed but brought some of its objects |
+/// | `requests` | requests to remote hosts (connections over `git://`, GETs and POSTs over HTTP) |
+/// | `requests_per_release` | `requests` / `released`; null before the first release |
+/// | `memory_leaked` | bytes libgit2 lost in fetches (counted against `max_total_fetch_memory`) |
+/// | `failures` | `{"<kind>": count}` of failed fetches by kind: `dns`, `tls`, `connection_refused`, `timeout`, `not_found`, ... |
+/// | `domains` | `{"<domain>": {"in_flight", "queued_identifiers", "requests_started", "requests", "succeeded", "partial", "failed": {"<kind>": n}, "next_cell_in_ms"}}` |
+/// | `naughty` | `[{"domain", "scheme", "port", "category": "dns"|"tls"|"hostile", "reason", "first_seen_unix_ms", "last_seen_unix_ms", "count", "until_unix_ms"}]`; `scheme` and `port` null for a whole host name |
+/// | `recent_failures` | the last 32: `[{"identifier", "url", "kind", "message"}]` |
+/// | `expired_ids_remembered` | expired ids still refused as synced events |
+/// | `release_times` | time from submit to release: `{"count", "sum_ms", "buckets": [{"le_ms", "count"}]}`, cumulative, `le_ms` null for the last, unbounded bucket |
+///
+/// Fields may be added; none is removed within a version. On `PSYNC_OK`, `*out_json` is an
+/// owned string: release it with `psync_string_free`; otherwise NULL. Thread-safe.
 ///
 /// # Safety
 /// `engine` is NULL or a live engine; `out_json` is NULL or valid for a write.
@@ -967,7 +1154,26 @@ pub unsafe extern "C" fn psync_engine_stats_json(
     out_json: *mut *mut c_char,
 ) -> PsyncStatus {
     // SAFETY: the same contract.
-    unsafe { stats_string(engine, out_json, "out_json", |s| stats_json(s).to_string()) }
+    unsafe { psync_engine_stats_json_err(engine, out_json, std::ptr::null_mut()) }
+}
+
+/// Like `psync_engine_stats_json`, with this call's error in `*error` when `error` is not
+/// NULL (see `psync_engine_new_err`).
+///
+/// # Safety
+/// As `psync_engine_stats_json`; `error` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn psync_engine_stats_json_err(
+    engine: *mut PsyncEngine,
+    out_json: *mut *mut c_char,
+    error: *mut *mut PsyncError,
+) -> PsyncStatus {
+    // SAFETY: the same contract.
+    unsafe {
+        stats_string(engine, out_json, "out_json", error, |s| {
+            stats_json(s).to_string()
+        })
+    }
 }
 
 /// The engine's state and counters in the Prometheus text exposition format 0.0.4, ready to
@@ -983,11 +1189,27 @@ pub unsafe extern "C" fn psync_engine_metrics(
     out_text: *mut *mut c_char,
 ) -> PsyncStatus {
     // SAFETY: the same contract.
+    unsafe { psync_engine_metrics_err(engine, out_text, std::ptr::null_mut()) }
+}
+
+/// Like `psync_engine_metrics`, with this call's error in `*error` when `error` is not NULL
+/// (see `psync_engine_new_err`).
+///
+/// # Safety
+/// As `psync_engine_metrics`; `error` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn psync_engine_metrics_err(
+    engine: *mut PsyncEngine,
+    out_text: *mut *mut c_char,
+    error: *mut *mut PsyncError,
+) -> PsyncStatus {
+    // SAFETY: the same contract.
     unsafe {
         stats_string(
             engine,
             out_text,
             "out_text",
+            error,
             purgatory_sync::metrics::render,
         )
     }
@@ -997,14 +1219,17 @@ pub unsafe extern "C" fn psync_engine_metrics(
 /// (NULL on failure); `out_name` names `out` in the NULL-argument message.
 ///
 /// # Safety
-/// `engine` is NULL or a live engine; `out` is NULL or valid for a write.
+/// `engine` is NULL or a live engine; `out` and `error` are NULL or valid for a write.
 unsafe fn stats_string(
     engine: *mut PsyncEngine,
     out: *mut *mut c_char,
     out_name: &str,
+    error: *mut *mut PsyncError,
     render: impl FnOnce(&Stats) -> String,
 ) -> PsyncStatus {
-    guard(|| {
+    // SAFETY: `error` is NULL or valid for a write, by the contract.
+    let error = unsafe { ErrorOut::new(error) };
+    guard(error, || {
         if out.is_null() {
             return Err(null(out_name));
         }
@@ -1043,7 +1268,24 @@ pub unsafe extern "C" fn psync_string_free(s: *mut c_char) {
 /// `engine` is NULL or a live engine.
 #[no_mangle]
 pub unsafe extern "C" fn psync_engine_shutdown(engine: *mut PsyncEngine) -> PsyncStatus {
-    guard(|| {
+    // SAFETY: the same contract.
+    unsafe { psync_engine_shutdown_err(engine, std::ptr::null_mut()) }
+}
+
+/// Like `psync_engine_shutdown`, with this call's error in `*error` when `error` is not NULL: an owned
+/// `psync_error` on failure (release it with `psync_error_free`), NULL on success. Safe
+/// to use from threads a call may move between (goroutines).
+///
+/// # Safety
+/// As `psync_engine_shutdown`; `error` is NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn psync_engine_shutdown_err(
+    engine: *mut PsyncEngine,
+    error: *mut *mut PsyncError,
+) -> PsyncStatus {
+    // SAFETY: `error` is NULL or valid for a write, by the contract.
+    let error = unsafe { ErrorOut::new(error) };
+    guard(error, || {
         // SAFETY: by the contract.
         let handle = unsafe { engine_ref(engine) }?;
         let taken = handle.engine.write().take();
@@ -1067,22 +1309,6 @@ pub unsafe extern "C" fn psync_engine_free(engine: *mut PsyncEngine) {
         // SAFETY: from `Box::into_raw` in `psync_engine_new`, released once by the contract.
         let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(engine) })));
     }
-}
-
-/// The calling thread's last error message, or NULL if no call on this thread has failed.
-/// Set by every call that returns a status other than `PSYNC_OK`; left unchanged by
-/// successful calls, so read it right after the failing call. Owned by the library: valid
-/// until the next `psync_` call on this thread. Each thread has its own.
-#[no_mangle]
-pub extern "C" fn psync_last_error_message() -> *const c_char {
-    catch_unwind(|| {
-        LAST_ERROR.with(|slot| {
-            slot.borrow()
-                .as_ref()
-                .map_or(std::ptr::null(), |c| c.as_ptr())
-        })
-    })
-    .unwrap_or(std::ptr::null())
 }
 
 /// The library's version, a static string (never freed).

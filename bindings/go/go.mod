@@ -1,0 +1,3 @@
+module github.com/purgatory-sync/purgatory-sync/bindings/go
+
+go 1.19
