@@ -70,6 +70,7 @@ const (
 	StatusInvalidRefUpdate             Status = C.PSYNC_INVALID_REF_UPDATE
 	StatusReplaceRefsWithoutRefUpdates Status = C.PSYNC_REPLACE_REFS_WITHOUT_REF_UPDATES
 	StatusTooManyIdentifierURLs        Status = C.PSYNC_TOO_MANY_IDENTIFIER_URLS
+	StatusOtherSubmitError             Status = C.PSYNC_OTHER_SUBMIT_ERROR
 )
 
 // Error is the error of one call: the C ABI's status and message. Compare statuses with

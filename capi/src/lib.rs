@@ -504,7 +504,7 @@ fn submit_status(e: &SubmitError) -> PsyncStatus {
         SubmitError::QueueFull { .. } => PSYNC_QUEUE_FULL,
         SubmitError::ShuttingDown => PSYNC_SHUTTING_DOWN,
         // `SubmitError` is non-exhaustive: a kind added later has no code of its own yet.
-        _ => PSYNC_OTHER_ERROR,
+        _ => PSYNC_OTHER_SUBMIT_ERROR,
     }
 }
 
