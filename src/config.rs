@@ -63,6 +63,8 @@ pub(crate) struct Config {
     pub domain_limits: DomainLimits,
     pub domain_overrides: std::collections::HashMap<String, DomainLimits>,
     pub naughty_duration: Duration,
+    /// How long a domain with nothing in flight, queued or naughty keeps its statistics.
+    pub domain_retention: Duration,
     /// The allowed schemes, private addresses and own domain, as one policy: built by the
     /// builder's setters, checked at `build()` and shared read-only by submit and every fetch.
     pub url_policy: crate::policy::UrlPolicy,
@@ -165,6 +167,7 @@ impl Default for Config {
             domain_limits: DomainLimits::default(),
             domain_overrides: std::collections::HashMap::new(),
             naughty_duration: Duration::from_secs(12 * 60 * 60),
+            domain_retention: Duration::from_secs(60 * 60),
             url_policy: crate::policy::UrlPolicy::new(),
             state_file: None,
             checkpoint_interval: Duration::from_secs(60),
@@ -478,6 +481,17 @@ impl EngineBuilder {
         self
     }
 
+    /// How long a domain with nothing in flight, nothing queued and nothing on the naughty
+    /// list keeps its entry in [`Stats::domains`](crate::Stats::domains), and so its metrics'
+    /// series (default 1 h; at least as long as its rate quota takes to refill). Clone URLs
+    /// come from strangers' events: without retirement every domain ever named would be
+    /// exported for the life of the engine. Engine-wide totals keep counting what retired
+    /// domains did. Range 1 s ..= 1 year.
+    pub fn domain_retention(mut self, duration: Duration) -> Self {
+        self.cfg.domain_retention = duration;
+        self
+    }
+
     /// Whether clone URLs may point at loopback, private, link-local, multicast or
     /// unspecified addresses (default `false`; tests and the demo, which serve git on
     /// 127.0.0.x, set it).
@@ -711,6 +725,12 @@ impl EngineBuilder {
             limits.check("domain_override")?;
         }
         range("naughty_duration", c.naughty_duration, Duration::ZERO, year)?;
+        range(
+            "domain_retention",
+            c.domain_retention,
+            Duration::from_secs(1),
+            year,
+        )?;
         range(
             "checkpoint_interval",
             c.checkpoint_interval,

@@ -7,6 +7,7 @@
 //!
 //! | metric | type | labels |
 //! |---|---|---|
+//! | `purgatory_sync_build_info` | gauge (always 1) | `version`, `libgit2` |
 //! | `purgatory_sync_queued_identifiers` | gauge | |
 //! | `purgatory_sync_waiting_events` | gauge | |
 //! | `purgatory_sync_awaiting_refs` | gauge | |
@@ -27,6 +28,7 @@
 //! | `purgatory_sync_fetches_succeeded_total` | counter | |
 //! | `purgatory_sync_fetches_partial_total` | counter | |
 //! | `purgatory_sync_fetches_failed_total` | counter | |
+//! | `purgatory_sync_bytes_received_total` | counter | |
 //! | `purgatory_sync_memory_leaked_bytes` | gauge | |
 //! | `purgatory_sync_naughty_domains` | gauge | |
 //! | `purgatory_sync_expired_ids_remembered` | gauge | |
@@ -36,17 +38,22 @@
 //! | `purgatory_sync_domain_requests_total` | counter | `domain` |
 //! | `purgatory_sync_domain_fetches_succeeded_total` | counter | `domain` |
 //! | `purgatory_sync_domain_fetches_partial_total` | counter | `domain` |
+//! | `purgatory_sync_domain_bytes_received_total` | counter | `domain` |
 //! | `purgatory_sync_domain_in_flight` | gauge | `domain` |
 //! | `purgatory_sync_domain_queued_identifiers` | gauge | `domain` |
 //! | `purgatory_sync_domain_rate_wait_seconds` | gauge | `domain` |
 //! | `purgatory_sync_domain_fetch_failures_total` | counter | `domain`, `reason` |
 //! | `purgatory_sync_naughty_domain` | gauge (always 1) | `domain`, `endpoint`, `category` |
 //! | `purgatory_sync_time_to_release_seconds` | histogram | `le` |
+//! | `purgatory_sync_fetch_duration_seconds` | histogram | `le` |
 //!
 //! `reason` is [`FailureKind::as_str`] (`connection_refused`, `not_found`, `dns`, …) and
-//! `category` is `dns` or `tls`. Labelled families list only the label values seen so far (a
-//! domain appears once the engine has fetched from it); their `# HELP` and `# TYPE` lines are
-//! always there. The histogram's buckets are [`ReleaseHistogram::BOUNDS`], in seconds.
+//! `category` is `dns`, `tls` or `hostile`. Labelled families list only the label values seen
+//! so far (a domain appears once the engine has fetched from it, and goes once it has been idle
+//! for [`domain_retention`](crate::EngineBuilder::domain_retention)); their `# HELP` and
+//! `# TYPE` lines are always there. At most [`MAX_DOMAINS`] domains are exported one by one,
+//! the rest summed under `domain="other"` ([`render_with_limit`] sets another limit). The
+//! histograms' buckets are [`ReleaseHistogram::BOUNDS`], in seconds.
 //!
 //! ```
 //! use purgatory_sync::{metrics, Engine, Stats};
@@ -85,11 +92,44 @@ const PREFIX: &str = "purgatory_sync_";
 /// come in a fixed order and labelled samples in label order, so two renders of the same
 /// stats are identical.
 pub fn render(stats: &Stats) -> String {
+    render_with_limit(stats, MAX_DOMAINS)
+}
+
+/// The most domains [`render`] exports one by one.
+pub const MAX_DOMAINS: usize = 100;
+
+/// The label value under which [`render_with_limit`] sums the domains beyond its limit.
+pub const OTHER_DOMAIN: &str = "other";
+
+/// Like [`render`], exporting at most `max_domains` domains one by one: the ones with the most
+/// requests (then by name); the others are summed under `domain="other"` (gauges too, but
+/// for `domain_rate_wait_seconds`, their longest wait), and at most `max_domains` naughty
+/// entries are listed (the most recently seen; `naughty_domains` counts them all). Domain
+/// labels come from clone URLs in strangers' events, so this bounds the number of series a
+/// scrape can carry. A domain that moves between its own series and `other` makes `other`'s
+/// counters go down, which Prometheus reads as a counter reset.
+pub fn render_with_limit(stats: &Stats, max_domains: usize) -> String {
     use Type::{Counter, Gauge};
     let s = stats;
     let mut w = Writer::default();
 
-    let scalars: [(&str, Type, &str, Num); 23] = [
+    let name = "build_info";
+    w.family(
+        name,
+        Gauge,
+        "The engine's version and the libgit2 it runs on (value always 1).",
+    );
+    let (major, minor, rev) = git2::Version::get().libgit2_version();
+    w.sample(
+        name,
+        &[
+            ("version", env!("CARGO_PKG_VERSION")),
+            ("libgit2", &format!("{major}.{minor}.{rev}")),
+        ],
+        1u64,
+    );
+
+    let scalars: [(&str, Type, &str, Num); 24] = [
         (
             "queued_identifiers",
             Gauge,
@@ -211,6 +251,12 @@ pub fn render(stats: &Stats) -> String {
             s.fetches_failed.into(),
         ),
         (
+            "bytes_received_total",
+            Counter,
+            "Bytes received from remote hosts by fetches that ended.",
+            s.bytes_received.into(),
+        ),
+        (
             "memory_leaked_bytes",
             Gauge,
             "Memory libgit2 lost for good on what hostile servers sent; a restart gives it back.",
@@ -254,7 +300,8 @@ pub fn render(stats: &Stats) -> String {
         w.sample(name, &[("reason", kind.as_str())], *n);
     }
 
-    let per_domain: [DomainFamily; 7] = [
+    let domains = capped_domains(&s.domains, max_domains);
+    let per_domain: [DomainFamily; 8] = [
         (
             "domain_fetches_started_total",
             Counter,
@@ -280,6 +327,12 @@ pub fn render(stats: &Stats) -> String {
             |d| d.partial.into(),
         ),
         (
+            "domain_bytes_received_total",
+            Counter,
+            "Bytes received by fetches that ended, by remote domain.",
+            |d| d.bytes_received.into(),
+        ),
+        (
             "domain_in_flight",
             Gauge,
             "Fetches running now, by remote domain.",
@@ -300,7 +353,7 @@ pub fn render(stats: &Stats) -> String {
     ];
     for (name, kind, help, value) in per_domain {
         w.family(name, kind, help);
-        for (domain, d) in &s.domains {
+        for (domain, d) in &domains {
             w.sample(name, &[("domain", domain)], value(d));
         }
     }
@@ -310,7 +363,7 @@ pub fn render(stats: &Stats) -> String {
         Counter,
         "Failed fetches (not partial ones) by remote domain and kind of failure.",
     );
-    for (domain, d) in &s.domains {
+    for (domain, d) in &domains {
         for (kind, n) in &d.failed {
             w.sample(name, &[("domain", domain), ("reason", kind.as_str())], *n);
         }
@@ -322,7 +375,13 @@ pub fn render(stats: &Stats) -> String {
         Gauge,
         "Host names (endpoint \"\") and endpoints (scheme:port) skipped for a while (value always 1).",
     );
-    for n in &s.naughty {
+    let mut naughty: Vec<&crate::NaughtyEntry> = s.naughty.iter().collect();
+    if naughty.len() > max_domains {
+        naughty.sort_by_key(|n| std::cmp::Reverse(n.last_seen));
+        naughty.truncate(max_domains);
+        naughty.sort_by(|a, b| (&a.domain, &a.scheme, a.port).cmp(&(&b.domain, &b.scheme, b.port)));
+    }
+    for n in naughty {
         // A name is skipped as a whole, or one endpoint of it: each is its own series.
         let endpoint = match (&n.scheme, n.port) {
             (Some(scheme), Some(port)) => format!("{scheme}:{port}"),
@@ -339,21 +398,53 @@ pub fn render(stats: &Stats) -> String {
         );
     }
 
-    let name = "time_to_release_seconds";
-    w.family(
-        name,
-        Type::Histogram,
+    w.histogram(
+        "time_to_release_seconds",
         "How long released events waited in purgatory, from submission to release.",
+        &s.release_times,
     );
-    let bucket = format!("{name}_bucket");
-    for (bound, n) in s.release_times.cumulative() {
-        let le = bound.map_or_else(|| "+Inf".to_owned(), |b| Num::from(b).to_string());
-        w.sample(&bucket, &[("le", &le)], n);
-    }
-    w.sample(&format!("{name}_sum"), &[], s.release_times.sum());
-    w.sample(&format!("{name}_count"), &[], s.release_times.count());
+    w.histogram(
+        "fetch_duration_seconds",
+        "How long each fetch ran, from its dispatch to its report.",
+        &s.fetch_durations,
+    );
 
     w.out
+}
+
+/// The domains to export one by one, at most `max`, and the rest summed under
+/// [`OTHER_DOMAIN`], in label order.
+fn capped_domains(
+    all: &std::collections::BTreeMap<String, DomainStats>,
+    max: usize,
+) -> Vec<(String, DomainStats)> {
+    if all.len() <= max {
+        return all.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    }
+    let mut by_activity: Vec<(&String, &DomainStats)> = all.iter().collect();
+    by_activity.sort_by(|a, b| b.1.requests.cmp(&a.1.requests).then(a.0.cmp(b.0)));
+    let rest = by_activity.split_off(max);
+    let mut other = DomainStats::default();
+    for (_, d) in rest {
+        other.in_flight += d.in_flight;
+        other.queued_identifiers += d.queued_identifiers;
+        other.requests_started += d.requests_started;
+        other.requests += d.requests;
+        other.succeeded += d.succeeded;
+        other.partial += d.partial;
+        other.bytes_received += d.bytes_received;
+        other.next_cell_in = other.next_cell_in.max(d.next_cell_in);
+        for (kind, n) in &d.failed {
+            *other.failed.entry(*kind).or_default() += n;
+        }
+    }
+    let mut out: Vec<(String, DomainStats)> = by_activity
+        .into_iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    out.push((OTHER_DOMAIN.to_owned(), other));
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
 }
 
 /// A family with one sample per domain: its name, type, help, and one domain's value.
@@ -422,6 +513,18 @@ struct Writer {
 }
 
 impl Writer {
+    /// A histogram family: its cumulative `_bucket` samples, `_sum` and `_count`.
+    fn histogram(&mut self, name: &str, help: &str, h: &crate::ReleaseHistogram) {
+        self.family(name, Type::Histogram, help);
+        let bucket = format!("{name}_bucket");
+        for (bound, n) in h.cumulative() {
+            let le = bound.map_or_else(|| "+Inf".to_owned(), |b| Num::from(b).to_string());
+            self.sample(&bucket, &[("le", &le)], n);
+        }
+        self.sample(&format!("{name}_sum"), &[], h.sum());
+        self.sample(&format!("{name}_count"), &[], h.count());
+    }
+
     /// Starts a family: its `# HELP` and `# TYPE` lines.
     fn family(&mut self, name: &str, kind: Type, help: &str) {
         let help = escape_help(help);

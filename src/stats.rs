@@ -82,6 +82,11 @@ pub struct Stats {
     /// How long each released event waited in purgatory, from its submission to its
     /// [`Outcome::Released`](crate::Outcome::Released) (the `waited` it reports).
     pub release_times: ReleaseHistogram,
+    /// How long each fetch ran, from its dispatch to its report (the same bounds as
+    /// [`release_times`](Self::release_times)).
+    pub fetch_durations: ReleaseHistogram,
+    /// Bytes received from remote hosts by fetches that ended.
+    pub bytes_received: u64,
 }
 
 impl Stats {
@@ -209,6 +214,8 @@ pub struct DomainStats {
     pub failed: BTreeMap<FailureKind, u64>,
     /// How long until the rate quota allows the next fetch start; zero when it allows one now.
     pub next_cell_in: std::time::Duration,
+    /// Bytes received from the domain by fetches that ended.
+    pub bytes_received: u64,
 }
 
 /// Why a domain is on the naughty list.

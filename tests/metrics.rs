@@ -14,8 +14,9 @@ use std::time::Duration;
 
 use prometheus_parse::{Sample, Scrape, Value};
 use purgatory_sync::{
-    metrics, Admission, FailureKind, FetchControl, FetchError, FetchReport, FetchRequest, Fetcher,
-    GitFetcher, ObjectId, Origin, Outcome, PendingEvent, ReleaseHistogram,
+    metrics, Admission, DomainStats, FailureKind, FetchControl, FetchError, FetchReport,
+    FetchRequest, Fetcher, GitFetcher, ObjectId, Origin, Outcome, PendingEvent, ReleaseHistogram,
+    Stats,
 };
 use purgatory_sync_testkit::{self as testkit, GitDaemon};
 
@@ -27,7 +28,8 @@ const NOBODY: &str = "127.0.0.61";
 const UNRESOLVABLE: &str = "unresolvable.example";
 
 /// The families, in the order `render` writes them, with their types.
-const FAMILIES: [(&str, &str); 35] = [
+const FAMILIES: [(&str, &str); 39] = [
+    ("purgatory_sync_build_info", "gauge"),
     ("purgatory_sync_queued_identifiers", "gauge"),
     ("purgatory_sync_waiting_events", "gauge"),
     ("purgatory_sync_awaiting_refs", "gauge"),
@@ -48,6 +50,7 @@ const FAMILIES: [(&str, &str); 35] = [
     ("purgatory_sync_fetches_succeeded_total", "counter"),
     ("purgatory_sync_fetches_partial_total", "counter"),
     ("purgatory_sync_fetches_failed_total", "counter"),
+    ("purgatory_sync_bytes_received_total", "counter"),
     ("purgatory_sync_memory_leaked_bytes", "gauge"),
     ("purgatory_sync_naughty_domains", "gauge"),
     ("purgatory_sync_expired_ids_remembered", "gauge"),
@@ -57,12 +60,14 @@ const FAMILIES: [(&str, &str); 35] = [
     ("purgatory_sync_domain_requests_total", "counter"),
     ("purgatory_sync_domain_fetches_succeeded_total", "counter"),
     ("purgatory_sync_domain_fetches_partial_total", "counter"),
+    ("purgatory_sync_domain_bytes_received_total", "counter"),
     ("purgatory_sync_domain_in_flight", "gauge"),
     ("purgatory_sync_domain_queued_identifiers", "gauge"),
     ("purgatory_sync_domain_rate_wait_seconds", "gauge"),
     ("purgatory_sync_domain_fetch_failures_total", "counter"),
     ("purgatory_sync_naughty_domain", "gauge"),
     ("purgatory_sync_time_to_release_seconds", "histogram"),
+    ("purgatory_sync_fetch_duration_seconds", "histogram"),
 ];
 
 /// The libgit2 fetcher, except that the host [`UNRESOLVABLE`] does not resolve.
@@ -364,7 +369,11 @@ fn a_fresh_engine_renders_every_family_with_zero_values() {
     for s in &m.samples {
         let zero = match &s.value {
             Value::Counter(x) | Value::Untyped(x) => *x == 0.0,
-            Value::Gauge(x) => *x == 0.0 || s.metric == "purgatory_sync_workers",
+            Value::Gauge(x) => {
+                *x == 0.0
+                    || s.metric == "purgatory_sync_workers"
+                    || s.metric == "purgatory_sync_build_info" && *x == 1.0
+            }
             Value::Histogram(b) => b.iter().all(|b| b.count == 0.0),
             Value::Summary(_) => false,
         };
@@ -394,4 +403,170 @@ fn label_values_are_escaped_in_the_exposition() {
         );
     }
     assert_eq!(families(&text).len(), FAMILIES.len());
+}
+
+/// Domains come from strangers' clone URLs: twenty domains that have nothing left in flight,
+/// queued or naughty leave the scrape after `domain_retention`, while the engine-wide
+/// counters keep what they did.
+#[test]
+fn idle_domains_leave_the_scrape_and_totals_stay() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let target = testkit::init_bare(&dir.path().join("relay/r.git"));
+    let engine = testkit::loopback_engine()
+        .thread_name("metricsr")
+        .tick(Duration::from_millis(20))
+        .sync_delay(Duration::ZERO)
+        .event_lifetime(Duration::from_millis(500))
+        .domain_retention(Duration::from_secs(1))
+        .build()
+        .expect("engine");
+    // Twenty domains (loopback addresses), each refusing its connection: every event expires.
+    for i in 0..20u8 {
+        let url = format!("git://127.0.0.{}:1/x.git", 70 + i);
+        let oid = ObjectId::from_bytes([i + 1; 20]);
+        let ev = event(&format!("e{i}"), &format!("id{i}"), &target, oid, &[&url]);
+        engine.submit(ev).expect("submitted");
+    }
+    let gone = testkit::wait_for_stats(&engine, GENEROUS, |s| s.expired == 20);
+    assert!(gone.domains.len() >= 20, "{:?}", gone.domains.keys());
+    let before = parse(&metrics::render(&gone));
+    let series = |m: &Scrape, metric: &str| m.samples.iter().filter(|s| s.metric == metric).count();
+    assert_eq!(series(&before, "purgatory_sync_domain_requests_total"), 20);
+    let retired = testkit::wait_for_stats(&engine, GENEROUS, |s| s.domains.is_empty());
+    engine.shutdown().expect("clean shutdown");
+    let text = metrics::render(&retired);
+    let after = parse(&text);
+    let domain_series = after
+        .samples
+        .iter()
+        .filter(|s| s.labels.get("domain").is_some())
+        .count();
+    assert_eq!(domain_series, 0, "{text}");
+    assert_eq!(value(&after, "purgatory_sync_requests_total", &[]), 20.0);
+    assert_eq!(
+        value(&after, "purgatory_sync_fetches_failed_total", &[]),
+        20.0
+    );
+    assert_eq!(
+        value(&after, "purgatory_sync_fetch_duration_seconds_count", &[]),
+        20.0
+    );
+}
+
+/// At most the limit's domains are exported one by one, the busiest; the rest are summed
+/// under `domain="other"`, and at most as many naughty entries are listed.
+#[test]
+fn domains_beyond_the_limit_are_summed_under_other() {
+    let mut stats = Stats::default();
+    for (name, requests, in_flight, wait) in [
+        ("a.example", 50u64, 1usize, 0u64),
+        ("b.example", 40, 0, 0),
+        ("c.example", 3, 2, 7),
+        ("d.example", 2, 1, 9),
+    ] {
+        let mut d = DomainStats::default();
+        d.requests = requests;
+        d.requests_started = requests;
+        d.in_flight = in_flight;
+        d.bytes_received = requests * 1000;
+        d.next_cell_in = Duration::from_secs(wait);
+        d.failed.insert(FailureKind::Timeout, 1);
+        stats.domains.insert(name.to_owned(), d);
+    }
+    let text = metrics::render_with_limit(&stats, 2);
+    let m = parse(&text);
+    let exported: std::collections::BTreeSet<&str> = m
+        .samples
+        .iter()
+        .filter(|s| s.metric == "purgatory_sync_domain_requests_total")
+        .filter_map(|s| s.labels.get("domain"))
+        .collect();
+    assert_eq!(
+        exported,
+        ["a.example", "b.example", "other"].into_iter().collect()
+    );
+    let other = [("domain", "other")];
+    assert_eq!(
+        value(&m, "purgatory_sync_domain_requests_total", &other),
+        5.0
+    );
+    assert_eq!(value(&m, "purgatory_sync_domain_in_flight", &other), 3.0);
+    assert_eq!(
+        value(&m, "purgatory_sync_domain_bytes_received_total", &other),
+        5000.0
+    );
+    assert_eq!(
+        value(&m, "purgatory_sync_domain_rate_wait_seconds", &other),
+        9.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            "purgatory_sync_domain_fetch_failures_total",
+            &[("domain", "other"), ("reason", "timeout")]
+        ),
+        2.0
+    );
+    // Under the limit, nothing is summed.
+    assert!(!metrics::render(&stats).contains("domain=\"other\""));
+    assert_eq!(metrics::MAX_DOMAINS, 100);
+}
+
+/// `purgatory_sync_build_info` names the engine's version and the libgit2 it runs on.
+#[test]
+fn build_info_names_the_version_and_libgit2() {
+    let m = parse(&metrics::render(&Stats::default()));
+    let info: Vec<&Sample> = m
+        .samples
+        .iter()
+        .filter(|s| s.metric == "purgatory_sync_build_info")
+        .collect();
+    assert_eq!(info.len(), 1);
+    assert_eq!(
+        info[0].labels.get("version"),
+        Some(env!("CARGO_PKG_VERSION"))
+    );
+    let (major, minor, _) = git2::Version::get().libgit2_version();
+    assert!(info[0]
+        .labels
+        .get("libgit2")
+        .is_some_and(|v| v.starts_with(&format!("{major}.{minor}."))));
+}
+
+/// Prometheus's own checker accepts a scrape of a real engine (`promtool check metrics`;
+/// `.ci/run` installs it from Debian's `prometheus` package).
+#[test]
+fn promtool_accepts_a_scrape() {
+    let Ok(mut child) = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    else {
+        eprintln!("SKIPPED promtool_accepts_a_scrape: promtool is not installed");
+        return;
+    };
+    let engine = testkit::loopback_engine()
+        .thread_name("metricsp")
+        .build()
+        .expect("engine");
+    let mut stats = engine.stats();
+    engine.shutdown().expect("clean shutdown");
+    let mut d = DomainStats::default();
+    d.requests = 3;
+    stats.domains.insert("git.example.com".to_owned(), d);
+    let text = metrics::render(&stats);
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(text.as_bytes()).expect("write the scrape");
+    }
+    let out = child.wait_with_output().expect("promtool ran");
+    assert!(
+        out.status.success(),
+        "promtool: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

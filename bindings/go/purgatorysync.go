@@ -137,6 +137,7 @@ type Config struct {
 	ShutdownTimeout          *time.Duration
 	CheckpointInterval       time.Duration
 	NaughtyDuration          *time.Duration
+	DomainRetention          time.Duration
 	MaxEvents                int
 	MaxOIDsPerEvent          int
 	MaxURLsPerEvent          int
@@ -193,6 +194,7 @@ func (c Config) json() ([]byte, error) {
 	msp("shutdown_timeout_ms", c.ShutdownTimeout)
 	ms("checkpoint_interval_ms", c.CheckpointInterval)
 	msp("naughty_duration_ms", c.NaughtyDuration)
+	ms("domain_retention_ms", c.DomainRetention)
 	n("max_events", int64(c.MaxEvents))
 	n("max_oids_per_event", int64(c.MaxOIDsPerEvent))
 	n("max_urls_per_event", int64(c.MaxURLsPerEvent))
@@ -567,6 +569,7 @@ type Stats struct {
 	FetchesPartial       uint64                 `json:"fetches_partial"`
 	FetchesFailed        uint64                 `json:"fetches_failed"`
 	MemoryLeaked         uint64                 `json:"memory_leaked"`
+	BytesReceived        uint64                 `json:"bytes_received"`
 	Failures             map[string]uint64      `json:"failures"`
 	Domains              map[string]DomainStats `json:"domains"`
 	ExpiredIDsRemembered uint64                 `json:"expired_ids_remembered"`
@@ -581,6 +584,7 @@ type DomainStats struct {
 	Succeeded         uint64            `json:"succeeded"`
 	Partial           uint64            `json:"partial"`
 	Failed            map[string]uint64 `json:"failed"`
+	BytesReceived     uint64            `json:"bytes_received"`
 	NextCellInMs      uint64            `json:"next_cell_in_ms"`
 }
 

@@ -174,6 +174,7 @@ extern "C" {
 // | `domain_overrides`: `{"host": {"max_concurrent", "per_minute", "burst"?}}` | `{}` | as `domain_limits` |
 // | `our_domain`: never fetched from: `"host"` (every port), `"host:port"` or `"[v6]:port"` | none | a host |
 // | `naughty_duration_ms`: a failing host or endpoint is skipped | 43200000 | 0 ..= 1 year |
+// | `domain_retention_ms`: an idle domain keeps its statistics and metrics series | 3600000 | 1000 ..= 1 year |
 // | `allow_private_addresses`: loopback, private, link-local URLs | false | |
 // | `allowed_schemes` | `["https", "http", "git"]` | not empty |
 // | `state_file`: path of the durable state (docs/state-file.md) | none | |
@@ -391,11 +392,13 @@ void psync_outcome_free(struct psync_outcome *outcome);
 // | `requests_per_release` | `requests` / `released`; null before the first release |
 // | `memory_leaked` | bytes libgit2 lost in fetches (counted against `max_total_fetch_memory`) |
 // | `failures` | `{"<kind>": count}` of failed fetches by kind: `dns`, `tls`, `connection_refused`, `timeout`, `not_found`, ... |
-// | `domains` | `{"<domain>": {"in_flight", "queued_identifiers", "requests_started", "requests", "succeeded", "partial", "failed": {"<kind>": n}, "next_cell_in_ms"}}` |
+// | `domains` | `{"<domain>": {"in_flight", "queued_identifiers", "requests_started", "requests", "succeeded", "partial", "failed": {"<kind>": n}, "bytes_received", "next_cell_in_ms"}}`; a domain idle for `domain_retention_ms` leaves |
 // | `naughty` | `[{"domain", "scheme", "port", "category": "dns"|"tls"|"hostile", "reason", "first_seen_unix_ms", "last_seen_unix_ms", "count", "until_unix_ms"}]`; `scheme` and `port` null for a whole host name |
 // | `recent_failures` | the last 32: `[{"identifier", "url", "kind", "message"}]` |
 // | `expired_ids_remembered` | expired ids still refused as synced events |
 // | `release_times` | time from submit to release: `{"count", "sum_ms", "buckets": [{"le_ms", "count"}]}`, cumulative, `le_ms` null for the last, unbounded bucket |
+// | `fetch_durations` | how long each fetch ran, dispatch to report: as `release_times` |
+// | `bytes_received` | bytes received from remote hosts by fetches that ended (also per domain) |
 //
 // Fields may be added; none is removed within a version. On `PSYNC_OK`, `*out_json` is an
 // owned string: release it with `psync_string_free`; otherwise NULL. Thread-safe.

@@ -306,6 +306,7 @@ struct ConfigJson {
     domain_overrides: BTreeMap<String, LimitsJson>,
     our_domain: Option<String>,
     naughty_duration_ms: Option<u64>,
+    domain_retention_ms: Option<u64>,
     allow_private_addresses: Option<bool>,
     allowed_schemes: Option<Vec<String>>,
     state_file: Option<PathBuf>,
@@ -353,6 +354,7 @@ impl ConfigJson {
         set!(max_object_size => max_object_size);
         set!(max_advertisement_bytes => max_advertisement_bytes);
         set!(naughty_duration_ms ms => naughty_duration);
+        set!(domain_retention_ms ms => domain_retention);
         set!(allow_private_addresses => allow_private_addresses);
         set!(state_file => state_file);
         set!(move_unreadable_state_aside => move_unreadable_state_aside);
@@ -522,6 +524,18 @@ fn unix_ms(t: std::time::SystemTime) -> u64 {
         .map_or(0, ms)
 }
 
+/// A duration histogram: `{"count", "sum_ms", "buckets": [{"le_ms", "count"}]}`, cumulative.
+fn histogram(h: &purgatory_sync::ReleaseHistogram) -> Value {
+    json!({
+        "count": h.count(),
+        "sum_ms": ms(h.sum()),
+        "buckets": h
+            .cumulative()
+            .map(|(le, n)| json!({"le_ms": le.map(ms), "count": n}))
+            .collect::<Vec<_>>(),
+    })
+}
+
 fn stats_json(s: &Stats) -> Value {
     let Stats {
         commands_pending,
@@ -551,6 +565,8 @@ fn stats_json(s: &Stats) -> Value {
         recent_failures,
         expired_ids_remembered,
         release_times,
+        fetch_durations,
+        bytes_received,
         // `Stats` is non-exhaustive; `capi/tests/ffi.rs` checks that every field is in the JSON.
         ..
     } = s;
@@ -573,6 +589,7 @@ fn stats_json(s: &Stats) -> Value {
                     "succeeded": st.succeeded,
                     "partial": st.partial,
                     "failed": by_kind(&st.failed),
+                    "bytes_received": st.bytes_received,
                     "next_cell_in_ms": ms(st.next_cell_in),
                 }),
             )
@@ -633,14 +650,9 @@ fn stats_json(s: &Stats) -> Value {
         "naughty": naughty,
         "recent_failures": recent,
         "expired_ids_remembered": expired_ids_remembered,
-        "release_times": {
-            "count": release_times.count(),
-            "sum_ms": ms(release_times.sum()),
-            "buckets": release_times
-                .cumulative()
-                .map(|(le, n)| json!({"le_ms": le.map(ms), "count": n}))
-                .collect::<Vec<_>>(),
-        },
+        "release_times": histogram(release_times),
+        "fetch_durations": histogram(fetch_durations),
+        "bytes_received": bytes_received,
     })
 }
 
@@ -680,6 +692,7 @@ fn stats_json(s: &Stats) -> Value {
 /// | `domain_overrides`: `{"host": {"max_concurrent", "per_minute", "burst"?}}` | `{}` | as `domain_limits` |
 /// | `our_domain`: never fetched from: `"host"` (every port), `"host:port"` or `"[v6]:port"` | none | a host |
 /// | `naughty_duration_ms`: a failing host or endpoint is skipped | 43200000 | 0 ..= 1 year |
+/// | `domain_retention_ms`: an idle domain keeps its statistics and metrics series | 3600000 | 1000 ..= 1 year |
 /// | `allow_private_addresses`: loopback, private, link-local URLs | false | |
 /// | `allowed_schemes` | `["https", "http", "git"]` | not empty |
 /// | `state_file`: path of the durable state (docs/state-file.md) | none | |
@@ -1137,11 +1150,13 @@ pub unsafe extern "C" fn psync_outcome_free(outcome: *mut PsyncOutcome) {
 /// | `requests_per_release` | `requests` / `released`; null before the first release |
 /// | `memory_leaked` | bytes libgit2 lost in fetches (counted against `max_total_fetch_memory`) |
 /// | `failures` | `{"<kind>": count}` of failed fetches by kind: `dns`, `tls`, `connection_refused`, `timeout`, `not_found`, ... |
-/// | `domains` | `{"<domain>": {"in_flight", "queued_identifiers", "requests_started", "requests", "succeeded", "partial", "failed": {"<kind>": n}, "next_cell_in_ms"}}` |
+/// | `domains` | `{"<domain>": {"in_flight", "queued_identifiers", "requests_started", "requests", "succeeded", "partial", "failed": {"<kind>": n}, "bytes_received", "next_cell_in_ms"}}`; a domain idle for `domain_retention_ms` leaves |
 /// | `naughty` | `[{"domain", "scheme", "port", "category": "dns"|"tls"|"hostile", "reason", "first_seen_unix_ms", "last_seen_unix_ms", "count", "until_unix_ms"}]`; `scheme` and `port` null for a whole host name |
 /// | `recent_failures` | the last 32: `[{"identifier", "url", "kind", "message"}]` |
 /// | `expired_ids_remembered` | expired ids still refused as synced events |
 /// | `release_times` | time from submit to release: `{"count", "sum_ms", "buckets": [{"le_ms", "count"}]}`, cumulative, `le_ms` null for the last, unbounded bucket |
+/// | `fetch_durations` | how long each fetch ran, dispatch to report: as `release_times` |
+/// | `bytes_received` | bytes received from remote hosts by fetches that ended (also per domain) |
 ///
 /// Fields may be added; none is removed within a version. On `PSYNC_OK`, `*out_json` is an
 /// owned string: release it with `psync_string_free`; otherwise NULL. Thread-safe.

@@ -123,6 +123,9 @@ pub struct EngineArgs {
     /// How long a domain with DNS or TLS failures is skipped [default: 12h]
     #[arg(long, value_parser = duration, value_name = "DURATION")]
     pub naughty_duration: Option<Duration>,
+    /// How long an idle domain keeps its statistics and metrics series [default: 1h]
+    #[arg(long, value_parser = duration, value_name = "DURATION")]
+    pub domain_retention: Option<Duration>,
     /// Allow clone URLs on loopback and private addresses (off by default)
     #[arg(long)]
     pub allow_private_addresses: bool,
@@ -190,6 +193,7 @@ impl EngineArgs {
             thread_name,
             domain_burst,
             naughty_duration,
+            domain_retention,
             max_events,
             max_oids_per_event,
             max_urls_per_event,

@@ -21,6 +21,9 @@ use super::queue::EntryId;
 use crate::policy::CloneUrl;
 
 use crate::persist::NaughtyRecord;
+
+/// How often idle domains are looked for (`Domains::prune`).
+const RETIRE_EVERY: Duration = Duration::from_secs(1);
 use crate::state_file::millis as ms;
 
 /// The time the core last gave, as governor's clock.
@@ -111,6 +114,10 @@ struct Domain {
     succeeded: u64,
     partial: u64,
     failed: BTreeMap<FailureKind, u64>,
+    /// Bytes received from the domain by fetches that ended.
+    bytes_received: u64,
+    /// The last time the domain was used (a start, a refusal, a park, an end).
+    last_active: Instant,
 }
 
 /// What a naughty-list entry skips: what failed, and nothing more, so that one stranger's URL
@@ -202,6 +209,12 @@ pub(crate) enum Blocked {
 pub(crate) struct Domains {
     cfg: Arc<Config>,
     clock: Option<CoreClock>,
+    /// The core's time, as of the last `set_now`.
+    now: Option<Instant>,
+    /// When idle domains were last retired.
+    last_retire: Option<Instant>,
+    /// Requests made to domains since retired: the engine's total never goes down.
+    retired_requests: u64,
     table: HashMap<Arc<str>, Domain>,
     naughty: HashMap<NaughtyKey, Naughty>,
 }
@@ -211,6 +224,9 @@ impl Domains {
         Domains {
             cfg,
             clock: None,
+            now: None,
+            last_retire: None,
+            retired_requests: 0,
             table: HashMap::new(),
             naughty: HashMap::new(),
         }
@@ -218,6 +234,7 @@ impl Domains {
 
     /// Sets the limiters' clock to `now`; called at every entry point of the core.
     pub fn set_now(&mut self, now: Instant) {
+        self.now = Some(now);
         self.clock
             .get_or_insert_with(|| CoreClock::new(now))
             .set(now);
@@ -230,6 +247,7 @@ impl Domains {
     }
 
     fn domain(&mut self, name: &Arc<str>) -> &mut Domain {
+        let now = self.now.expect("set_now is called before any use");
         if !self.table.contains_key(name) {
             let limits = self.cfg.limits_for(name);
             let period = Duration::from_nanos(60_000_000_000 / u64::from(limits.per_minute));
@@ -252,10 +270,14 @@ impl Domains {
                     succeeded: 0,
                     partial: 0,
                     failed: BTreeMap::new(),
+                    bytes_received: 0,
+                    last_active: now,
                 },
             );
         }
-        self.table.get_mut(name).expect("inserted above")
+        let d = self.table.get_mut(name).expect("inserted above");
+        d.last_active = d.last_active.max(now);
+        d
     }
 
     /// Whether `url` may be fetched at all now: not on the relay's own domain (its host, or
@@ -322,10 +344,12 @@ impl Domains {
         url: &CloneUrl,
         failure: Option<(FailureKind, &str)>,
         partial: bool,
+        bytes_received: u64,
         now: Instant,
     ) {
         let d = self.domain(&url.domain);
         d.in_flight = d.in_flight.saturating_sub(1);
+        d.bytes_received = d.bytes_received.saturating_add(bytes_received);
         match failure {
             None => d.succeeded += 1,
             Some(_) if partial => d.partial += 1,
@@ -398,6 +422,7 @@ impl Domains {
     /// An entry parked in `domain` stopped waiting there: its record is stale from now on
     /// (dropped from the queue later).
     pub fn leave(&mut self, domain: &str) {
+        let now = self.now;
         let d = self.table.get_mut(domain);
         debug_assert!(
             d.as_ref().is_some_and(|d| d.waiting > 0),
@@ -405,6 +430,9 @@ impl Domains {
         );
         if let Some(d) = d {
             d.waiting = d.waiting.saturating_sub(1);
+            if let Some(now) = now {
+                d.last_active = d.last_active.max(now);
+            }
         }
     }
 
@@ -516,9 +544,47 @@ impl Domains {
         }
     }
 
-    /// Forgets naughty entries whose time is up.
+    /// Forgets naughty entries whose time is up, and retires idle domains (at most once a
+    /// second): a domain with nothing in flight, queued or on the naughty list for
+    /// `domain_retention` (and at least as long as its rate quota takes to refill, so that a
+    /// new limiter is no more generous than the old one) leaves the table, its statistics and
+    /// its metrics' series with it. Clone URLs come from strangers: without this, every domain
+    /// ever named would stay for the life of the engine.
     pub fn prune(&mut self, now: Instant) {
         self.naughty.retain(|_, n| n.until > now);
+        if self
+            .last_retire
+            .is_some_and(|t| now.saturating_duration_since(t) < RETIRE_EVERY)
+        {
+            return;
+        }
+        self.last_retire = Some(now);
+        let retention = self.cfg.domain_retention;
+        let naughty_hosts: std::collections::HashSet<&str> =
+            self.naughty.keys().map(|k| &*k.host).collect();
+        let retired = &mut self.retired_requests;
+        self.table.retain(|name, d| {
+            let refill = Duration::from_secs(60)
+                .saturating_mul(d.limits.burst)
+                .checked_div(d.limits.per_minute)
+                .unwrap_or(Duration::ZERO);
+            let keep = d.in_flight > 0
+                || d.waiting > 0
+                || naughty_hosts.contains(&**name)
+                || now.saturating_duration_since(d.last_active) < retention.max(refill);
+            if !keep {
+                *retired = retired.saturating_add(d.requests.load(Ordering::Relaxed));
+            }
+            keep
+        });
+    }
+
+    /// Requests made to every domain since the engine started, retired ones included.
+    pub fn requests_total(&self) -> u64 {
+        self.table
+            .values()
+            .map(|d| d.requests.load(Ordering::Relaxed))
+            .fold(self.retired_requests, u64::saturating_add)
     }
 
     /// The number of distinct entries still waiting in each domain's queue, by a scan of the
@@ -569,6 +635,7 @@ impl Domains {
                     succeeded: d.succeeded,
                     partial: d.partial,
                     failed: d.failed.clone(),
+                    bytes_received: d.bytes_received,
                     next_cell_in: d
                         .blocked_until
                         .map_or(Duration::ZERO, |t| t.saturating_duration_since(now)),

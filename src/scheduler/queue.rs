@@ -338,6 +338,8 @@ struct Running {
     repo: Arc<Path>,
     identifier: Arc<str>,
     url: CloneUrl,
+    /// When it was dispatched.
+    started: Instant,
 }
 
 /// A fetch after which libgit2 still holds this much memory lost it to what the server sent
@@ -368,6 +370,10 @@ struct Counters {
     recent_failures: VecDeque<FailureRecord>,
     /// The `waited` of every [`Outcome::Released`].
     release_times: ReleaseHistogram,
+    /// How long each fetch ran, dispatch to report.
+    fetch_durations: ReleaseHistogram,
+    /// Bytes received by fetches that ended.
+    bytes_received: u64,
 }
 
 /// The purgatory queue and every scheduling decision.
@@ -982,7 +988,7 @@ impl Queue {
                 continue;
             }
             if self.domains.try_acquire(&domain, now).is_ok() {
-                self.launch(id, i);
+                self.launch(id, i, now);
                 return;
             }
             busy.push(domain);
@@ -1089,7 +1095,7 @@ impl Queue {
                 }
                 self.domains.queue(&domain).remove(pos);
                 self.leave_turn(id, &domain);
-                self.launch(id, i);
+                self.launch(id, i, now);
             }
             // Drop what went stale (the statistics count only live records either way).
             let entries = &self.entries;
@@ -1101,7 +1107,7 @@ impl Queue {
     /// Starts the fetch of the entry's URL `i`; the domain's permit is taken. The entry leaves
     /// the schedule while the fetch runs (it may be there at its backoff time, when a turn
     /// starts the fetch).
-    fn launch(&mut self, id: EntryId, i: usize) {
+    fn launch(&mut self, id: EntryId, i: usize, now: Instant) {
         let e = self.entries.get_mut(&id).expect("entry exists");
         self.schedule.remove(&(e.next_attempt, id));
         e.tried[i] = true;
@@ -1131,6 +1137,7 @@ impl Queue {
                 repo: e.repo.clone(),
                 identifier: e.identifier.clone(),
                 url: e.urls[i].clone(),
+                started: now,
             },
         );
         self.counters.fetches_started += 1;
@@ -1337,8 +1344,16 @@ impl Queue {
             &run.url,
             report.error.as_ref().map(|e| (e.kind, e.message.as_str())),
             partial,
+            report.bytes_received,
             now,
         );
+        self.counters.bytes_received = self
+            .counters
+            .bytes_received
+            .saturating_add(report.bytes_received);
+        self.counters
+            .fetch_durations
+            .observe(now.saturating_duration_since(run.started));
         if report.memory_leaked > 0 {
             self.counters.memory_leaked = self
                 .counters
@@ -1733,7 +1748,7 @@ impl Queue {
             );
         }
         let (domains, naughty) = self.domains.stats(now, wall);
-        let requests = domains.values().map(|d| d.requests).sum();
+        let requests = self.domains.requests_total();
         Stats {
             domains,
             naughty,
@@ -1759,6 +1774,8 @@ impl Queue {
             recent_failures: c.recent_failures.iter().cloned().collect(),
             expired_ids_remembered: self.expired_ids.len(),
             release_times: c.release_times.clone(),
+            fetch_durations: c.fetch_durations.clone(),
+            bytes_received: c.bytes_received,
             ..Stats::default()
         }
     }

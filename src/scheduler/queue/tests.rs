@@ -2518,3 +2518,131 @@ fn the_next_attempt_visits_first_the_urls_that_had_what_is_missing() {
     let order: Vec<String> = (0..3).map(|_| h.fail().request.url).collect();
     assert_eq!(order, ["git://b/r", "git://c/r", "git://a/r"]);
 }
+
+/// A domain with nothing in flight, queued or naughty leaves the statistics (and so the
+/// metrics) after `domain_retention`, and not before its rate quota has refilled; the
+/// engine's request total keeps what it did. A domain still queued, running or naughty stays.
+#[test]
+fn idle_domains_retire_after_the_retention_and_totals_keep_their_requests() {
+    let mut h = Harness::with(Config {
+        sync_delay: Duration::ZERO,
+        domain_retention: Duration::from_secs(600),
+        event_lifetime: Duration::from_secs(30),
+        ..Config::default()
+    });
+    h.pass();
+    h.submit(
+        "a",
+        "ia",
+        "/ra",
+        &[oid(1)],
+        &["https://a.example/r"],
+        Origin::Sync,
+    );
+    h.submit(
+        "b",
+        "ib",
+        "/rb",
+        &[oid(2)],
+        &["https://b.example/r"],
+        Origin::Sync,
+    );
+    h.submit(
+        "d",
+        "id",
+        "/rd",
+        &[oid(3)],
+        &["https://dns.example/r"],
+        Origin::Sync,
+    );
+    assert_eq!(h.jobs.len(), 3);
+    let domains = |h: &Harness| -> Vec<String> { h.core.stats().domains.keys().cloned().collect() };
+    // a: released at once; b: fails and waits (backoff); dns.example: a DNS failure, naughty.
+    h.finish_ident("ia", &[oid(1)]);
+    h.fail_ident("ib", FailureKind::ConnectionRefused);
+    h.fail_ident("id", FailureKind::Dns);
+    let requests = h.core.stats().requests;
+    assert_eq!(requests, 3);
+    h.advance(Duration::from_secs(599));
+    assert_eq!(domains(&h), ["a.example", "b.example", "dns.example"]);
+    // b's event expired at 30 s; nothing of a or b for 10 minutes; dns.example is naughty.
+    h.advance(Duration::from_secs(2));
+    let stats = h.core.stats();
+    assert_eq!(domains(&h), ["dns.example"], "{:?}", stats.domains);
+    assert_eq!(
+        stats.requests, requests,
+        "retired domains' requests still count"
+    );
+    // A retired domain comes back, counting from zero, when it is used again.
+    h.submit(
+        "a2",
+        "ia2",
+        "/ra2",
+        &[oid(4)],
+        &["https://a.example/r"],
+        Origin::Sync,
+    );
+    assert_eq!(domains(&h), ["a.example", "dns.example"]);
+    let a = &h.core.stats().domains["a.example"];
+    assert_eq!((a.requests_started, a.in_flight), (1, 1));
+}
+
+/// A slow rate quota keeps its domain until it has refilled: a new limiter must not be more
+/// generous than the one it replaces.
+#[test]
+fn a_domain_retires_only_once_its_rate_quota_has_refilled() {
+    let mut limits = crate::config::DomainLimits::new(5, 1);
+    limits.burst = 5;
+    let mut h = Harness::with(Config {
+        sync_delay: Duration::ZERO,
+        domain_retention: Duration::from_secs(1),
+        domain_limits: limits,
+        ..Config::default()
+    });
+    h.pass();
+    h.submit(
+        "a",
+        "ia",
+        "/ra",
+        &[oid(1)],
+        &["https://slow.example/r"],
+        Origin::Sync,
+    );
+    h.finish_ident("ia", &[oid(1)]);
+    let present = |h: &Harness| h.core.stats().domains.contains_key("slow.example");
+    // One request a minute, a burst of five: five minutes to refill.
+    h.advance(Duration::from_secs(299));
+    assert!(present(&h));
+    h.advance(Duration::from_secs(2));
+    assert!(!present(&h));
+}
+
+/// Each fetch's duration (dispatch to report) and bytes go into the statistics.
+#[test]
+fn fetch_durations_and_bytes_are_counted() {
+    let mut h = Harness::with(Config {
+        sync_delay: Duration::ZERO,
+        ..Config::default()
+    });
+    h.pass();
+    h.submit(
+        "a",
+        "ia",
+        "/ra",
+        &[oid(1)],
+        &["https://a.example/r"],
+        Origin::Sync,
+    );
+    h.clock.advance(Duration::from_secs(3));
+    let job = h.jobs.remove(0);
+    let mut report = FetchReport::new(vec![oid(1)], None);
+    report.bytes_received = 12_345;
+    let now = h.now();
+    h.core.job_done(job.id, report, now);
+    h.pass();
+    let stats = h.core.stats();
+    assert_eq!(stats.bytes_received, 12_345);
+    assert_eq!(stats.domains["a.example"].bytes_received, 12_345);
+    assert_eq!(stats.fetch_durations.count(), 1);
+    assert_eq!(stats.fetch_durations.sum(), Duration::from_secs(3));
+}
