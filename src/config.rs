@@ -624,6 +624,46 @@ impl EngineBuilder {
         crate::engine::Engine::start(self.cfg, self.clock, fetcher, builtin)
     }
 
+    /// Checks `event` as [`Engine::submit`](crate::Engine::submit) would with these settings,
+    /// without an engine: every field, the clone URLs against the URL policy, and the
+    /// repository (an existing bare git repository). `Ok` gives the clone URLs the policy
+    /// refuses (which `submit` would skip); an event none of whose URLs is left can still
+    /// wait for a push. What only a running engine knows (a full queue, an id that expired,
+    /// the URLs of an identifier's other events) is not checked. For tools that validate a
+    /// batch before starting anything, such as the command-line tool's manifest.
+    ///
+    /// ```
+    /// use purgatory_sync::{Engine, PendingEvent, SubmitError};
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// git2::Repository::init_bare(dir.path())?;
+    /// let builder = Engine::builder();
+    /// let event = PendingEvent::new("e1", "alice/x", dir.path())
+    ///     .oid(&"a".repeat(40))
+    ///     .clone_url("https://git.example.com/alice/x.git")
+    ///     .clone_url("http://127.0.0.1/alice/x.git"); // loopback: refused by default
+    /// let refused = builder.check_event(&event)?;
+    /// assert_eq!(refused.len(), 1);
+    /// assert_eq!(refused[0].index, 1);
+    ///
+    /// let bad = PendingEvent::new("e2", "alice/x", dir.path()).oid("abc");
+    /// assert!(matches!(builder.check_event(&bad), Err(SubmitError::InvalidObjectId { .. })));
+    /// let nowhere = PendingEvent::new("e3", "alice/x", "/nonexistent/x.git").oid(&"a".repeat(40));
+    /// assert!(matches!(builder.check_event(&nowhere), Err(SubmitError::InvalidRepository { .. })));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// The [`SubmitError`](crate::SubmitError) `submit` would return for these reasons.
+    pub fn check_event(
+        &self,
+        event: &crate::PendingEvent,
+    ) -> Result<Vec<crate::RefusedUrl>, crate::SubmitError> {
+        let checked = crate::validate::event(event, &self.cfg)?;
+        crate::validate::repository(&event.repo)?;
+        Ok(checked.refused)
+    }
+
     /// The settings so far, for the crate's tests.
     #[cfg(test)]
     pub(crate) fn config(&self) -> &Config {

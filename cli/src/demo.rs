@@ -52,22 +52,22 @@ fn duration(s: &str) -> Result<Duration, String> {
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// Repositories in the scenario (the third and the sixth live only on the rate-limited host)
-    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(6..=2000))]
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(6..=2000), env = "PURGATORY_SYNC_REPOS")]
     repos: u32,
     /// Pull requests per repository
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=100))]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=100), env = "PURGATORY_SYNC_PRS")]
     prs: u32,
     /// Event lifetime: how long the event whose commit nobody has waits before it expires
-    #[arg(long, default_value = "20s", value_parser = duration)]
+    #[arg(long, default_value = "20s", value_parser = duration, env = "PURGATORY_SYNC_LIFETIME")]
     lifetime: Duration,
     /// Fetch worker threads
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, env = "PURGATORY_SYNC_WORKERS")]
     workers: usize,
     /// Plain lines on stderr instead of a progress bar
-    #[arg(long)]
+    #[arg(long, env = "PURGATORY_SYNC_NO_PROGRESS")]
     no_progress: bool,
     /// Keep the scenario's directory (repositories and servers' data) and print its path
-    #[arg(long)]
+    #[arg(long, env = "PURGATORY_SYNC_KEEP")]
     keep: bool,
 }
 

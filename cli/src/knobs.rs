@@ -47,118 +47,135 @@ fn domain_override(s: &str) -> Result<DomainOverride, String> {
 #[command(next_help_heading = "Engine settings")]
 pub struct EngineArgs {
     /// Fetch worker threads, the most fetches at once [default: 32]
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", env = "PURGATORY_SYNC_WORKERS")]
     pub workers: Option<usize>,
     /// How often the scheduler wakes without a command [default: 1s]
-    #[arg(long, value_parser = duration, value_name = "DURATION")]
+    #[arg(long, value_parser = duration, value_name = "DURATION", env = "PURGATORY_SYNC_TICK")]
     pub tick: Option<Duration>,
     /// First-attempt delay for events a user pushed to this relay [default: 180s]
-    #[arg(long, value_parser = duration, value_name = "DURATION")]
+    #[arg(long, value_parser = duration, value_name = "DURATION", env = "PURGATORY_SYNC_USER_DELAY")]
     pub user_delay: Option<Duration>,
     /// First-attempt delay for events synced from other relays [default: 500ms]
-    #[arg(long, value_parser = duration, value_name = "DURATION")]
+    #[arg(long, value_parser = duration, value_name = "DURATION", env = "PURGATORY_SYNC_SYNC_DELAY")]
     pub sync_delay: Option<Duration>,
     /// Wait after the first incomplete attempt, doubling up to --backoff-cap [default: 20s]
-    #[arg(long, value_parser = duration, value_name = "DURATION")]
+    #[arg(long, value_parser = duration, value_name = "DURATION", env = "PURGATORY_SYNC_BACKOFF_BASE")]
     pub backoff_base: Option<Duration>,
     /// Longest wait between attempts [default: 2m]
-    #[arg(long, value_parser = duration, value_name = "DURATION")]
+    #[arg(long, value_parser = duration, value_name = "DURATION", env = "PURGATORY_SYNC_BACKOFF_CAP")]
     pub backoff_cap: Option<Duration>,
     /// How long an event waits for its objects before it expires [default: 30m]
-    #[arg(long, value_parser = duration, value_name = "DURATION")]
+    #[arg(long, value_parser = duration, value_name = "DURATION", env = "PURGATORY_SYNC_EVENT_LIFETIME")]
     pub event_lifetime: Option<Duration>,
     /// How long an expired event id is remembered: a synced re-submission whose data is still
     /// missing is refused meanwhile [default: 7d]
-    #[arg(long, value_parser = duration, value_name = "DURATION")]
+    #[arg(long, value_parser = duration, value_name = "DURATION", env = "PURGATORY_SYNC_EXPIRED_MEMORY")]
     pub expired_memory: Option<Duration>,
     /// Wall-clock limit of one fetch [default: 2m]
-    #[arg(long, value_parser = duration, value_name = "DURATION")]
+    #[arg(long, value_parser = duration, value_name = "DURATION", env = "PURGATORY_SYNC_FETCH_DEADLINE")]
     pub fetch_deadline: Option<Duration>,
     /// Limit for opening a connection [default: 10s]
-    #[arg(long, value_parser = duration, value_name = "DURATION")]
+    #[arg(long, value_parser = duration, value_name = "DURATION", env = "PURGATORY_SYNC_CONNECT_TIMEOUT")]
     pub connect_timeout: Option<Duration>,
     /// Limit for one read or write to stall [default: 30s]
-    #[arg(long, value_parser = duration, value_name = "DURATION")]
+    #[arg(long, value_parser = duration, value_name = "DURATION", env = "PURGATORY_SYNC_IO_TIMEOUT")]
     pub io_timeout: Option<Duration>,
     /// How long shutdown waits for fetches in flight to cancel [default: 10s]
-    #[arg(long, value_parser = duration, value_name = "DURATION")]
+    #[arg(long, value_parser = duration, value_name = "DURATION", env = "PURGATORY_SYNC_SHUTDOWN_TIMEOUT")]
     pub shutdown_timeout: Option<Duration>,
     /// Most bytes one fetch may receive [default: 1 GiB]
-    #[arg(long, value_name = "BYTES")]
+    #[arg(long, value_name = "BYTES", env = "PURGATORY_SYNC_MAX_FETCH_BYTES")]
     pub max_fetch_bytes: Option<u64>,
     /// Most memory libgit2 may hold for one fetch [default: 512 MiB]
-    #[arg(long, value_name = "BYTES")]
+    #[arg(long, value_name = "BYTES", env = "PURGATORY_SYNC_MAX_FETCH_MEMORY")]
     pub max_fetch_memory: Option<u64>,
     /// Most memory libgit2 may hold for all fetches together [default: 4 GiB]
-    #[arg(long, value_name = "BYTES")]
+    #[arg(
+        long,
+        value_name = "BYTES",
+        env = "PURGATORY_SYNC_MAX_TOTAL_FETCH_MEMORY"
+    )]
     pub max_total_fetch_memory: Option<u64>,
     /// Largest object a delta may build, process-wide [default: 100 MiB]
-    #[arg(long, value_name = "BYTES")]
+    #[arg(long, value_name = "BYTES", env = "PURGATORY_SYNC_MAX_OBJECT_SIZE")]
     pub max_object_size: Option<u64>,
     /// Largest ref advertisement a server may send [default: 32 MiB]
-    #[arg(long, value_name = "BYTES")]
+    #[arg(
+        long,
+        value_name = "BYTES",
+        env = "PURGATORY_SYNC_MAX_ADVERTISEMENT_BYTES"
+    )]
     pub max_advertisement_bytes: Option<u64>,
     /// Fetch only the last N commits of history (shallow) [default: full history]
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", env = "PURGATORY_SYNC_FETCH_DEPTH")]
     pub fetch_depth: Option<u32>,
     /// Prefix of the engine's thread names, 1 to 8 characters [default: psync]
-    #[arg(long, value_name = "PREFIX")]
+    #[arg(long, value_name = "PREFIX", env = "PURGATORY_SYNC_THREAD_NAME")]
     pub thread_name: Option<String>,
     /// Per-domain limit on fetches in flight [default: 5]
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", env = "PURGATORY_SYNC_DOMAIN_CONCURRENCY")]
     pub domain_concurrency: Option<usize>,
     /// Per-domain fetch starts a minute [default: 30]
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", env = "PURGATORY_SYNC_DOMAIN_PER_MINUTE")]
     pub domain_per_minute: Option<u32>,
     /// Per-domain burst after a quiet spell [default: 5]
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", env = "PURGATORY_SYNC_DOMAIN_BURST")]
     pub domain_burst: Option<u32>,
     /// Limits for one domain: HOST=CONCURRENT/PER_MINUTE[/BURST] (repeatable)
-    #[arg(long = "domain", value_parser = domain_override, value_name = "HOST=C/M[/B]")]
+    #[arg(long = "domain", value_parser = domain_override, value_name = "HOST=C/M[/B]", env = "PURGATORY_SYNC_DOMAIN")]
     pub domain_overrides: Vec<DomainOverride>,
     /// This relay's own domain, never fetched from: HOST (every port of it), HOST:PORT or
     /// [IPV6]:PORT (only that port)
-    #[arg(long, value_name = "HOST[:PORT]")]
+    #[arg(long, value_name = "HOST[:PORT]", env = "PURGATORY_SYNC_OUR_DOMAIN")]
     pub our_domain: Option<String>,
     /// How long a domain with DNS or TLS failures is skipped [default: 12h]
-    #[arg(long, value_parser = duration, value_name = "DURATION")]
+    #[arg(long, value_parser = duration, value_name = "DURATION", env = "PURGATORY_SYNC_NAUGHTY_DURATION")]
     pub naughty_duration: Option<Duration>,
     /// How long an idle domain keeps its statistics and metrics series [default: 1h]
-    #[arg(long, value_parser = duration, value_name = "DURATION")]
+    #[arg(long, value_parser = duration, value_name = "DURATION", env = "PURGATORY_SYNC_DOMAIN_RETENTION")]
     pub domain_retention: Option<Duration>,
     /// Allow clone URLs on loopback and private addresses (off by default)
-    #[arg(long)]
+    #[arg(long, env = "PURGATORY_SYNC_ALLOW_PRIVATE_ADDRESSES")]
     pub allow_private_addresses: bool,
     /// URL schemes that may be fetched, comma-separated [default: https,http,git]
-    #[arg(long, value_delimiter = ',', value_name = "SCHEMES")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "SCHEMES",
+        env = "PURGATORY_SYNC_ALLOWED_SCHEMES"
+    )]
     pub allowed_schemes: Option<Vec<String>>,
     /// Most events waiting at once [default: 1000000]
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", env = "PURGATORY_SYNC_MAX_EVENTS")]
     pub max_events: Option<usize>,
     /// Most object ids one event may wait for [default: 1024]
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", env = "PURGATORY_SYNC_MAX_OIDS_PER_EVENT")]
     pub max_oids_per_event: Option<usize>,
     /// Most clone URLs one event may list [default: 64]
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", env = "PURGATORY_SYNC_MAX_URLS_PER_EVENT")]
     pub max_urls_per_event: Option<usize>,
     /// Most distinct clone URLs the waiting events of one identifier may list [default: 256]
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", env = "PURGATORY_SYNC_MAX_URLS_PER_IDENTIFIER")]
     pub max_urls_per_identifier: Option<usize>,
     /// Most ref updates one event may carry [default: 256]
-    #[arg(long, value_name = "N")]
+    #[arg(
+        long,
+        value_name = "N",
+        env = "PURGATORY_SYNC_MAX_REF_UPDATES_PER_EVENT"
+    )]
     pub max_ref_updates_per_event: Option<usize>,
     /// Keep the engine's state in this file: a restart resumes the waiting events
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "PURGATORY_SYNC_STATE_FILE")]
     pub state_file: Option<PathBuf>,
     /// How often the state file is written while running [default: 60s]
-    #[arg(long, value_parser = duration, value_name = "DURATION")]
+    #[arg(long, value_parser = duration, value_name = "DURATION", env = "PURGATORY_SYNC_CHECKPOINT_INTERVAL")]
     pub checkpoint_interval: Option<Duration>,
     /// Rename an unreadable state file aside and start empty (instead of failing)
-    #[arg(long)]
+    #[arg(long, env = "PURGATORY_SYNC_MOVE_UNREADABLE_STATE_ASIDE")]
     pub move_unreadable_state_aside: bool,
     /// Do not add `transfer.hideRefs = refs/purgatory-sync/` to the relay repositories'
     /// configuration: the engine's temporary refs are then advertised to their clients
-    #[arg(long)]
+    #[arg(long, env = "PURGATORY_SYNC_NO_HIDE_TEMP_REFS")]
     pub no_hide_temp_refs: bool,
 }
 

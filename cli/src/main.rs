@@ -9,7 +9,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 mod demo;
 mod knobs;
@@ -20,7 +20,7 @@ mod serve;
 
 /// Fetches missing git data for events waiting in a GRASP relay's purgatory.
 #[derive(Debug, Parser)]
-#[command(name = "purgatory-sync", version, about, long_about = None)]
+#[command(name = "purgatory-sync", version, about, long_about = None, after_help = run::EXIT_CODES)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -32,26 +32,43 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Syncs the waiting events listed in a manifest; one JSON line per outcome on stdout.
     Run(Box<run::RunArgs>),
+    /// Prints a shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
+    Completions {
+        /// The shell
+        shell: clap_complete::Shell,
+    },
+    /// Prints the manual page (roff) on stdout: `purgatory-sync man | man -l -`.
+    Man,
 }
 
 fn main() -> ExitCode {
-    // Usage errors exit with 1 (clap's default is 2, which `run` uses for expired events).
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::from(1)
-            } else {
-                ExitCode::SUCCESS // --help, --version
-            };
-        }
-    };
+    // Usage errors exit with 2 (clap's own), --help and --version with 0.
+    let cli = Cli::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp_millis()
         .init();
     match cli.command {
         Command::Demo(args) => demo::main(args),
         Command::Run(args) => run::main(*args),
+        Command::Completions { shell } => {
+            let mut command = Cli::command();
+            clap_complete::generate(
+                shell,
+                &mut command,
+                "purgatory-sync",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Man => {
+            let page = clap_mangen::Man::new(Cli::command());
+            match page.render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("purgatory-sync man: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
     }
 }

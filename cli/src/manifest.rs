@@ -247,8 +247,16 @@ pub fn load(path: &Path, options: LoadOptions) -> Result<Manifest, Vec<ManifestE
             message,
         }]
     };
-    let text = std::fs::read_to_string(path).map_err(|e| whole(format!("cannot read: {e}")))?;
-    let base = path.parent().unwrap_or(Path::new("")).to_owned();
+    // `-` is standard input; its relative paths resolve against the working directory.
+    let (text, base) = if path == Path::new("-") {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin().lock(), &mut text)
+            .map_err(|e| whole(format!("cannot read standard input: {e}")))?;
+        (text, PathBuf::new())
+    } else {
+        let text = std::fs::read_to_string(path).map_err(|e| whole(format!("cannot read: {e}")))?;
+        (text, path.parent().unwrap_or(Path::new("")).to_owned())
+    };
     let resolve = |p: &str| -> PathBuf {
         let p = Path::new(p);
         if p.is_absolute() {

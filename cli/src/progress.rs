@@ -51,6 +51,13 @@ impl Progress {
         }
     }
 
+    /// Runs `f` (which writes to stdout) with the bar cleared, then draws it again: a line
+    /// written beside a live bar would leave its frame behind when stdout and stderr share a
+    /// terminal.
+    pub fn suspend<R>(&self, f: impl FnOnce() -> R) -> R {
+        self.bar.suspend(f)
+    }
+
     /// Removes the bar.
     pub fn finish(&self) {
         self.bar.finish_and_clear();

@@ -511,7 +511,7 @@ fn metric(scrape: &prometheus_parse::Scrape, name: &str) -> f64 {
 }
 
 #[test]
-fn run_exits_2_when_an_event_expires_and_serves_metrics_meanwhile() {
+fn run_exits_5_when_an_event_expires_and_serves_metrics_meanwhile() {
     let up = upstream(Ipv4Addr::new(127, 0, 0, 33), Ipv4Addr::new(127, 0, 0, 34));
     let work = tempfile::tempdir().expect("tempdir");
     let notes = up.notes.to_string();
@@ -580,7 +580,7 @@ fn run_exits_2_when_an_event_expires_and_serves_metrics_meanwhile() {
     let done = running.finish(Duration::from_secs(60));
     assert_eq!(
         done.code,
-        Some(2),
+        Some(5),
         "{:?}\n{}",
         done.stdout,
         done.stderr_text()
@@ -625,7 +625,7 @@ fn a_bad_manifest_is_reported_with_file_line_and_field_and_nothing_starts() {
         &["run", "--manifest", path.to_str().unwrap(), "--no-progress"],
         Duration::from_secs(30),
     );
-    assert_eq!(done.code, Some(1), "{}", done.stderr_text());
+    assert_eq!(done.code, Some(3), "{}", done.stderr_text());
     assert!(done.stdout.is_empty(), "{:?}", done.stdout);
     let err = done.stderr_text();
     let file = path.display().to_string();
@@ -649,7 +649,7 @@ fn a_bad_manifest_is_reported_with_file_line_and_field_and_nothing_starts() {
         &["run", "--manifest", "/nonexistent/manifest.jsonl"],
         Duration::from_secs(30),
     );
-    assert_eq!(missing.code, Some(1));
+    assert_eq!(missing.code, Some(3));
     assert!(
         missing
             .stderr_text()
@@ -695,7 +695,7 @@ fn an_interrupted_run_saves_its_state_and_the_next_run_resumes() {
         .expect("kill");
     assert!(status.success());
     let done = running.finish(Duration::from_secs(30));
-    assert_eq!(done.code, Some(1), "{}", done.stderr_text());
+    assert_eq!(done.code, Some(143), "{}", done.stderr_text());
     assert!(done.stdout.is_empty(), "{:?}", done.stdout);
     assert!(
         done.stderr_text().contains("saved in the state file"),
@@ -776,7 +776,7 @@ fn every_engine_setting_is_a_flag_of_run() {
     );
     assert_eq!(
         bad.code,
-        Some(1),
+        Some(2),
         "a usage error is an error, not \"expired\""
     );
     assert!(
@@ -815,7 +815,7 @@ fn run_reports_an_event_whose_id_is_multibyte() {
     let done = run_to_end(&args, Duration::from_secs(30));
     assert_eq!(
         done.code,
-        Some(2),
+        Some(5),
         "{:?}\n{}",
         done.stdout,
         done.stderr_text()
@@ -824,4 +824,343 @@ fn run_reports_an_event_whose_id_is_multibyte() {
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert_eq!(lines[0]["event_id"], id);
     assert_eq!(lines[0]["kind"], "expired");
+}
+
+/// A one-event manifest in `dir` waiting for a missing object from `url`.
+fn one_event(dir: &Path, id: &str, oid: &str, url: &str) -> PathBuf {
+    write_manifest(
+        dir,
+        &[
+            json!({"repository": {"identifier": "carol/notes", "path": "relay/notes.git", "create": true}}),
+            json!({"event": {"id": id, "identifier": "carol/notes", "repo": "relay/notes.git",
+                             "oids": [oid], "clone_urls": [url]}}),
+        ],
+    )
+}
+
+const MISSING: &str = "0123456789abcdef0123456789abcdef01234567";
+
+/// Usage errors exit 2 (clap's convention); `--help` lists the exit codes, `RUST_LOG` and the
+/// environment variable of every flag, and the variables set the flags.
+#[test]
+fn usage_errors_exit_2_and_help_lists_exit_codes_and_environment() {
+    let bad = run_to_end(&["run", "--no-such-flag"], Duration::from_secs(30));
+    assert_eq!(bad.code, Some(2), "{}", bad.stderr_text());
+    let missing_manifest = run_to_end(&["run"], Duration::from_secs(30));
+    assert_eq!(missing_manifest.code, Some(2));
+    let help = run_to_end(&["run", "--help"], Duration::from_secs(30));
+    assert_eq!(help.code, Some(0));
+    let text = help.stdout.join("\n");
+    for needle in [
+        "Exit status:",
+        "3    the manifest has problems",
+        "4    some events were refused",
+        "5    some events expired",
+        "130  interrupted by SIGINT (143: SIGTERM)",
+        "RUST_LOG",
+        "[env: PURGATORY_SYNC_MANIFEST=]",
+        "[env: PURGATORY_SYNC_WORKERS=]",
+        "[env: PURGATORY_SYNC_DOMAIN_RETENTION=]",
+        "[env: PURGATORY_SYNC_FAIL_FAST=]",
+    ] {
+        assert!(text.contains(needle), "--help lacks {needle:?}:\n{text}");
+    }
+    // A bad value from the environment is a usage error too, naming the variable's flag.
+    let work = tempfile::tempdir().expect("tempdir");
+    let manifest = one_event(work.path(), "e", MISSING, "git://127.0.0.1:1/x.git");
+    let env_bad = Command::new(BIN)
+        .args(["run", "--manifest", manifest.to_str().unwrap()])
+        .env("PURGATORY_SYNC_TICK", "soon")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run");
+    assert_eq!(env_bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&env_bad.stderr).contains("--tick"));
+}
+
+/// A bad object id in an `event` line is found before anything starts (exit 3, nothing on
+/// stdout), as a bad `nostr` line is: the good line before it is not run.
+#[test]
+fn every_event_line_is_checked_before_anything_starts() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let manifest = write_manifest(
+        work.path(),
+        &[
+            json!({"repository": {"identifier": "carol/notes", "path": "relay/notes.git", "create": true}}),
+            json!({"event": {"id": "good", "identifier": "carol/notes", "repo": "relay/notes.git",
+                             "oids": [MISSING], "clone_urls": ["git://127.0.0.1:1/x.git"]}}),
+            json!({"event": {"id": "bad", "identifier": "carol/notes", "repo": "relay/notes.git",
+                             "oids": ["abc"]}}),
+        ],
+    );
+    let mut args = vec!["run", "--manifest", manifest.to_str().unwrap()];
+    args.extend(fast_flags());
+    let done = run_to_end(&args, Duration::from_secs(30));
+    assert_eq!(done.code, Some(3), "{}", done.stderr_text());
+    assert!(done.stdout.is_empty(), "{:?}", done.stdout);
+    let err = done.stderr_text();
+    assert!(
+        err.contains(":4: event bad:") && err.contains("abc"),
+        "{err}"
+    );
+    assert!(err.contains("nothing was started"), "{err}");
+}
+
+/// An event whose every clone URL is refused (loopback without --allow-private-addresses) is
+/// reported when it is submitted, on stdout (`kind` first) and stderr with the flag that would
+/// allow it; `--fail-fast` stops there with exit 4, otherwise it waits and expires (exit 5).
+#[test]
+fn an_event_with_no_usable_url_is_reported_at_once_and_fail_fast_stops() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let manifest = one_event(work.path(), "lo", MISSING, "git://127.0.0.1:1/x.git");
+    let path = manifest.to_str().unwrap();
+    let started = Instant::now();
+    let fast = run_to_end(
+        &["run", "--manifest", path, "--no-progress", "--fail-fast"],
+        Duration::from_secs(30),
+    );
+    assert_eq!(fast.code, Some(4), "{}", fast.stderr_text());
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert_eq!(fast.stdout.len(), 1, "{:?}", fast.stdout);
+    assert!(
+        fast.stdout[0].starts_with(r#"{"kind":"no_usable_url","event_id":"lo","#),
+        "{}",
+        fast.stdout[0]
+    );
+    let line = &fast.json_lines()[0];
+    assert_eq!(line["refused_urls"][0]["url"], "git://127.0.0.1:1/x.git");
+    assert!(fast.stderr_text().contains("--allow-private-addresses"));
+
+    let slow = run_to_end(
+        &[
+            "run",
+            "--manifest",
+            path,
+            "--no-progress",
+            "--event-lifetime",
+            "300ms",
+            "--tick",
+            "50ms",
+        ],
+        Duration::from_secs(30),
+    );
+    assert_eq!(slow.code, Some(5), "{}", slow.stderr_text());
+    let kinds: Vec<String> = slow
+        .json_lines()
+        .iter()
+        .map(|l| l["kind"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(kinds, ["no_usable_url", "expired"]);
+    // Every JSON line starts with its kind.
+    assert!(
+        slow.stdout.iter().all(|l| l.starts_with(r#"{"kind":"#)),
+        "{:?}",
+        slow.stdout
+    );
+}
+
+/// `--manifest -` reads standard input; its relative paths resolve against the working
+/// directory.
+#[test]
+fn the_manifest_can_come_from_standard_input() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let text = format!(
+        "{}\n{}\n",
+        json!({"repository": {"identifier": "carol/notes", "path": "relay/notes.git", "create": true}}),
+        json!({"event": {"id": "in", "identifier": "carol/notes", "repo": "relay/notes.git",
+                         "oids": [MISSING], "clone_urls": ["git://127.0.0.1:1/x.git"]}})
+    );
+    let mut child = Command::new(BIN)
+        .args(["run", "--manifest", "-", "--event-lifetime", "300ms"])
+        .args(fast_flags())
+        .current_dir(work.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write the manifest");
+    let out = child.wait_with_output().expect("run ends");
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(work.path().join("relay/notes.git").is_dir());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains(r#""event_id":"in""#), "{stdout}");
+}
+
+/// SIGINT ends a run with 130 (SIGTERM: 143, in
+/// `an_interrupted_run_saves_its_state_and_the_next_run_resumes`).
+#[test]
+fn sigint_exits_130() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let manifest = one_event(work.path(), "wait", MISSING, "git://127.0.0.1:1/x.git");
+    let mut args = vec!["run", "--manifest", manifest.to_str().unwrap()];
+    args.extend(fast_flags());
+    let mut running = start(&args);
+    running.wait_stderr("manifest.jsonl: 1 event", Duration::from_secs(30));
+    let status = Command::new("kill")
+        .args(["-INT", &running.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let done = running.finish(Duration::from_secs(30));
+    assert_eq!(done.code, Some(130), "{}", done.stderr_text());
+}
+
+/// `completions SHELL` and `man` print what shells and `man` read.
+#[test]
+fn completions_and_the_manual_page() {
+    let bash = run_to_end(&["completions", "bash"], Duration::from_secs(30));
+    assert_eq!(bash.code, Some(0));
+    let script = bash.stdout.join("\n");
+    assert!(script.contains("_purgatory__sync()"), "{script}");
+    assert!(script.contains("--fail-fast"), "{script}");
+    let fish = run_to_end(&["completions", "fish"], Duration::from_secs(30));
+    assert!(fish
+        .stdout
+        .join("\n")
+        .contains("complete -c purgatory-sync"));
+    let man = run_to_end(&["man"], Duration::from_secs(30));
+    assert_eq!(man.code, Some(0));
+    let page = man.stdout.join("\n");
+    assert!(
+        page.starts_with(".ie \\n(.g .ds Aq") || page.contains(".TH"),
+        "{page}"
+    );
+    assert!(page.contains("purgatory\\-sync"), "{page}");
+    let bad = run_to_end(&["completions", "tcsh"], Duration::from_secs(30));
+    assert_eq!(bad.code, Some(2));
+}
+
+/// Runs `purgatory-sync` with `args` in a detached tmux session (a real terminal, 120 × 40,
+/// stdout and stderr on it) and returns the screen once the command has ended. `None` when tmux
+/// is not installed (`.ci/run` installs it).
+fn screen_of(args: &[&str], dir: &Path) -> Option<String> {
+    if Command::new("tmux").arg("-V").output().is_err() {
+        eprintln!("SKIPPED: tmux is not installed");
+        return None;
+    }
+    let session = format!("psync-{}", std::process::id());
+    let socket = dir.join("tmux.sock");
+    let tmux = |extra: &[&str]| {
+        Command::new("tmux")
+            .arg("-S")
+            .arg(&socket)
+            .args(extra)
+            .output()
+            .expect("tmux")
+    };
+    let done = dir.join("done");
+    let command = format!(
+        "{} {}; touch {}; sleep 60",
+        BIN,
+        args.join(" "),
+        done.display()
+    );
+    let out = tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "120",
+        "-y",
+        "40",
+        "-c",
+        dir.to_str().unwrap(),
+        &command,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the run did not end within a minute"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let screen = tmux(&["capture-pane", "-p", "-t", &session]);
+    tmux(&["kill-session", "-t", &session]);
+    Some(String::from_utf8_lossy(&screen.stdout).into_owned())
+}
+
+/// With stdout and stderr on one terminal, the JSON lines are printed through the bar: the
+/// screen ends with the lines and the summary, and no frame of the bar is left behind (nor was
+/// one drawn with a total of 0).
+#[test]
+fn the_progress_bar_leaves_no_stale_frames_on_a_terminal() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let mut lines = vec![
+        json!({"repository": {"identifier": "carol/notes", "path": "relay/notes.git", "create": true}}),
+    ];
+    for i in 0..6 {
+        lines.push(
+            json!({"event": {"id": format!("ev{i}"), "identifier": "carol/notes",
+                                    "repo": "relay/notes.git",
+                                    "oids": [format!("{:040x}", i + 1)],
+                                    "clone_urls": ["git://127.0.0.1:1/x.git"]}}),
+        );
+    }
+    write_manifest(work.path(), &lines);
+    let Some(screen) = screen_of(
+        &[
+            "run",
+            "--manifest",
+            "manifest.jsonl",
+            "--allow-private-addresses",
+            "--event-lifetime",
+            "1500ms",
+            "--tick",
+            "50ms",
+        ],
+        work.path(),
+    ) else {
+        return;
+    };
+    let outcomes = screen
+        .lines()
+        .filter(|l| l.starts_with(r#"{"kind":"expired""#))
+        .count();
+    assert_eq!(outcomes, 6, "{screen}");
+    let frame = regex_like_frame;
+    let frames: Vec<&str> = screen.lines().filter(|l| frame(l)).collect();
+    assert!(
+        frames.is_empty(),
+        "stale frames of the bar:\n{}\n---\n{screen}",
+        frames.join("\n")
+    );
+    assert!(
+        screen.contains("0 released, 0 already satisfied, 6 expired, 0 refused"),
+        "{screen}"
+    );
+}
+
+/// A line that is a frame of the bar: `{elapsed} [{bar}] {pos}/{len} …`.
+fn regex_like_frame(line: &str) -> bool {
+    let Some(open) = line.find(" [") else {
+        return false;
+    };
+    let Some(close) = line[open..].find("] ") else {
+        return false;
+    };
+    let rest = &line[open + close + 2..];
+    let counts: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '/')
+        .collect();
+    counts.contains('/') && line[..open].trim().ends_with('s')
 }
