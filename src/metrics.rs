@@ -413,13 +413,17 @@ pub fn render_with_limit(stats: &Stats, max_domains: usize) -> String {
 }
 
 /// The domains to export one by one, at most `max`, and the rest summed under
-/// [`OTHER_DOMAIN`], in label order.
+/// [`OTHER_DOMAIN`], in label order. Only the sum is built; the others are borrowed.
 fn capped_domains(
     all: &std::collections::BTreeMap<String, DomainStats>,
     max: usize,
-) -> Vec<(String, DomainStats)> {
+) -> Vec<(&str, std::borrow::Cow<'_, DomainStats>)> {
+    use std::borrow::Cow;
     if all.len() <= max {
-        return all.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        return all
+            .iter()
+            .map(|(k, v)| (k.as_str(), Cow::Borrowed(v)))
+            .collect();
     }
     let mut by_activity: Vec<(&String, &DomainStats)> = all.iter().collect();
     by_activity.sort_by(|a, b| b.1.requests.cmp(&a.1.requests).then(a.0.cmp(b.0)));
@@ -438,12 +442,12 @@ fn capped_domains(
             *other.failed.entry(*kind).or_default() += n;
         }
     }
-    let mut out: Vec<(String, DomainStats)> = by_activity
+    let mut out: Vec<(&str, Cow<'_, DomainStats>)> = by_activity
         .into_iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
+        .map(|(k, v)| (k.as_str(), Cow::Borrowed(v)))
         .collect();
-    out.push((OTHER_DOMAIN.to_owned(), other));
-    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out.push((OTHER_DOMAIN, Cow::Owned(other)));
+    out.sort_by(|a, b| a.0.cmp(b.0));
     out
 }
 

@@ -173,12 +173,15 @@ impl Report {
 /// Prints one JSON line on stdout, its keys in the documented order (`kind` first), with the
 /// progress bar cleared meanwhile so that no stale frame stays behind the line.
 fn print_json(progress: &Progress, value: &impl Serialize) {
+    progress.suspend(|| write_json(value));
+}
+
+/// Writes one JSON line on stdout (before the progress bar exists, or through it).
+fn write_json(value: &impl Serialize) {
     let text = serde_json::to_string(value).expect("a line serialises");
-    progress.suspend(|| {
-        let mut out = std::io::stdout().lock();
-        // A closed stdout (`| head`) is not worth a panic; the run goes on.
-        let _ = writeln!(out, "{text}").and_then(|()| out.flush());
-    });
+    let mut out = std::io::stdout().lock();
+    // A closed stdout (`| head`) is not worth a panic; the run goes on.
+    let _ = writeln!(out, "{text}").and_then(|()| out.flush());
 }
 
 /// A JSON line about an event that has no outcome from the engine.
@@ -281,7 +284,6 @@ fn run(args: &RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         return Ok(ExitCode::from(EXIT_BAD_MANIFEST));
     }
     // Events none of whose URLs may be fetched: said at once, not after their lifetime.
-    let hidden = Progress::new(0, false);
     for (entry, refused) in &unusable {
         let reasons: Vec<String> = refused
             .iter()
@@ -318,7 +320,7 @@ fn run(args: &RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 })
                 .collect(),
         );
-        print_json(&hidden, &line);
+        write_json(&line);
     }
     if args.fail_fast && !unusable.is_empty() {
         eprintln!(

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import atexit
 import json
+import weakref
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from . import _native
 
@@ -209,7 +210,8 @@ _SECONDS = {
     "checkpoint_interval", "naughty_duration",
 }
 
-_ENGINES: "List[Engine]" = []
+# Engines still open, closed at exit; weak, so that an engine nobody holds is freed.
+_ENGINES: "weakref.WeakSet[Engine]" = weakref.WeakSet()
 
 
 class Engine:
@@ -233,7 +235,7 @@ class Engine:
             self._native = _native.Engine(json.dumps(config))
         except _native.NativeError as e:
             _raise(e)
-        _ENGINES.append(self)
+        _ENGINES.add(self)
 
     def submit(self, event: Event) -> Admission:
         """Submits an event; returns at once (validation and a presence check only)."""
@@ -254,6 +256,21 @@ class Engine:
     def poll(self, timeout: float = 0.0) -> Optional[Outcome]:
         """The next outcome, waiting up to ``timeout`` seconds (GIL released); None if none
         came, or once the engine is shut down and every outcome was taken."""
+        return self._next(timeout)[0]
+
+    def outcomes(self, timeout: Optional[float] = None) -> Iterator[Outcome]:
+        """Iterates over outcomes as they come. It ends when ``timeout`` seconds pass without
+        one (never, with None), or when the engine is shut down and drained."""
+        while True:
+            outcome, drained = self._next(3600.0 if timeout is None else timeout)
+            if outcome is not None:
+                yield outcome
+            elif drained or timeout is not None:
+                return
+
+    def _next(self, timeout: float) -> "Tuple[Optional[Outcome], bool]":
+        """The next outcome within ``timeout`` seconds, and whether the engine is shut down
+        and drained (no outcome will ever come)."""
         remaining = max(0.0, float(timeout))
         while True:
             # The C ABI takes whole milliseconds, at most 2^32 - 1 of them at a time.
@@ -262,36 +279,13 @@ class Engine:
                 text = self._native.poll(int(math.ceil(step * 1000)))
             except _native.NativeError as e:
                 if e.args[0] == _DISCONNECTED:
-                    return None
+                    return None, True
                 _raise(e)
             if text is not None:
-                return Outcome._from_json(text)
+                return Outcome._from_json(text), False
             remaining -= step
             if remaining <= 0:
-                return None
-
-    def outcomes(self, timeout: Optional[float] = None) -> Iterator[Outcome]:
-        """Iterates over outcomes as they come. It ends when ``timeout`` seconds pass without
-        one (never, with None), or when the engine is shut down and drained."""
-        while True:
-            if timeout is None:
-                outcome = self.poll(3600.0)
-                if outcome is None and self._drained():
-                    return
-            else:
-                outcome = self.poll(timeout)
-            if outcome is None:
-                if timeout is not None:
-                    return
-                continue
-            yield outcome
-
-    def _drained(self) -> bool:
-        try:
-            self._native.stats_json()
-            return False
-        except _native.NativeError:
-            return True
+                return None, False
 
     def stats(self) -> Dict[str, Any]:
         """The engine's state and counters (the C ABI's statistics JSON, as a dict)."""
@@ -308,8 +302,7 @@ class Engine:
     def close(self) -> None:
         """Shuts down if needed and frees the engine. Idempotent."""
         self._native.close()
-        if self in _ENGINES:
-            _ENGINES.remove(self)
+        _ENGINES.discard(self)
 
     def __enter__(self) -> "Engine":
         return self
